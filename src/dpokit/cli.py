@@ -1,0 +1,60 @@
+"""`dpokit` command line: thin wrappers that parse arguments and call the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dpokit.errors import DpokitError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dpokit.config import Config
+    from dpokit.train import train
+
+    cfg = Config.load(args.config, args.overrides)
+    result = train(cfg, resume=args.resume)
+    if result.stopped_by_signal:
+        return 130
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dpokit.config import describe
+
+    parser = argparse.ArgumentParser(prog="dpokit", description="Direct Preference Optimization for causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "train",
+        help="train a policy with DPO",
+        description="Train with DPO. CONFIG is a YAML file of sections; any key can be overridden as "
+                    "section.key=value. Keys, defaults and descriptions:\n\n" + describe(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", nargs="?", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--resume", action="store_true", help="continue the run in output.dir from its last checkpoint")
+    p.set_defaults(func=_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # `dpokit train key=value` without a file: the first positional is an override
+    if getattr(args, "config", None) and "=" in args.config:
+        args.overrides, args.config = [args.config, *args.overrides], None
+    try:
+        return args.func(args)
+    except DpokitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

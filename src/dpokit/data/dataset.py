@@ -1,0 +1,76 @@
+"""The `data` config section → tokenized train and eval pairs, with a report of every row not used."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dpokit.data.records import Problems, read_preferences
+from dpokit.data.tokenize import TokenizedPair, TokenizeSettings, TruncationStats, tokenize_records
+
+
+@dataclass
+class PreparedData:
+    train: list[TokenizedPair]
+    eval: list[TokenizedPair]
+    rows_read: int = 0
+    problems: Problems = field(default_factory=Problems)
+    truncation: TruncationStats = field(default_factory=TruncationStats)
+
+    def report(self) -> dict:
+        return {
+            "rows_read": self.rows_read,
+            "train_pairs": len(self.train),
+            "eval_pairs": len(self.eval),
+            "skipped": len(self.problems.rows),
+            "skipped_by_reason": self.problems.counts(),
+            "truncated": self.truncation.truncated,
+            "truncated_prompt": self.truncation.truncated_prompt,
+            "truncated_completion": self.truncation.truncated_completion,
+        }
+
+    def write_report(self, run_dir: Path) -> None:
+        (run_dir / "data_report.json").write_text(json.dumps(self.report(), indent=2) + "\n")
+        with (run_dir / "skipped_rows.jsonl").open("w", encoding="utf-8") as f:
+            for p in self.problems.rows:
+                f.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
+
+    def summary(self) -> str:
+        r = self.report()
+        text = f"data: {r['rows_read']} rows read, {r['train_pairs']} train / {r['eval_pairs']} eval pairs"
+        if r["skipped"]:
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(r["skipped_by_reason"].items()))
+            text += f", {r['skipped']} skipped ({reasons})"
+        if r["truncated"]:
+            text += f", {r['truncated']} truncated ({r['truncated_prompt']} prompts, {r['truncated_completion']} completions)"
+        return text
+
+
+def settings_of(data_cfg) -> TokenizeSettings:
+    return TokenizeSettings(data_cfg.max_length, data_cfg.max_prompt_length, data_cfg.truncation_mode)
+
+
+def prepare_data(data_cfg, tokenizer, *, seed: int = 0) -> PreparedData:
+    problems = Problems("collect" if data_cfg.skip_invalid else "raise")
+    settings = settings_of(data_cfg)
+    read = read_preferences(data_cfg.train, split=data_cfg.train_split, problems=problems)
+    rows = read.rows_read
+    train, stats = tokenize_records(read.records, tokenizer, settings, problems)
+    evals: list[TokenizedPair] = []
+    if data_cfg.eval is not None:
+        read_eval = read_preferences(data_cfg.eval, split=data_cfg.eval_split, problems=problems)
+        rows += read_eval.rows_read
+        evals, eval_stats = tokenize_records(read_eval.records, tokenizer, settings, problems)
+        stats.truncated_prompt += eval_stats.truncated_prompt
+        stats.truncated_completion += eval_stats.truncated_completion
+        stats.truncated_rows += eval_stats.truncated_rows
+    elif data_cfg.eval_fraction:
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        n_eval = max(1, int(round(len(train) * data_cfg.eval_fraction)))
+        held = set(order[:n_eval])
+        evals = [p for i, p in enumerate(train) if i in held]
+        train = [p for i, p in enumerate(train) if i not in held]
+    return PreparedData(train, evals, rows, problems, stats)

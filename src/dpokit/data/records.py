@@ -1,0 +1,338 @@
+"""Preference files and datasets → validated records, each problem named with its file and line.
+
+Accepted sources: JSON Lines, JSON (an array of objects), Parquet, CSV, a `datasets` directory
+(`save_to_disk` or a folder of data files) and a hub dataset name. A row has `chosen` and `rejected`
+and optionally `prompt`; each is a string (standard format) or a list of `{role, content}` messages
+(conversational format). Without `prompt`, the prompt is the longest common prefix of chosen and
+rejected (whole messages for conversations, whole words for strings).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from dpokit.errors import DataError
+
+ROLES = ("system", "user", "assistant", "tool")
+FIELDS = ("prompt", "chosen", "rejected")
+
+Text = str | list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class PreferenceRecord:
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    source: str  # "path:line", for every message about this row
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.chosen, list)
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    source: str
+    reason: str  # a short key, counted per run: unparsable, missing_field, wrong_type, ...
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.detail}"
+
+    def to_json(self) -> dict[str, str]:
+        return {"source": self.source, "reason": self.reason, "detail": self.detail}
+
+
+@dataclass
+class Problems:
+    """Invalid rows: raised at once (`raise`) or collected and counted by reason (`collect`)."""
+
+    mode: Literal["raise", "collect"] = "raise"
+    rows: list[RowProblem] = field(default_factory=list)
+
+    def add(self, source: str, reason: str, detail: str) -> None:
+        problem = RowProblem(source, reason, detail)
+        if self.mode == "raise":
+            raise DataError(f"{problem} (set data.skip_invalid=true to skip such rows)")
+        self.rows.append(problem)
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(p.reason for p in self.rows))
+
+
+@dataclass
+class ReadResult:
+    records: list[PreferenceRecord]
+    rows_read: int
+    name: str
+
+
+def read_preferences(source: str, *, split: str = "train", problems: Problems | None = None) -> ReadResult:
+    """Read and validate every row of `source`. Rows with problems go to `problems` (default: raise)."""
+    problems = problems if problems is not None else Problems()
+    records: list[PreferenceRecord] = []
+    n = 0
+    for where, row in _iter_rows(source, split, problems):
+        n += 1
+        record = parse_row(row, where, problems)
+        if record is not None:
+            records.append(record)
+    if n == 0:
+        raise DataError(f"{source}: no rows (the file or split is empty)")
+    return ReadResult(records, n, source)
+
+
+# --------------------------------------------------------------------------------------------- rows
+
+
+def parse_row(row: Any, where: str, problems: Problems) -> PreferenceRecord | None:
+    """One raw row → a record, or None after reporting why it is invalid."""
+    if row is _UNPARSABLE:
+        return None
+    if not isinstance(row, dict):
+        problems.add(where, "not_an_object", f"expected an object with chosen/rejected, got {_kind(row)}")
+        return None
+    for key in ("chosen", "rejected"):
+        if key not in row:
+            problems.add(where, "missing_field", f"missing field '{key}'")
+            return None
+    values = {}
+    for key in FIELDS:
+        if key not in row:
+            continue
+        value = row[key]
+        if isinstance(value, str):
+            values[key] = value
+        elif isinstance(value, list):
+            error = _check_messages(value)
+            if error:
+                reason, detail = error
+                problems.add(where, reason, f"'{key}': {detail}")
+                return None
+            values[key] = [{"role": m["role"], "content": m["content"]} for m in value]
+        else:
+            problems.add(where, "wrong_type", f"'{key}' must be a string or a list of messages, got {_kind(value)}")
+            return None
+    kinds = {k: isinstance(v, list) for k, v in values.items()}
+    if len(set(kinds.values())) > 1:
+        shown = ", ".join(f"{k} is {'a message list' if c else 'a string'}" for k, c in kinds.items())
+        problems.add(where, "mixed_format", f"fields mix formats ({shown}); use all strings or all message lists")
+        return None
+
+    if "prompt" in values:
+        prompt, chosen, rejected = values["prompt"], values["chosen"], values["rejected"]
+    else:
+        prompt, chosen, rejected = split_implicit_prompt(values["chosen"], values["rejected"])
+
+    for key, value in (("chosen", chosen), ("rejected", rejected)):
+        if _is_empty(value):
+            problems.add(where, "empty_completion", f"'{key}' is empty")
+            return None
+        if isinstance(value, list) and value[0]["role"] != "assistant":
+            problems.add(where, "wrong_role", f"'{key}' must start with an assistant message, got role "
+                                              f"'{value[0]['role']}'")
+            return None
+    if chosen == rejected:
+        problems.add(where, "identical", "chosen and rejected are identical")
+        return None
+    return PreferenceRecord(prompt, chosen, rejected, where)
+
+
+def split_implicit_prompt(chosen: Text, rejected: Text) -> tuple[Text, Text, Text]:
+    """Longest common prefix of chosen and rejected as the prompt: whole messages, or whole words."""
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    if isinstance(chosen, str) and n < min(len(chosen), len(rejected)):
+        # cut before the word the two texts disagree in, so completions start on a word boundary
+        cut = max(chosen.rfind(" ", 0, n + 1), chosen.rfind("\n", 0, n + 1))
+        n = max(cut, 0)
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _check_messages(messages: list) -> tuple[str, str] | None:
+    if not messages:
+        return "empty_completion", "empty message list"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            return "bad_message", f"message {i} must be an object with role and content, got {_kind(m)}"
+        for key in ("role", "content"):
+            if key not in m:
+                return "bad_message", f"message {i} has no '{key}'"
+        if not isinstance(m["role"], str) or m["role"] not in ROLES:
+            return "unknown_role", f"message {i} has role {m['role']!r}; expected one of {', '.join(ROLES)}"
+        if not isinstance(m["content"], str):
+            return "bad_message", f"message {i} content must be a string, got {_kind(m['content'])}"
+    return None
+
+
+def _is_empty(value: Text) -> bool:
+    if isinstance(value, str):
+        return not value.strip()
+    return not value or all(not m["content"].strip() for m in value)
+
+
+def _kind(value: Any) -> str:
+    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+# --------------------------------------------------------------------------------------------- sources
+
+_UNPARSABLE = object()  # a row that could not be read; its problem is already reported
+
+
+def _iter_rows(source: str, split: str, problems: Problems):
+    path = Path(source).expanduser()
+    if path.is_dir():
+        yield from _iter_dataset_dir(path, split)
+        return
+    if not path.exists():
+        if source.endswith((".jsonl", ".json", ".parquet", ".csv")) or source.startswith((".", "/", "~")):
+            raise DataError(f"{source}: file not found")
+        yield from _iter_hub_dataset(source, split)
+        return
+    suffix = path.suffix.lower()
+    readers = {".jsonl": _iter_jsonl, ".json": _iter_json, ".parquet": _iter_parquet, ".csv": _iter_csv}
+    if suffix not in readers:
+        raise DataError(f"{source}: unsupported file type '{suffix}' (use .jsonl, .json, .parquet or .csv)")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{source}: cannot read: {e.strerror}") from None
+    if not data.strip():
+        raise DataError(f"{source}: the file is empty")
+    yield from readers[suffix](source, data, problems)
+
+
+def _iter_jsonl(name: str, data: bytes, problems: Problems):
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        where = f"{name}:{lineno}"
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            problems.add(where, "invalid_utf8", f"not valid UTF-8 (byte {e.start + 1} of the line)")
+            yield where, _UNPARSABLE
+            continue
+        try:
+            yield where, json.loads(text)
+        except json.JSONDecodeError as e:
+            problems.add(where, "unparsable", f"invalid JSON: {e.msg} at column {e.colno}")
+            yield where, _UNPARSABLE
+
+
+def _iter_json(name: str, data: bytes, problems: Problems):
+    text = _decode_whole(name, data)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # several objects, one per line: JSON Lines under a .json name
+            yield from _iter_jsonl(name, data, problems)
+            return
+        raise DataError(f"{name}:{e.lineno}: invalid JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(value, list):
+        raise DataError(f"{name}: expected a JSON array of objects (or one object per line), got {_kind(value)}")
+    # walk the array again to learn the line each element starts on
+    decoder = json.JSONDecoder()
+    idx = text.index("[") + 1
+    for _ in value:
+        while text[idx] in " \t\r\n,":
+            idx += 1
+        start = idx
+        element, idx = decoder.raw_decode(text, idx)
+        where = f"{name}:{text.count(chr(10), 0, start) + 1}"
+        if _has_bad_bytes(text[start:idx]):
+            problems.add(where, "invalid_utf8", "not valid UTF-8")
+            yield where, _UNPARSABLE
+            continue
+        yield where, element
+
+
+def _iter_csv(name: str, data: bytes, problems: Problems):
+    text = _decode_whole(name, data)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if reader.fieldnames is None:
+        raise DataError(f"{name}: the file is empty")
+    missing = [f for f in ("chosen", "rejected") if f not in reader.fieldnames]
+    if missing:
+        raise DataError(f"{name}:1: header has no '{missing[0]}' column (columns: {', '.join(reader.fieldnames)})")
+    first_line = reader.line_num + 1
+    for row in reader:
+        where = f"{name}:{first_line}"
+        first_line = reader.line_num + 1
+        if None in row or any(v is None for v in row.values()):
+            problems.add(where, "unparsable", "row does not have as many cells as the header")
+            yield where, _UNPARSABLE
+            continue
+        if any(_has_bad_bytes(v) for v in row.values()):
+            problems.add(where, "invalid_utf8", "not valid UTF-8")
+            yield where, _UNPARSABLE
+            continue
+        yield where, row
+
+
+def _iter_parquet(name: str, data: bytes, problems: Problems):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise DataError(f"{name}: not a readable Parquet file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    for i, row in enumerate(table.to_pylist(), start=1):
+        yield f"{name}:row {i}", row
+
+
+def _iter_dataset_dir(path: Path, split: str):
+    import datasets
+
+    name = str(path)
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists() or (path / "dataset_info.json").exists():
+        try:
+            ds = datasets.load_from_disk(name)
+        except Exception as e:
+            raise DataError(f"{name}: not a readable datasets directory ({str(e).splitlines()[0]})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{name}: no split '{split}' (splits: {', '.join(ds)})")
+            ds = ds[split]
+    elif any(p.suffix in (".jsonl", ".json", ".parquet", ".csv") for p in path.iterdir()):
+        try:
+            ds = datasets.load_dataset(name, split=split)
+        except Exception as e:
+            raise DataError(f"{name}: cannot load as a dataset ({str(e).splitlines()[0]})") from None
+    else:
+        raise DataError(f"{name}: is a directory, not a preference file or a datasets dataset")
+    for i, row in enumerate(ds, start=1):
+        yield f"{name}[{split}]:row {i}", row
+
+
+def _iter_hub_dataset(name: str, split: str):
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:
+        raise DataError(f"{name}: not a file, directory or loadable hub dataset ({str(e).splitlines()[0]})") from None
+    for i, row in enumerate(ds, start=1):
+        yield f"{name}[{split}]:row {i}", row
+
+
+def _decode_whole(name: str, data: bytes) -> str:
+    # undecodable bytes become lone surrogates, so the row that holds them can be named and skipped
+    return data.decode("utf-8", errors="surrogateescape")
+
+
+def _has_bad_bytes(text: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in text)

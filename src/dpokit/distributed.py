@@ -1,0 +1,128 @@
+"""One process or many (torchrun): rank, device, collectives and model wrapping.
+
+A single process is the world of size 1, so the trainer calls the same methods either way.
+Under torchrun the process group starts from the environment torchrun sets (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR/PORT); gloo on CPU, nccl on GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Runtime:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    strategy: str = "ddp"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Gather same-shaped tensors from every rank, in rank order."""
+        if not self.distributed:
+            return [t]
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(out, t.contiguous())
+        return out
+
+    def broadcast_object(self, obj):
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    @contextlib.contextmanager
+    def main_first(self):
+        """Rank 0 runs the block first (a download, a conversion), then the others reuse its result."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
+
+    def shard(self, items: list) -> list:
+        """This rank's contiguous share of `items` (sizes differ by at most one)."""
+        n, r, w = len(items), self.rank, self.world
+        return items[n * r // w: n * (r + 1) // w]
+
+    def wrap(self, module: nn.Module, *, layer_classes: tuple[type, ...] = ()) -> nn.Module:
+        """DDP or FSDP2 around the trainable module; unchanged in a single process."""
+        if not self.distributed:
+            return module
+        if self.strategy == "fsdp":
+            return shard_module(module, layer_classes)
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=device_ids)
+
+    def no_sync(self, module: nn.Module, last_micro_batch: bool):
+        """Skip the gradient all-reduce on all but the last micro-batch of a step (DDP)."""
+        if self.distributed and not last_micro_batch and hasattr(module, "no_sync"):
+            return module.no_sync()
+        return contextlib.nullcontext()
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def shard_module(module: nn.Module, layer_classes: tuple[type, ...]) -> nn.Module:
+    """FSDP2: each decoder layer is its own shard group, the rest (embeddings, head) the root's."""
+    from torch.distributed.fsdp import fully_shard
+
+    for sub in module.modules():
+        if layer_classes and isinstance(sub, layer_classes):
+            fully_shard(sub)
+    fully_shard(module)
+    return module
+
+
+def init_runtime(strategy: str = "ddp", backend: str = "auto") -> Runtime:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        return Runtime(device=device, strategy=strategy)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and backend != "gloo"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, device_id=device if use_cuda else None)
+    return Runtime(rank=rank, world=world, local_rank=local_rank, device=device, strategy=strategy)
+
+
+def decoder_layer_classes(model: nn.Module) -> tuple[type, ...]:
+    """The transformer block classes of a transformers model (its `_no_split_modules`)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return tuple({type(m) for m in model.modules() if type(m).__name__ in names})

@@ -1,0 +1,21 @@
+"""Errors that reach the user as one clear line (the CLI prints them without a traceback)."""
+
+
+class DpokitError(Exception):
+    """Base class: a problem with the user's input or environment, not a bug in dpokit."""
+
+
+class ConfigError(DpokitError):
+    """An invalid configuration key or value, caught before any model or data loads."""
+
+
+class DataError(DpokitError):
+    """Invalid preference data; the message names the file, the line and the problem."""
+
+
+class ModelError(DpokitError):
+    """A model that cannot be found, loaded or trained as asked."""
+
+
+class TrainingError(DpokitError):
+    """A run that cannot continue (repeated non-finite steps, a checkpoint that does not match)."""

@@ -1,0 +1,78 @@
+"""Write a trained policy as a Hugging Face directory that `AutoModelForCausalLM.from_pretrained` and
+vLLM load: safetensors weights (or the LoRA adapter, merged on request), the tokenizer and a model card
+with the run's config and final metrics. Weights with NaN or inf are never written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from dpokit import attention
+from dpokit.errors import TrainingError
+from dpokit.logps import causal_lm
+from dpokit.models import nonfinite_parameters
+
+
+def save_pretrained(model, directory: Path, *, state_dict: dict | None = None) -> None:
+    """save_pretrained with safetensors, refusing non-finite weights and dpokit's own attention setting."""
+    bad = nonfinite_parameters(model) if state_dict is None else [
+        k for k, v in state_dict.items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise TrainingError(f"refusing to write weights with NaN/inf ({len(bad)} tensors, first: {bad[0]})")
+    lm = causal_lm(model)
+    impl = lm.config._attn_implementation
+    if impl == attention.NAME:  # the saved config must load anywhere: store the standard kernel
+        lm.config._attn_implementation_internal = "sdpa"
+    try:
+        model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+    finally:
+        lm.config._attn_implementation_internal = impl
+
+
+def export(model, tokenizer, directory: Path, *, merge_lora: bool, config: dict, metrics: dict,
+           base_model: str) -> Path:
+    directory = Path(directory)
+    tmp = directory.with_name(f".tmp-{directory.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if merge_lora and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    save_pretrained(model, tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "README.md").write_text(model_card(config, metrics, base_model, lora=hasattr(model, "peft_config")))
+    (tmp / "dpokit_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+    return directory
+
+
+def model_card(config: dict, metrics: dict, base_model: str, *, lora: bool) -> str:
+    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
+    kind = "LoRA adapter (load with peft, or `AutoModelForCausalLM` with peft installed)" if lora else "full weights"
+    obj = config.get("objective", {})
+    return f"""---
+library_name: transformers
+base_model: {base_model}
+tags: [dpo, dpokit]
+---
+# {base_model} aligned with dpokit
+
+Trained with Direct Preference Optimization by [dpokit](https://github.com/dpokit/dpokit):
+objective `{obj.get('loss')}`, β = {obj.get('beta')}. Contents: {kind}, tokenizer.
+
+## Final metrics
+
+| metric | value |
+|---|---|
+{rows}
+
+## Configuration
+
+```yaml
+{yaml.safe_dump(config, sort_keys=False).rstrip()}
+```
+"""

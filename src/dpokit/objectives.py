@@ -1,0 +1,115 @@
+"""Preference objectives: pure functions of per-pair log-probs.
+
+Inputs are summed completion log-probs of the policy (`pc`, `pr`: chosen, rejected) and of the
+reference (`rc`, `rr`), and completion lengths (`lc`, `lr`). Each function returns the per-pair loss
+and the chosen/rejected implicit rewards (detached, for metrics). With
+    h = (pc - rc) - (pr - rr)
+the DPO family differs only in the function of β·h it minimises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dpokit.logps import SequenceLogps
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class ObjectiveOutput:
+    losses: Tensor  # [pairs]
+    chosen_rewards: Tensor  # [pairs], detached
+    rejected_rewards: Tensor  # [pairs], detached
+
+
+def _rewards(beta: float, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor) -> tuple[Tensor, Tensor]:
+    """Implicit reward r(x, y) = β (log π(y|x) - log π_ref(y|x))."""
+    return (beta * (pc - rc)).detach(), (beta * (pr - rr)).detach()
+
+
+def sigmoid(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, label_smoothing: float = 0.0) -> ObjectiveOutput:
+    """DPO (Rafailov et al. 2023, eq. 7): loss = -log σ(β h).
+    With label smoothing ε, conservative DPO (Mitchell 2023): loss = -(1-ε) log σ(β h) - ε log σ(-β h)."""
+    h = (pc - rc) - (pr - rr)
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return ObjectiveOutput(losses, *_rewards(beta, pc, pr, rc, rr))
+
+
+def ipo(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, lc: Tensor, lr: Tensor, *, beta: float,
+        length_normalized: bool = True) -> ObjectiveOutput:
+    """IPO (Azar et al. 2023, eq. 17), β playing τ: loss = (h - 1/(2β))².
+    length_normalized (TRL's form): each log-ratio is divided by its completion length first;
+    otherwise h uses summed log-ratios (the DPO authors' code)."""
+    if length_normalized:
+        h = (pc - rc) / lc.clamp(min=1) - (pr - rr) / lr.clamp(min=1)
+    else:
+        h = (pc - rc) - (pr - rr)
+    losses = (h - 1 / (2 * beta)) ** 2
+    return ObjectiveOutput(losses, *_rewards(beta, pc, pr, rc, rr))
+
+
+def hinge(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float) -> ObjectiveOutput:
+    """SLiC-HF's calibration loss on the DPO log-ratio (Zhao et al. 2023): loss = max(0, 1 - β h)."""
+    h = (pc - rc) - (pr - rr)
+    losses = torch.relu(1 - beta * h)
+    return ObjectiveOutput(losses, *_rewards(beta, pc, pr, rc, rr))
+
+
+def robust(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, label_smoothing: float) -> ObjectiveOutput:
+    """Robust DPO (Chowdhury et al. 2024, eq. 9), ε the label-flip rate:
+    loss = [-(1-ε) log σ(β h) + ε log σ(-β h)] / (1 - 2ε), an unbiased loss under flipped labels."""
+    h = (pc - rc) - (pr - rr)
+    eps = label_smoothing
+    losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    return ObjectiveOutput(losses, *_rewards(beta, pc, pr, rc, rr))
+
+
+def simpo(pc: Tensor, pr: Tensor, lc: Tensor, lr: Tensor, *, beta: float, gamma: float) -> ObjectiveOutput:
+    """SimPO (Meng et al. 2024, eq. 6), reference-free and length-normalised:
+    loss = -log σ(β/|y_w| log π(y_w|x) - β/|y_l| log π(y_l|x) - γ); reward = β/|y| log π(y|x)."""
+    chosen = beta * pc / lc.clamp(min=1)
+    rejected = beta * pr / lr.clamp(min=1)
+    losses = -F.logsigmoid(chosen - rejected - gamma)
+    return ObjectiveOutput(losses, chosen.detach(), rejected.detach())
+
+
+def nll(pc: Tensor, lc: Tensor) -> Tensor:
+    """Token-mean negative log-likelihood of the chosen completion (the RPO term, Pang et al. 2024)."""
+    return -pc / lc.clamp(min=1)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A configured objective: `needs_reference` tells the trainer whether to build a reference model."""
+
+    name: str
+    needs_reference: bool
+    fn: Callable[[SequenceLogps, SequenceLogps | None], ObjectiveOutput]
+    nll_weight: float = 0.0
+
+    def __call__(self, policy: SequenceLogps, reference: SequenceLogps | None) -> ObjectiveOutput:
+        out = self.fn(policy, reference)
+        if self.nll_weight:
+            out.losses = out.losses + self.nll_weight * nll(policy.chosen, policy.chosen_lengths)
+        return out
+
+
+def build_objective(cfg) -> Objective:
+    """From the `objective` config section."""
+    b, eps = cfg.beta, cfg.label_smoothing
+    fns: dict[str, tuple[bool, Callable]] = {
+        "sigmoid": (True, lambda p, r: sigmoid(p.chosen, p.rejected, r.chosen, r.rejected, beta=b, label_smoothing=eps)),
+        "ipo": (True, lambda p, r: ipo(p.chosen, p.rejected, r.chosen, r.rejected, p.chosen_lengths, p.rejected_lengths,
+                                        beta=b, length_normalized=cfg.ipo_form == "length_normalized")),
+        "hinge": (True, lambda p, r: hinge(p.chosen, p.rejected, r.chosen, r.rejected, beta=b)),
+        "robust": (True, lambda p, r: robust(p.chosen, p.rejected, r.chosen, r.rejected, beta=b, label_smoothing=eps)),
+        "simpo": (False, lambda p, r: simpo(p.chosen, p.rejected, p.chosen_lengths, p.rejected_lengths, beta=b,
+                                            gamma=cfg.simpo_gamma)),
+    }
+    needs_reference, fn = fns[cfg.loss]
+    return Objective(cfg.loss, needs_reference, fn, cfg.nll_weight)
