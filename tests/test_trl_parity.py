@@ -12,9 +12,9 @@ from dpokit.config import ObjectiveSection
 from dpokit.data.layouts import collate
 from dpokit.data.records import PreferenceRecord, Problems
 from dpokit.data.tokenize import TokenizeSettings, tokenize_records
+from dpokit.distributed import Runtime
 from dpokit.logps import CompletionLogProbs
 from dpokit.metrics import PairMetrics
-from dpokit.distributed import Runtime
 from dpokit.objectives import build_objective
 
 from .conftest import PAIRS, tiny_llama

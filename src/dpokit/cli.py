@@ -16,7 +16,23 @@ def _train(args: argparse.Namespace) -> int:
     result = train(cfg, resume=args.resume)
     if result.stopped_by_signal:
         return 130
+    if result.eval_before and result.eval_after:
+        print_before_after(result.eval_before, result.eval_after, title=f"held-out pairs ({result.eval_after['pairs']})")
     return 0
+
+
+def print_before_after(before: dict, after: dict, *, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("metric", "before", "after"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
+                "logps/chosen", "logps/rejected"):
+        if key in before and key in after:
+            table.add_row(key, f"{before[key]:.4f}", f"{after[key]:.4f}")
+    Console().print(table)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.add_argument("--resume", action="store_true", help="continue the run in output.dir from its last checkpoint")
     p.set_defaults(func=_train)
+    __import__("dpokit.validate", fromlist=["add_commands"]).add_commands(sub)  # `dpokit validate DATA`
     return parser
 
 

@@ -173,8 +173,13 @@ def use_layout(model, layout: str) -> None:
     from dpokit import attention
     from dpokit.logps import causal_lm
 
-    if layout != "padded":
-        causal_lm(model).set_attn_implementation(attention.NAME)
+    if layout == "padded":
+        return
+    lm = causal_lm(model)
+    lm.set_attn_implementation(attention.NAME)
+    if lm.config._attn_implementation != attention.NAME:
+        raise ModelError(f"{type(lm).__name__} does not route attention through transformers' AttentionInterface, "
+                         f"which train.layout={layout} needs; use train.layout=padded")
 
 
 def disable_dropout(model) -> None:

@@ -1,0 +1,65 @@
+"""Model sources (alias, .gguf, directory, run), LoRA, export; the embedded model where realism matters."""
+
+import pytest
+import torch
+
+from dpokit import models
+from dpokit.errors import ModelError
+
+
+def test_alias_resolves_to_the_packaged_gguf_and_converts_once(smol_dir):
+    src = models.resolve("smollm2-135m-instruct")
+    assert src.kind == "gguf" and src.path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert models.model_dir("smollm2-135m-instruct") == smol_dir  # the cached conversion is reused
+    assert (models.cache_root() / "models").exists()
+
+
+def test_embedded_model_is_a_trainable_float_llama(smol_dir):
+    model = models.load_model("smollm2-135m-instruct")
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert model.dtype == torch.float32
+    assert getattr(model, "hf_quantizer", None) is None
+    assert "quantization_config" not in model.config.to_dict()
+
+
+def test_embedded_tokenizer_has_chat_template_and_eos(tokenizer):
+    assert tokenizer.chat_template is not None
+    assert tokenizer.eos_token == "<|im_end|>"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_resolve_errors_are_clear(tmp_path):
+    with pytest.raises(ModelError, match="no such file or directory"):
+        models.resolve("./nowhere/model")
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ModelError, match="must be .gguf"):
+        models.resolve(str(tmp_path / "weights.bin"))
+    with pytest.raises(ModelError, match="no config.json"):
+        models.resolve(str(tmp_path))
+    assert models.resolve("HuggingFaceTB/SmolLM2-135M-Instruct").kind == "hub"  # resolved, not downloaded
+
+
+def test_run_directory_resolves_to_its_model(tiny_config):
+    from dpokit.train import train
+
+    result = train(tiny_config("train.max_steps=1"))
+    assert models.resolve(str(result.run_dir)).path == str(result.model_dir.resolve())
+
+
+def test_embedded_model_trains_one_lora_step(tmp_path, pairs_file):
+    """One real step on SmolLM2-135M: LoRA, prefix-shared layout, adapters-disabled reference."""
+    from dpokit.config import Config
+    from dpokit.metrics import read_metrics
+    from dpokit.train import train
+
+    cfg = Config.load(None, [f"data.train={pairs_file}", f"output.dir={tmp_path / 'run'}", "lora.enabled=true",
+                             "lora.r=8", "train.layout=prefix_shared", "train.batch_size=4",
+                             "train.micro_batch_size=4", "train.max_steps=2", "train.lr=1e-3",
+                             "checkpoint.every=0", "output.tensorboard=false"])
+    result = train(cfg)
+    rows = [r for r in read_metrics(result.run_dir) if "loss" in r]
+    assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
+    assert rows[1]["rewards/margins"] != 0.0
+    assert -200 < rows[0]["logps/chosen"] < 0  # a pretrained model: plausible sequence log-probs

@@ -1,0 +1,145 @@
+"""The training loop end to end on a tiny model: metrics, export, reference strategies, exact resume."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpokit.errors import ConfigError
+from dpokit.metrics import read_metrics
+from dpokit.train import Trainer, train
+
+KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+        "logps/rejected", "step", "epoch", "lr", "grad_norm", "pairs_per_s", "tokens_per_s"}
+
+
+def weights(model_dir):
+    return load_file(os.path.join(model_dir, "model.safetensors"))
+
+
+def test_run_logs_trl_metric_names_and_exports_a_loadable_model(tiny_config, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config("train.max_steps=6", "train.epochs=2", "output.tensorboard=true", "train.eval_every=3",
+                      f"data.eval={tmp_path / 'pairs.jsonl'}")
+    result = train(cfg)
+    rows = read_metrics(result.run_dir)
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "eval/loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
+    assert set(train_rows[0]) >= KEYS
+    assert [r["step"] for r in eval_rows] == [0, 3, 6]
+    assert {"eval/" + k for k in KEYS - {"step", "epoch", "lr", "grad_norm", "pairs_per_s", "tokens_per_s"}} <= set(eval_rows[0])
+    assert eval_rows[0]["eval/loss"] == pytest.approx(0.693147, abs=1e-5)  # policy = reference at step 0
+    assert eval_rows[-1]["eval/rewards/margins"] > eval_rows[0]["eval/rewards/margins"]
+    assert eval_rows[-1]["eval/rewards/accuracies"] > 0.5
+    assert any(f.name.startswith("events.out.tfevents") for f in (result.run_dir / "tensorboard").iterdir())
+    model = AutoModelForCausalLM.from_pretrained(result.model_dir)  # the exported model loads with transformers
+    assert model.config._attn_implementation != "dpokit_segments"
+    card = (result.model_dir / "README.md").read_text()
+    assert "objective `sigmoid`" in card and "eval/rewards/accuracies" in card
+    assert (result.model_dir / "tokenizer_config.json").is_file()
+
+
+def test_a_used_run_directory_is_not_overwritten(tiny_config):
+    train(tiny_config("train.max_steps=1"))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(tiny_config("train.max_steps=1"))
+
+
+def step_metrics(cfg):
+    rows = read_metrics(train(cfg).run_dir)
+    return [r for r in rows if "loss" in r]
+
+
+METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_reference_strategies_give_identical_metrics(tiny_config, tmp_path, lora):
+    strategies = ["copy", "precomputed"] + (["adapters"] if lora else [])
+    extra = ["lora.enabled=true", "lora.r=4", "train.lr=5e-3"] if lora else []
+    runs = {s: step_metrics(tiny_config(f"reference.strategy={s}", "train.max_steps=3",
+                                        f"output.dir={tmp_path / s}", *extra)) for s in strategies}
+    first = runs[strategies[0]]
+    assert first[0]["loss"] == pytest.approx(0.693147, abs=1e-6)  # step 0: policy = reference
+    assert abs(first[-1]["rewards/margins"]) > 1e-3  # later steps compare non-trivial rewards
+    for s in strategies[1:]:
+        for a, b in zip(first, runs[s]):
+            for key in METRICS:
+                assert b[key] == pytest.approx(a[key], abs=1e-5), (s, a["step"], key)
+
+
+def test_precomputed_reference_is_cached_and_reused(tiny_config, tmp_path, capsys):
+    train(tiny_config("reference.strategy=precomputed", "train.max_steps=1", f"output.dir={tmp_path / 'a'}"))
+    cached = list((tmp_path / "refcache").glob("*.safetensors"))
+    assert len(cached) == 1
+    capsys.readouterr()
+    train(tiny_config("reference.strategy=precomputed", "train.max_steps=1", f"output.dir={tmp_path / 'b'}"))
+    assert "read from" in capsys.readouterr().out
+    # another tokenization setting is another key
+    train(tiny_config("reference.strategy=precomputed", "train.max_steps=1", f"output.dir={tmp_path / 'c'}",
+                      "data.max_length=16", "data.max_prompt_length=8"))
+    assert len(list((tmp_path / "refcache").glob("*.safetensors"))) == 2
+
+
+def test_simpo_runs_without_reference(tiny_config):
+    rows = step_metrics(tiny_config("objective.loss=simpo", "objective.beta=2.0", "train.max_steps=2"))
+    assert rows[0]["rewards/chosen"] < 0  # β·mean log-prob, not a log-ratio
+
+
+@pytest.mark.parametrize("interrupt", ["signal", "crash"])
+def test_interrupted_run_resumes_to_the_same_weights(tiny_config, tmp_path, monkeypatch, interrupt):
+    common = ("train.max_steps=5", "train.epochs=2", "checkpoint.every=2", "train.schedule=cosine", "train.warmup_steps=2")
+    straight = train(tiny_config(*common, f"output.dir={tmp_path / 'straight'}"))
+
+    cfg = tiny_config(*common, f"output.dir={tmp_path / 'interrupted'}")
+    real_step = Trainer.train_step
+
+    def step_then_interrupt(self, ids):
+        if self.step == 3:  # checkpoint 2 written, step 3 done but not checkpointed
+            if interrupt == "signal":
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                raise RuntimeError("simulated crash")
+        return real_step(self, ids)
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
+    if interrupt == "signal":
+        stopped = train(cfg)
+        assert stopped.stopped_by_signal and stopped.steps == 4 and stopped.model_dir is None
+    else:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train(cfg)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    resumed = train(cfg, resume=True)
+    assert resumed.steps == 5
+    a, b = weights(straight.model_dir), weights(resumed.model_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [r["step"] for r in read_metrics(resumed.run_dir) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5]  # no step logged twice
+    losses_a = [r["loss"] for r in read_metrics(straight.run_dir) if "loss" in r]
+    losses_b = [r["loss"] for r in read_metrics(resumed.run_dir) if "loss" in r]
+    assert losses_a == pytest.approx(losses_b, abs=0)
+
+
+def test_resume_refuses_a_changed_config(tiny_config, tmp_path):
+    train(tiny_config("checkpoint.every=1", "train.max_steps=1"))
+    with pytest.raises(ConfigError, match="objective.beta changed"):
+        train(tiny_config("checkpoint.every=1", "train.max_steps=1", "objective.beta=0.5"), resume=True)
+
+
+def test_lora_run_exports_adapter_or_merged_model(tiny_config, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    adapter = train(tiny_config("lora.enabled=true", "lora.r=4", "train.max_steps=1", f"output.dir={tmp_path / 'a'}"))
+    assert json.loads((adapter.model_dir / "adapter_config.json").read_text())["r"] == 4
+    merged = train(tiny_config("lora.enabled=true", "lora.r=4", "lora.merge_on_export=true", "train.max_steps=1",
+                               f"output.dir={tmp_path / 'm'}"))
+    assert not (merged.model_dir / "adapter_config.json").exists()
+    AutoModelForCausalLM.from_pretrained(merged.model_dir)
