@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in output.dir from its last checkpoint")
     p.set_defaults(func=_train)
     __import__("dpokit.validate", fromlist=["add_commands"]).add_commands(sub)  # `dpokit validate DATA`
+    __import__("dpokit.pipeline.commands", fromlist=["add_commands"]).add_commands(sub)  # sample, label, evaluate, frontier
     return parser
 
 

@@ -7,9 +7,12 @@ before anything heavy (a model, a dataset) is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -100,7 +103,8 @@ class TrainSection:
     max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0: no clipping)", min=0.0)
     precision: str = opt("auto", "fp32, bf16-mixed (autocast), bf16 (weights in bf16), or auto (bf16-mixed where the "
                          "hardware has fast bf16 matmul, else fp32)", choices=("auto", "fp32", "bf16-mixed", "bf16"))
-    layout: str = opt("padded", "batch layout: padded, packed (no padding), or prefix_shared (prompt computed once per pair)",
+    layout: str = opt("prefix_shared", "batch layout: prefix_shared (packed, each prompt computed once per pair), "
+                      "packed (no padding), or padded (TRL's)",
                       choices=("padded", "packed", "prefix_shared"))
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
     compile: bool = opt(False, "torch.compile the decoder layers")
@@ -167,14 +171,14 @@ class Config:
         if values is None:
             return cfg
         if not isinstance(values, dict):
-            raise ConfigError(f"{source}: expected a mapping of sections, got {type(values).__name__}")
+            raise ConfigError(f"{source}: expected a mapping of sections, got {_typename(values)}")
         for section, body in values.items():
             if section not in SECTIONS:
                 raise ConfigError(f"{source}: unknown section '{section}'{_suggest(section, SECTIONS)}")
             if body is None:
                 continue
             if not isinstance(body, dict):
-                raise ConfigError(f"{source}: section '{section}' must be a mapping, got {type(body).__name__}")
+                raise ConfigError(f"{source}: section '{section}' must be a mapping, got {_typename(body)}")
             for key, value in body.items():
                 cfg.set(f"{section}.{key}", value, source=source)
         return cfg
@@ -184,34 +188,50 @@ class Config:
         """Read a YAML file (optional) and apply `section.key=value` overrides, then validate."""
         values: dict[str, Any] = {}
         if path is not None:
-            p = Path(path)
+            p = Path(path).expanduser()
+            if p.is_dir():
+                raise ConfigError(f"{path}: is a directory, not a config file")
             if not p.is_file():
-                raise ConfigError(f"config file not found: {p}")
+                raise ConfigError(f"config file not found: {path}")
             try:
-                values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+                raw_bytes = p.read_bytes()
+            except OSError as e:
+                raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+            try:
+                text = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line, line_start = raw_bytes.count(b"\n", 0, e.start) + 1, raw_bytes.rfind(b"\n", 0, e.start) + 1
+                raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte {e.start - line_start + 1} of the line)") from None
+            try:
+                values = yaml.safe_load(text) or {}
             except yaml.YAMLError as e:
-                raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+                raise ConfigError(_yaml_error(str(path), e)) from None
         cfg = cls.from_dict(values, source=str(path) if path else "config")
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override '{item}' must look like section.key=value")
             key, raw = item.split("=", 1)
+            key = key.strip()
             try:
                 value = yaml.safe_load(raw) if raw != "" else None
+            except yaml.constructor.ConstructorError as e:  # a tag such as !!python/object: data, never code
+                raise ConfigError(_yaml_error(f"override: {key}", e, lines=False)) from None
             except yaml.YAMLError:
-                value = raw
-            cfg.set(key.strip(), value, source="override")
+                value = raw  # not YAML (e.g. '@file'): the text itself
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and _takes_string(key):
+                value = raw  # `model.revision=1234567`, `output.dir=2024`: the text, not the number YAML reads
+            cfg.set(key, value, source="override")
         cfg.validate()
         return cfg
 
     def set(self, dotted: str, value: Any, *, source: str = "override") -> None:
         section, _, key = dotted.partition(".")
         if section not in SECTIONS:
-            raise ConfigError(f"{source}: unknown key '{dotted}'{_suggest(dotted, all_keys())}")
+            raise ConfigError(f"{source}: unknown key '{dotted}'{_suggest_key(dotted)}")
         obj = getattr(self, section)
         names = {f.name: f for f in dataclasses.fields(obj)}
         if key not in names:
-            raise ConfigError(f"{source}: unknown key '{dotted}'{_suggest(dotted, all_keys())}")
+            raise ConfigError(f"{source}: unknown key '{dotted}'{_suggest_key(dotted)}")
         hint = typing.get_type_hints(type(obj))[key]
         setattr(obj, key, _coerce(value, hint, dotted, source))
         self.explicit.add(dotted)
@@ -231,7 +251,11 @@ class Config:
         if t.batch_size % t.micro_batch_size:
             raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size "
                               f"({t.micro_batch_size})")
-        lora_keys = sorted(k for k in self.explicit if k.startswith("lora.") and k != "lora.enabled")
+        # a LoRA option set to something other than its default has no effect without LoRA: say so; the
+        # same option at its default (e.g. in the full config.yaml a run writes) is harmless
+        defaults = LoraSection()
+        lora_keys = sorted(k for k in self.explicit if k.startswith("lora.") and k != "lora.enabled"
+                           and getattr(self.lora, k[5:]) != getattr(defaults, k[5:]))
         if lora_keys and not self.lora.enabled:
             raise ConfigError(f"{lora_keys[0]} is set but LoRA is off: add lora.enabled=true or remove it")
         ref = self.reference.strategy
@@ -274,6 +298,38 @@ def _fmt(value: Any) -> str:
     return "null" if value is None else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
+# the names TRL's DPOConfig (and HF TrainingArguments) use for the same settings
+OTHER_NAMES = {
+    "learning_rate": "train.lr", "num_train_epochs": "train.epochs", "per_device_train_batch_size":
+    "train.micro_batch_size", "gradient_accumulation_steps": "train.batch_size", "lr_scheduler_type": "train.schedule",
+    "bf16": "train.precision", "loss_type": "objective.loss",
+    "rpo_alpha": "objective.nll_weight", "model_name_or_path": "model.name", "output_dir": "output.dir",
+    "use_peft": "lora.enabled", "lora_r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+    "lora_target_modules": "lora.target_modules", "precompute_ref_log_probs": "reference.strategy",
+    "save_steps": "checkpoint.every", "save_total_limit": "checkpoint.keep", "logging_steps": "train.log_every",
+    "eval_steps": "train.eval_every",
+}
+
+
+def _suggest_key(dotted: str) -> str:
+    """' (did you mean ...?)' for an unknown `section.key`: the same key in another section, the TRL name's
+    counterpart, a close spelling in the same section, or a close spelling anywhere."""
+    section, _, key = dotted.partition(".")
+    if not key:
+        section, key = "", section
+    keys = all_keys()
+    same_name = [k for k in keys if k.split(".", 1)[1] == key]
+    if same_name:
+        return f" (did you mean '{same_name[0]}'?)"
+    if key in OTHER_NAMES:
+        return f" (did you mean '{OTHER_NAMES[key]}'?)"
+    if section in SECTIONS:
+        near = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(SECTIONS[section])], n=1, cutoff=0.6)
+        if near:
+            return f" (did you mean '{section}.{near[0]}'?)"
+    return _suggest(dotted, keys)
+
+
 def _suggest(name: str, options) -> str:
     match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else ""
@@ -311,19 +367,47 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             return int(value)
         raise ConfigError(f"{source}: {key} must be an integer, got {_typename(value)} {value!r}")
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML reads 1e-5 (no dot) as a string
-            except ValueError:
-                pass
-        raise ConfigError(f"{source}: {key} must be a number, got {_typename(value)} {value!r}")
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)  # YAML reads 1e-5 (no dot) as a string
+        if number is None:
+            raise ConfigError(f"{source}: {key} must be a number, got {_typename(value)} {value!r}")
+        if not math.isfinite(number):  # nan passes every range check; inf is never meant
+            raise ConfigError(f"{source}: {key} must be a finite number, got {value!r}")
+        return number
     if hint is str:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{source}: {key} must be a string, got {_typename(value)} {value!r}")
     raise TypeError(f"unsupported config type {hint} for {key}")  # a bug in this module, not user input
+
+
+def _takes_string(dotted: str) -> bool:
+    """Whether the key `section.key` is declared as a string (optionally None)."""
+    section, _, key = dotted.partition(".")
+    cls = SECTIONS.get(section)
+    hint = typing.get_type_hints(cls).get(key) if cls is not None else None
+    return hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType) and str in typing.get_args(hint))
+
+
+def _yaml_error(where: str, e: yaml.YAMLError, *, lines: bool = True) -> str:
+    """One line for a YAML error: where it is and what is wrong, without PyYAML's multi-line excerpt."""
+    mark = getattr(e, "problem_mark", None)
+    place = f"{where}:{mark.line + 1}" if lines and mark is not None else where
+    problem = getattr(e, "problem", None) or _first_line(e)
+    tag = re.search(r"constructor for the tag '([^']*)'", problem)
+    if isinstance(e, yaml.constructor.ConstructorError) and tag:
+        shown = tag.group(1).replace("tag:yaml.org,2002:", "!!")
+        return f"{place}: the YAML tag '{shown}' is not allowed (config values are plain data, never code)"
+    return f"{place}: not valid YAML: {problem}"
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def _typename(value: Any) -> str:
@@ -340,9 +424,14 @@ def _check_field(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
         return
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
-        raise ConfigError(f"{key} must be {'>' if meta.get('min_exclusive') else '>='} {lo}; got {value}")
+        raise ConfigError(f"{key} must be {'>' if meta.get('min_exclusive') else '>='} {_num(lo)}; got {_num(value)}")
     if hi is not None and value > hi:
-        raise ConfigError(f"{key} must be <= {hi}; got {value}")
+        raise ConfigError(f"{key} must be <= {_num(hi)}; got {_num(value)}")
+
+
+def _num(x: float) -> str:
+    text = repr(x)
+    return text.removesuffix(".0")
 
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")

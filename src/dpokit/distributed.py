@@ -23,6 +23,7 @@ class Runtime:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     strategy: str = "ddp"
+    owns_group: bool = False  # this runtime started the process group, so it ends it
 
     @property
     def is_main(self) -> bool:
@@ -45,12 +46,11 @@ class Runtime:
         dist.all_gather(out, t.contiguous())
         return out
 
-    def broadcast_object(self, obj):
-        if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+    def broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        """Rank 0's values of `t`, in place on every rank."""
+        if self.distributed:
+            dist.broadcast(t, src=0)
+        return t
 
     def barrier(self) -> None:
         if self.distributed:
@@ -88,7 +88,7 @@ class Runtime:
         return contextlib.nullcontext()
 
     def close(self) -> None:
-        if self.distributed and dist.is_initialized():
+        if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -117,9 +117,10 @@ def init_runtime(strategy: str = "ddp", backend: str = "auto") -> Runtime:
         device = torch.device("cpu")
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group(backend=backend, device_id=device if use_cuda else None)
-    return Runtime(rank=rank, world=world, local_rank=local_rank, device=device, strategy=strategy)
+    return Runtime(rank=rank, world=world, local_rank=local_rank, device=device, strategy=strategy, owns_group=owns)
 
 
 def decoder_layer_classes(model: nn.Module) -> tuple[type, ...]:

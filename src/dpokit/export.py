@@ -13,7 +13,7 @@ import yaml
 from dpokit import attention
 from dpokit.errors import TrainingError
 from dpokit.logps import causal_lm
-from dpokit.models import nonfinite_parameters
+from dpokit.models import load_model, nonfinite_parameters
 
 
 def save_pretrained(model, directory: Path, *, state_dict: dict | None = None) -> None:
@@ -22,6 +22,8 @@ def save_pretrained(model, directory: Path, *, state_dict: dict | None = None) -
         k for k, v in state_dict.items() if v.is_floating_point() and not v.isfinite().all()]
     if bad:
         raise TrainingError(f"refusing to write weights with NaN/inf ({len(bad)} tensors, first: {bad[0]})")
+    if state_dict is not None:
+        state_dict = _without_tied_duplicates(model, state_dict)
     lm = causal_lm(model)
     impl = lm.config._attn_implementation
     if impl == attention.NAME:  # the saved config must load anywhere: store the standard kernel
@@ -32,17 +34,35 @@ def save_pretrained(model, directory: Path, *, state_dict: dict | None = None) -
         lm.config._attn_implementation_internal = impl
 
 
+def _without_tied_duplicates(model, state_dict: dict) -> dict:
+    """A gathered (FSDP2) state dict holds tied weights (embeddings = LM head) as separate copies, which
+    save_pretrained cannot recognise as tied: keep the first name of each shared parameter."""
+    first: dict[int, str] = {}
+    drop = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            drop.add(name)
+        else:
+            first[id(param)] = name
+    return {k: v for k, v in state_dict.items() if k not in drop}
+
+
 def export(model, tokenizer, directory: Path, *, merge_lora: bool, config: dict, metrics: dict,
-           base_model: str) -> Path:
+           base_model: str, state_dict: dict | None = None) -> Path:
+    """`state_dict`: the full weights when `model` is sharded (FSDP2), gathered by the caller."""
     directory = Path(directory)
     tmp = directory.with_name(f".tmp-{directory.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if merge_lora and hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    save_pretrained(model, tmp)
+    lora = hasattr(model, "peft_config")
+    if merge_lora and lora:
+        # merge through a plain copy: the adapter saved, then loaded onto its base and merged
+        save_pretrained(model, tmp / "adapter", state_dict=state_dict)
+        model, state_dict, lora = load_model(str(tmp / "adapter")), None, False
+        shutil.rmtree(tmp / "adapter")
+    save_pretrained(model, tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
-    (tmp / "README.md").write_text(model_card(config, metrics, base_model, lora=hasattr(model, "peft_config")))
+    (tmp / "README.md").write_text(model_card(config, metrics, base_model, lora=lora))
     (tmp / "dpokit_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if directory.exists():
         shutil.rmtree(directory)

@@ -94,7 +94,7 @@ class MetricsWriter:
             print(text, flush=True)
 
     def close(self) -> None:
-        if not self.enabled:
+        if not self.enabled or self.file.closed:
             return
         if self.bar is not None:
             self.bar.close()

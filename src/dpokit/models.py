@@ -98,7 +98,7 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, revision: str |
                               attn_implementation=attn_implementation)
             return PeftModel.from_pretrained(base, src.path).merge_and_unload()
         model = AutoModelForCausalLM.from_pretrained(src.path, revision=revision, local_files_only=src.kind != "hub",
-                                                     use_safetensors=None if src.kind == "hub" else True, **kwargs)
+                                                     use_safetensors=True, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
     if getattr(model, "hf_quantizer", None) is not None:

@@ -64,7 +64,11 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
     cfg.validate()
     runtime = init_runtime(cfg.distributed.strategy, cfg.distributed.backend)
     try:
-        return Trainer(cfg, runtime, resume=resume).run()
+        trainer = Trainer(cfg, runtime, resume=resume)
+        try:
+            return trainer.run()
+        finally:
+            trainer.writer.close()
     finally:
         runtime.close()
 
@@ -135,7 +139,6 @@ class Trainer:
                     self.writer.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, **result.eval_after},
                                     prefix="eval/")
                 result.model_dir = self._export({**row, **{f"eval/{k}": v for k, v in result.eval_after.items()}})
-        self.writer.close()
         result.steps, result.last_train, result.nonfinite_steps = self.step, row, self.nonfinite
         return result
 
@@ -310,16 +313,20 @@ class Trainer:
             if not pairs:
                 continue
             key = cache.key(weights, data_fingerprint(pairs), settings)
-            table = cache.get(key)
-            if table is None:
+            # rank 0 decides and shares: the other ranks may not see its cache directory (several nodes)
+            table = cache.get(key) if self.rt.is_main else None
+            hit = self.rt.broadcast(torch.tensor([int(table is not None)], device=self.rt.device)).item()
+            if hit:
+                table = table if table is not None else torch.zeros(len(pairs), 2)
+                table = self.rt.broadcast(table.to(self.rt.device)).cpu()
+                self._echo(f"reference log-probs for {split} read from {cache.path(key)}")
+            else:
                 self._echo(f"precomputing reference log-probs for {len(pairs)} {split} pairs")
                 table = compute_table(module, pairs, layout=cfg.train.layout, batch_pairs=cfg.train.micro_batch_size,
                                       pad_id=self.tokenizer.pad_token_id, device=self.rt.device, runtime=self.rt,
                                       autocast=self.autocast)
                 if self.rt.is_main:
                     cache.put(key, table, {"model": cfg.model.name, "pairs": len(pairs), "split": split})
-            else:
-                self._echo(f"reference log-probs for {split} read from {cache.path(key)}")
             tables[split] = table
         return Precomputed(tables)
 
@@ -365,13 +372,9 @@ class Trainer:
         state = self._full_state_dict()
         if not self.rt.is_main:
             return None
-        model = self.module.model
-        if state is not None:  # FSDP2: write the gathered weights through a plain copy of the model
-            model = models.load_model(self.cfg.model.name, dtype=torch.float32)
-            model.load_state_dict(state, strict=False)
         clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        out = export(model, self.tokenizer, self.run_dir / "model", merge_lora=self.cfg.lora.merge_on_export,
-                     config=self.cfg.to_dict(), metrics=clean, base_model=self.cfg.model.name)
+        out = export(self.module.model, self.tokenizer, self.run_dir / "model", merge_lora=self.cfg.lora.merge_on_export,
+                     config=self.cfg.to_dict(), metrics=clean, base_model=self.cfg.model.name, state_dict=state)
         self._echo(f"model written to {out}")
         return out
 
@@ -404,7 +407,7 @@ class Trainer:
         trainable = sum(p.numel() for p in self.params)
         return (f"{self.data.summary()}\n"
                 f"model {c.model.name} ({'LoRA r=' + str(c.lora.r) if c.lora.enabled else 'full'}, "
-                f"{trainable / 1e6:.1f}M trainable), objective {c.objective.loss} β={c.objective.beta}, "
+                f"{trainable / 1e6:.3g}M trainable), objective {c.objective.loss} β={c.objective.beta}, "
                 f"reference {self.strategy}, precision {self.precision}, layout {c.train.layout}, "
                 f"{self.rt.world} process(es) on {self.rt.device.type}\n"
                 f"{self.total_steps} steps of {c.train.batch_size} pairs; run directory {self.run_dir}")

@@ -10,6 +10,7 @@ rejected (whole messages for conversations, whole words for strings).
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 from collections import Counter
@@ -101,7 +102,8 @@ def parse_row(row: Any, where: str, problems: Problems) -> PreferenceRecord | No
         return None
     for key in ("chosen", "rejected"):
         if key not in row:
-            problems.add(where, "missing_field", f"missing field '{key}'")
+            near = difflib.get_close_matches(key, [k for k in row if isinstance(k, str) and k not in FIELDS], n=1)
+            problems.add(where, "missing_field", f"missing field '{key}'" + (f" (the row has '{near[0]}')" if near else ""))
             return None
     values = {}
     for key in FIELDS:
@@ -111,7 +113,7 @@ def parse_row(row: Any, where: str, problems: Problems) -> PreferenceRecord | No
         if isinstance(value, str):
             values[key] = value
         elif isinstance(value, list):
-            error = _check_messages(value)
+            error = _check_messages(value, key)
             if error:
                 reason, detail = error
                 problems.add(where, reason, f"'{key}': {detail}")
@@ -125,43 +127,57 @@ def parse_row(row: Any, where: str, problems: Problems) -> PreferenceRecord | No
         shown = ", ".join(f"{k} is {'a message list' if c else 'a string'}" for k, c in kinds.items())
         problems.add(where, "mixed_format", f"fields mix formats ({shown}); use all strings or all message lists")
         return None
+    for key in ("chosen", "rejected"):
+        if _is_empty(values[key]):
+            problems.add(where, "empty_completion", f"'{key}' is empty")
+            return None
+    if values["chosen"] == values["rejected"]:
+        problems.add(where, "identical", "chosen and rejected are identical")
+        return None
 
-    if "prompt" in values:
-        prompt, chosen, rejected = values["prompt"], values["chosen"], values["rejected"]
-    else:
+    implicit = "prompt" not in values
+    if implicit:
         prompt, chosen, rejected = split_implicit_prompt(values["chosen"], values["rejected"])
+    else:
+        prompt, chosen, rejected = values["prompt"], values["chosen"], values["rejected"]
 
     for key, value in (("chosen", chosen), ("rejected", rejected)):
-        if _is_empty(value):
-            problems.add(where, "empty_completion", f"'{key}' is empty")
+        if _is_empty(value):  # only with an implicit prompt: one conversation continues the other
+            problems.add(where, "empty_completion", f"'{key}' is empty once the prompt it shares with "
+                                                    f"'{'rejected' if key == 'chosen' else 'chosen'}' is removed")
             return None
         if isinstance(value, list) and value[0]["role"] != "assistant":
             problems.add(where, "wrong_role", f"'{key}' must start with an assistant message, got role "
                                               f"'{value[0]['role']}'")
             return None
-    if chosen == rejected:
-        problems.add(where, "identical", "chosen and rejected are identical")
+    if implicit and isinstance(prompt, list) and not prompt:
+        # a conversation needs a prompt: the chat template renders an empty one as a system turn
+        problems.add(where, "empty_prompt", "no 'prompt' field, and chosen and rejected share no leading "
+                                            "messages to take as the prompt")
         return None
     return PreferenceRecord(prompt, chosen, rejected, where)
 
 
 def split_implicit_prompt(chosen: Text, rejected: Text) -> tuple[Text, Text, Text]:
-    """Longest common prefix of chosen and rejected as the prompt: whole messages, or whole words."""
+    """Longest common prefix of chosen and rejected as the prompt: whole messages, or whole words.
+
+    For strings the cut moves back to the last whitespace at or before the first difference, so both
+    completions start on a word boundary, with that whitespace (BPE vocabularies mark word starts by a
+    leading space), and keep at least one character each (when one text is a prefix of the other)."""
     n = 0
     for a, b in zip(chosen, rejected):
         if a != b:
             break
         n += 1
-    if isinstance(chosen, str) and n < min(len(chosen), len(rejected)):
-        # cut before the word the two texts disagree in, so completions start on a word boundary
-        cut = max(chosen.rfind(" ", 0, n + 1), chosen.rfind("\n", 0, n + 1))
-        n = max(cut, 0)
+    if isinstance(chosen, str) and chosen != rejected:
+        last = min(n, len(chosen) - 1, len(rejected) - 1)
+        n = next((i for i in range(last, -1, -1) if chosen[i].isspace()), 0)
     return chosen[:n], chosen[n:], rejected[n:]
 
 
-def _check_messages(messages: list) -> tuple[str, str] | None:
+def _check_messages(messages: list, key: str) -> tuple[str, str] | None:
     if not messages:
-        return "empty_completion", "empty message list"
+        return ("empty_prompt" if key == "prompt" else "empty_completion"), "empty message list"
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             return "bad_message", f"message {i} must be an object with role and content, got {_kind(m)}"
@@ -209,6 +225,8 @@ def _iter_rows(source: str, split: str, problems: Problems):
         data = path.read_bytes()
     except OSError as e:
         raise DataError(f"{source}: cannot read: {e.strerror}") from None
+    if suffix != ".parquet":
+        data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark (Windows editors write one)
     if not data.strip():
         raise DataError(f"{source}: the file is empty")
     yield from readers[suffix](source, data, problems)
@@ -228,7 +246,10 @@ def _iter_jsonl(name: str, data: bytes, problems: Problems):
         try:
             yield where, json.loads(text)
         except json.JSONDecodeError as e:
-            problems.add(where, "unparsable", f"invalid JSON: {e.msg} at column {e.colno}")
+            problems.add(where, "unparsable", f"invalid JSON: {e.msg}: column {e.colno}")
+            yield where, _UNPARSABLE
+        except RecursionError:
+            problems.add(where, "unparsable", "invalid JSON: nested too deeply")
             yield where, _UNPARSABLE
 
 
@@ -237,10 +258,12 @@ def _iter_json(name: str, data: bytes, problems: Problems):
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        if e.msg == "Extra data":  # several objects, one per line: JSON Lines under a .json name
+        if e.msg == "Extra data" and text.lstrip().startswith("{"):  # JSON Lines under a .json name
             yield from _iter_jsonl(name, data, problems)
             return
-        raise DataError(f"{name}:{e.lineno}: invalid JSON: {e.msg} at column {e.colno}") from None
+        raise DataError(f"{name}:{e.lineno}: invalid JSON: {e.msg}: column {e.colno}") from None
+    except RecursionError:
+        raise DataError(f"{name}: invalid JSON: nested too deeply") from None
     if not isinstance(value, list):
         raise DataError(f"{name}: expected a JSON array of objects (or one object per line), got {_kind(value)}")
     # walk the array again to learn the line each element starts on
@@ -261,14 +284,23 @@ def _iter_json(name: str, data: bytes, problems: Problems):
 
 def _iter_csv(name: str, data: bytes, problems: Problems):
     text = _decode_whole(name, data)
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # default 128 KiB: long completions exist
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    if reader.fieldnames is None:
+    try:
+        fieldnames = reader.fieldnames
+    except csv.Error as e:
+        raise DataError(f"{name}:1: not valid CSV: {e}") from None
+    if fieldnames is None:
         raise DataError(f"{name}: the file is empty")
-    missing = [f for f in ("chosen", "rejected") if f not in reader.fieldnames]
-    if missing:
-        raise DataError(f"{name}:1: header has no '{missing[0]}' column (columns: {', '.join(reader.fieldnames)})")
+    _check_columns(name + ":1", "header", fieldnames)
     first_line = reader.line_num + 1
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(f"{name}:{first_line}: not valid CSV: {e}") from None
         where = f"{name}:{first_line}"
         first_line = reader.line_num + 1
         if None in row or any(v is None for v in row.values()):
@@ -286,10 +318,13 @@ def _iter_parquet(name: str, data: bytes, problems: Problems):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    if not (data.startswith(b"PAR1") and data.endswith(b"PAR1")):
+        raise DataError(f"{name}: not a Parquet file (it does not start and end with the bytes PAR1)")
     try:
         table = pq.read_table(pa.BufferReader(data))
     except Exception as e:  # pyarrow raises several types for corrupt files
-        raise DataError(f"{name}: not a readable Parquet file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise DataError(f"{name}: not a readable Parquet file ({type(e).__name__}: {_first_line(e)})") from None
+    _check_columns(name, "file", table.column_names)
     for i, row in enumerate(table.to_pylist(), start=1):
         yield f"{name}:row {i}", row
 
@@ -298,24 +333,34 @@ def _iter_dataset_dir(path: Path, split: str):
     import datasets
 
     name = str(path)
+    label = name
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists() or (path / "dataset_info.json").exists():
         try:
             ds = datasets.load_from_disk(name)
         except Exception as e:
-            raise DataError(f"{name}: not a readable datasets directory ({str(e).splitlines()[0]})") from None
+            raise DataError(f"{name}: not a readable datasets directory ({_first_line(e)})") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise DataError(f"{name}: no split '{split}' (splits: {', '.join(ds)})")
-            ds = ds[split]
+            ds, label = ds[split], f"{name}[{split}]"
     elif any(p.suffix in (".jsonl", ".json", ".parquet", ".csv") for p in path.iterdir()):
         try:
             ds = datasets.load_dataset(name, split=split)
         except Exception as e:
-            raise DataError(f"{name}: cannot load as a dataset ({str(e).splitlines()[0]})") from None
+            raise DataError(f"{name}: cannot load as a dataset ({_first_line(e)})") from None
+        label = f"{name}[{split}]"
     else:
         raise DataError(f"{name}: is a directory, not a preference file or a datasets dataset")
+    _check_columns(label, "dataset", ds.column_names)
     for i, row in enumerate(ds, start=1):
-        yield f"{name}[{split}]:row {i}", row
+        yield f"{label}:row {i}", row
+
+
+def _check_columns(where: str, what: str, columns: list[str]) -> None:
+    """Tabular sources name their columns once: a missing one is a problem of the file, not of each row."""
+    missing = [f for f in ("chosen", "rejected") if f not in columns]
+    if missing:
+        raise DataError(f"{where}: {what} has no '{missing[0]}' column (columns: {', '.join(map(str, columns))})")
 
 
 def _iter_hub_dataset(name: str, split: str):
@@ -324,9 +369,15 @@ def _iter_hub_dataset(name: str, split: str):
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:
-        raise DataError(f"{name}: not a file, directory or loadable hub dataset ({str(e).splitlines()[0]})") from None
+        raise DataError(f"{name}: not a file, directory or loadable hub dataset ({_first_line(e)})") from None
+    _check_columns(f"{name}[{split}]", "dataset", ds.column_names)
     for i, row in enumerate(ds, start=1):
         yield f"{name}[{split}]:row {i}", row
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def _decode_whole(name: str, data: bytes) -> str:

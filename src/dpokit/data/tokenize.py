@@ -72,11 +72,16 @@ def tokenize_records(
     problems: Problems,
 ) -> tuple[list[TokenizedPair], TruncationStats]:
     """Tokenize, append EOS, truncate to the limits; rows that cannot fit go to `problems`."""
+    return truncate_pairs(encode_records(records, tokenizer), settings, problems)
+
+
+def encode_records(records: list[PreferenceRecord], tokenizer) -> list[TokenizedPair]:
+    """Token ids of every record at full length: prompt and completions tokenized separately, EOS once."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token")
     if not records:
-        return [], TruncationStats()
+        return []
     texts = [render(r, tokenizer) for r in records]
     conv = [r.conversational for r in records]
     # chat templates carry their own special tokens; plain prompts get the tokenizer's (e.g. BOS)
@@ -90,7 +95,6 @@ def tokenize_records(
     completions = tokenizer([t for _, ch, rj in texts for t in (ch, rj)], add_special_tokens=False)["input_ids"]
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
 
-    stats = TruncationStats()
     pairs: list[TokenizedPair] = []
     for i, record in enumerate(records):
         prompt = list(prompt_ids[i]) or [start]  # the first completion token needs a position to be predicted from
@@ -98,18 +102,30 @@ def tokenize_records(
         for ids in (chosen, rejected):
             if not ids or ids[-1] != eos:
                 ids.append(eos)
-        fitted = _fit(prompt, chosen, rejected, settings, record.source, problems)
+        pairs.append(TokenizedPair(tuple(prompt), tuple(chosen), tuple(rejected), record.source))
+    return pairs
+
+
+def truncate_pairs(pairs: list[TokenizedPair], settings: TokenizeSettings,
+                   problems: Problems) -> tuple[list[TokenizedPair], TruncationStats]:
+    """Pairs over `settings.max_length` shortened (or reported, with truncation_mode=error)."""
+    stats = TruncationStats()
+    kept: list[TokenizedPair] = []
+    for pair in pairs:
+        fitted = _fit(pair.prompt, pair.chosen, pair.rejected, settings, pair.source, problems)
         if fitted is None:
             continue
-        prompt2, chosen2, rejected2 = fitted
-        cut_prompt, cut_completion = len(prompt2) < len(prompt), len(chosen2) < len(chosen) or len(rejected2) < len(rejected)
+        prompt, chosen, rejected = fitted
+        cut_prompt = len(prompt) < len(pair.prompt)
+        cut_completion = len(chosen) < len(pair.chosen) or len(rejected) < len(pair.rejected)
         stats.truncated_prompt += cut_prompt
         stats.truncated_completion += cut_completion
         if cut_prompt or cut_completion:
-            stats.truncated_rows.append(record.source)
-        pairs.append(TokenizedPair(tuple(prompt2), tuple(chosen2), tuple(rejected2), record.source))
-    stats.pairs = len(pairs)
-    return pairs, stats
+            stats.truncated_rows.append(pair.source)
+            pair = TokenizedPair(tuple(prompt), tuple(chosen), tuple(rejected), pair.source)
+        kept.append(pair)
+    stats.pairs = len(kept)
+    return kept, stats
 
 
 def _fit(prompt, chosen, rejected, s: TokenizeSettings, source: str, problems: Problems):

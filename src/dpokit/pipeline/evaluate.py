@@ -1,0 +1,299 @@
+"""`dpokit evaluate`: a policy against its reference on held-out prompts.
+
+Both models sample `n` completions per prompt at temperature 1 without top-p (their own distributions),
+and the judge scores every completion. Reported, with standard errors over prompts:
+
+    reward      mean judge score of the policy's samples, and of the reference's
+    win rate    P(r(x, y) > r(x, y')) + ½ P(r(x, y) = r(x, y')),  y ~ π(·|x), y' ~ π_ref(·|x): every policy
+                sample against every reference sample of the same prompt, averaged per prompt, then over prompts
+    KL          KL(π‖π_ref) = E_x E_{y~π(·|x)} [log π(y|x) − log π_ref(y|x)], estimated on the policy's own
+                samples as the mean of the sequence log-ratios (summed over tokens): an unbiased estimate of
+                the KL between the policies over sequences of at most `max_new_tokens` tokens
+    accuracy    on held-out preference pairs, when given: the share with a larger implicit reward for the
+                chosen completion, (log π − log π_ref)(y_w) > (log π − log π_ref)(y_l), as `dpokit train`
+                reports it (rewards/accuracies)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from dpokit import models
+from dpokit.data.layouts import collate
+from dpokit.data.records import Problems, read_preferences
+from dpokit.data.tokenize import TokenizedPair, TokenizeSettings, tokenize_records
+from dpokit.errors import ConfigError, DataError
+from dpokit.logps import CompletionLogProbs
+from dpokit.pipeline.jsonl import read_jsonl, read_meta, write_jsonl
+from dpokit.pipeline.judges import Judge, score_rows
+from dpokit.pipeline.prompts import Prompt
+from dpokit.pipeline.runs import default_reference
+from dpokit.pipeline.sample import PromptSamples, Sampler, SamplingSettings, resolve_device
+
+# ------------------------------------------------------------------------------------------ estimators
+
+
+@dataclass(frozen=True)
+class Estimate:
+    mean: float
+    se: float  # standard error of the mean over prompts
+    n: int  # prompts
+
+
+def mean_over_prompts(values: Sequence[Sequence[float]]) -> Estimate:
+    """Mean of per-prompt means (every prompt weighs the same) and its standard error over prompts."""
+    per_prompt = [sum(v) / len(v) for v in values if len(v)]
+    n = len(per_prompt)
+    if n == 0:
+        return Estimate(math.nan, math.nan, 0)
+    mean = sum(per_prompt) / n
+    var = sum((m - mean) ** 2 for m in per_prompt) / (n - 1) if n > 1 else math.nan
+    return Estimate(mean, math.sqrt(var / n) if n > 1 else math.nan, n)
+
+
+def sequence_kl(policy_logps: Sequence[Sequence[float]], reference_logps: Sequence[Sequence[float]]) -> Estimate:
+    """KL(π‖π_ref) ≈ mean over prompts x and samples y ~ π(·|x) of log π(y|x) − log π_ref(y|x).
+
+    Inputs are summed sequence log-probs of the *policy's* samples, grouped by prompt. Each term can be
+    negative; their expectation is the KL, which is not."""
+    return mean_over_prompts([[p - r for p, r in zip(ps, rs)] for ps, rs in zip(policy_logps, reference_logps)])
+
+
+def win_rate(policy_scores: Sequence[Sequence[float]], reference_scores: Sequence[Sequence[float]]) -> Estimate:
+    """P(policy sample beats a reference sample of the same prompt), ties counted as half a win."""
+    per_prompt = []
+    for ps, rs in zip(policy_scores, reference_scores):
+        if ps and rs:
+            wins = sum(1.0 if p > r else 0.5 if p == r else 0.0 for p in ps for r in rs)
+            per_prompt.append([wins / (len(ps) * len(rs))])
+    return mean_over_prompts(per_prompt)
+
+
+def preference_accuracy(policy_chosen, policy_rejected, reference_chosen, reference_rejected) -> float:
+    """Share of pairs where the implicit reward log π − log π_ref is larger for the chosen completion."""
+    margin = (torch.as_tensor(policy_chosen) - torch.as_tensor(reference_chosen)) - (
+        torch.as_tensor(policy_rejected) - torch.as_tensor(reference_rejected))
+    return float((margin > 0).double().mean()) if margin.numel() else math.nan
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+@dataclass
+class EvalSettings:
+    n: int = 4  # policy samples per prompt (and reference samples, unless given as a file)
+    max_new_tokens: int = 32
+    seed: int = 1234
+    batch_size: int = 32
+    template: str = "auto"
+
+    def sampling(self) -> SamplingSettings:
+        """Temperature 1 and no top-p: the KL estimate needs samples of π itself."""
+        return SamplingSettings(n=self.n, temperature=1.0, top_p=1.0, max_new_tokens=self.max_new_tokens,
+                                seed=self.seed, batch_size=self.batch_size, template=self.template).check()
+
+
+@dataclass
+class EvalResult:
+    policy: str
+    reference: str
+    judge: str
+    prompts: int
+    samples_per_prompt: int
+    reward_policy: Estimate
+    reward_reference: Estimate
+    win_rate: Estimate
+    kl: Estimate
+    preference_accuracy: float | None = None
+    pairs: int = 0
+    tokens_policy: float = math.nan  # mean completion length in tokens
+    tokens_reference: float = math.nan
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out.update(out.pop("extra"))
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> EvalResult:
+        names = cls.__dataclass_fields__
+        values = {k: Estimate(**v) if isinstance(v, dict) else v for k, v in data.items() if k in names}
+        return cls(**values, extra={k: v for k, v in data.items() if k not in names})
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else math.nan
+
+
+class Evaluator:
+    """The reference side of an evaluation, prepared once: the reference model, its samples on the held-out
+    prompts and their scores, and its log-probs on the held-out pairs. `evaluate(policy)` then costs one
+    round of policy sampling, one reference pass over those samples and the policy's pass over the pairs."""
+
+    def __init__(self, reference: str, judge: Judge, settings: EvalSettings, *, prompts: Sequence[Prompt] | None = None,
+                 reference_samples: str | Path | None = None, pairs: str | Path | None = None,
+                 device: str = "auto", dtype: str = "float32", progress: bool = True):
+        self.reference_name, self.judge, self.settings = reference, judge, settings
+        self.device, self.dtype, self.progress = resolve_device(device), dtype, progress
+        ref_rows = None
+        if reference_samples is not None:
+            ref_rows = self._read_reference_samples(reference_samples)
+        elif prompts is None:
+            raise ConfigError("evaluate needs held-out prompts (--prompts) or reference samples (--reference-samples)")
+        self.reference = Sampler.load(reference, settings.sampling(), device=str(self.device), dtype=dtype)
+        self.tokenizer = self.reference.tokenizer
+        if ref_rows is None:
+            self.echo(f"sampling the reference {reference} on {len(prompts)} prompts")
+            drawn = self.reference.draw(list(prompts))
+            ref_rows = [d.row(i) for i, d in enumerate(drawn)]
+        elif prompts is not None:
+            stored = [self.reference.encode(p)[0] for p in prompts]
+            if stored != [r["prompt"] for r in ref_rows]:
+                raise DataError(f"{reference_samples}: its prompts are not those of --prompts")
+        self.prompts = [r["prompt"] for r in ref_rows]
+        self.reference_rows = ref_rows
+        self.reference_scores = score_rows(judge, ref_rows)
+        self.pairs: list[TokenizedPair] = []
+        if pairs is not None:
+            self.pairs = read_pairs(pairs, self.tokenizer)
+            self.pairs_reference = pair_logps(self.reference.scorer, self.pairs, self.reference.pad_id,
+                                              settings.batch_size)
+
+    def _read_reference_samples(self, path: str | Path) -> list[dict]:
+        meta = read_meta(path)
+        if meta is None:
+            raise DataError(f"{path}: no {Path(path).name}.meta.json beside it; reference samples must come from "
+                            "`dpokit sample`")
+        if meta.get("temperature") != 1.0 or meta.get("top_p") != 1.0:
+            raise DataError(f"{path} was sampled at temperature {meta.get('temperature')}, top-p {meta.get('top_p')}; "
+                            "evaluation compares samples drawn at temperature 1 without top-p")
+        if models.model_dir(meta["model"]) != models.model_dir(self.reference_name):
+            raise DataError(f"{path} holds samples of {meta['model']}, not of the reference {self.reference_name}")
+        rows = read_jsonl(path)
+        if len(rows) != meta.get("num_prompts"):
+            raise DataError(f"{path} is incomplete ({len(rows)} of {meta.get('num_prompts')} prompts): rerun "
+                            "`dpokit sample` with the same arguments to finish it")
+        rows.sort(key=lambda r: r["index"])
+        # the policy's samples are drawn the same way as the reference's
+        self.settings.max_new_tokens, self.settings.template = meta["max_new_tokens"], meta["template"]
+        return rows
+
+    def echo(self, text: str) -> None:
+        if self.progress:
+            print(text, flush=True)
+
+    def evaluate(self, policy: str, *, samples_out: str | Path | None = None) -> EvalResult:
+        s = self.settings
+        model = models.load_model(policy, dtype=models.DTYPES[self.dtype]).to(self.device).eval()
+        sampler = Sampler(model, self.tokenizer, s.sampling())
+        drawn = self._draw(sampler)
+        policy_scores = score_rows(self.judge, [d.row(i) for i, d in enumerate(drawn)])
+        flat_prompts = [d.prompt_ids for d in drawn for _ in d.completions]
+        flat = [c.ids for d in drawn for c in d.completions]
+        ref_flat = iter(self.reference.logps(flat_prompts, flat))
+        ref_logps = [[next(ref_flat) for _ in d.completions] for d in drawn]
+        result = EvalResult(
+            policy=policy, reference=self.reference_name, judge=self.judge.name, prompts=len(drawn),
+            samples_per_prompt=s.n,
+            reward_policy=mean_over_prompts(policy_scores), reward_reference=mean_over_prompts(self.reference_scores),
+            win_rate=win_rate(policy_scores, self.reference_scores),
+            kl=sequence_kl([d.logps for d in drawn], ref_logps),
+            tokens_policy=_mean(len(c.ids) for d in drawn for c in d.completions),
+            tokens_reference=_mean(n for r in self.reference_rows for n in r["num_tokens"]),
+        )
+        if self.pairs:
+            lp = pair_logps(sampler.scorer, self.pairs, sampler.pad_id, s.batch_size)
+            result.preference_accuracy = preference_accuracy(lp[0], lp[1], *self.pairs_reference)
+            result.pairs = len(self.pairs)
+        if samples_out is not None:
+            write_jsonl(samples_out, [{**d.row(i), "scores": sc, "reference_logps": rl}
+                                      for i, (d, sc, rl) in enumerate(zip(drawn, policy_scores, ref_logps))])
+        del model, sampler
+        return result
+
+    def _draw(self, sampler: Sampler) -> list[PromptSamples]:
+        from tqdm.auto import tqdm
+
+        per_call = max(1, self.settings.batch_size // self.settings.n)
+        drawn: list[PromptSamples] = []
+        with tqdm(total=len(self.prompts), desc="evaluate", unit="prompt", disable=not self.progress,
+                  dynamic_ncols=True, leave=False) as bar:
+            for start in range(0, len(self.prompts), per_call):
+                drawn += sampler.draw(self.prompts[start:start + per_call], first_index=start)
+                bar.update(min(per_call, len(self.prompts) - start))
+        return drawn
+
+
+def read_pairs(path: str | Path, tokenizer) -> list[TokenizedPair]:
+    """Held-out preference pairs tokenized exactly as `dpokit train` does (default length limits)."""
+    read = read_preferences(str(path), problems=Problems("raise"))
+    pairs, _ = tokenize_records(read.records, tokenizer, TokenizeSettings(), Problems("raise"))
+    return pairs
+
+
+@torch.no_grad()
+def pair_logps(scorer: CompletionLogProbs, pairs: Sequence[TokenizedPair], pad_id: int,
+               batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of every pair's chosen and rejected completion (padded batches)."""
+    scorer.eval()
+    device = next(scorer.parameters()).device
+    chosen, rejected = [], []
+    per_batch = max(1, batch_size // 2)
+    for start in range(0, len(pairs), per_batch):
+        chunk = list(pairs[start:start + per_batch])
+        out = scorer(collate(chunk, list(range(len(chunk))), "padded", pad_id).to(device))
+        chosen.append(out.chosen.float().cpu())
+        rejected.append(out.rejected.float().cpu())
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def resolve_reference(policy: str, reference: str | None) -> str:
+    return reference if reference is not None else default_reference(policy)
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def format_estimate(e: Estimate, digits: int = 3) -> str:
+    if math.isnan(e.se):
+        return f"{e.mean:.{digits}f}"
+    return f"{e.mean:.{digits}f} ± {e.se:.{digits}f}"
+
+
+def result_table(result: EvalResult, *, title: str | None = None):
+    """reference | policy columns: mean reward, win rate, KL, held-out accuracy, completion length."""
+    from rich.table import Table
+
+    table = Table(title=title or f"policy vs reference on {result.prompts} held-out prompts "
+                                 f"({result.samples_per_prompt} samples each, judge: {result.judge})")
+    table.add_column("metric")
+    table.add_column("reference (before)", justify="right")
+    table.add_column("policy (after)", justify="right")
+    table.add_row("mean reward", format_estimate(result.reward_reference), format_estimate(result.reward_policy))
+    table.add_row("win rate vs reference", "0.500", format_estimate(result.win_rate))
+    table.add_row("KL(π‖π_ref), nats", "0", format_estimate(result.kl, 2))
+    if result.preference_accuracy is not None:
+        table.add_row(f"held-out preference accuracy ({result.pairs} pairs)", "—", f"{result.preference_accuracy:.3f}")
+    table.add_row("completion tokens", f"{result.tokens_reference:.1f}", f"{result.tokens_policy:.1f}")
+    return table
+
+
+def print_result(result: EvalResult, *, title: str | None = None) -> None:
+    from rich.console import Console
+
+    Console().print(result_table(result, title=title))
+
+
+def write_result(result: EvalResult, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,157 @@
+"""`dpokit frontier`: evaluate several runs and checkpoints against one reference and draw reward
+against KL(π‖π_ref), one series per method, as in the DPO paper's Figure 2.
+
+Targets are `[SERIES=]PATH`: a dpokit run directory (its final model; with `checkpoints`, every checkpoint
+too), a checkpoint, or any model. A run's series is its method (`objective.loss`: DPO, IPO, ...), so a β
+sweep of one method forms one series; give `SERIES=` to name it otherwise.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from dpokit.errors import ConfigError
+from dpokit.pipeline.evaluate import EvalResult, Evaluator, write_result
+from dpokit.pipeline.runs import run_model, run_models
+
+CSV_FIELDS = ("series", "label", "model", "beta", "step", "kl", "kl_se", "reward", "reward_se", "win_rate",
+              "win_rate_se", "preference_accuracy", "tokens")
+
+
+@dataclass(frozen=True)
+class Target:
+    series: str
+    label: str
+    model: str
+    beta: float | None = None
+    step: int | None = None
+
+
+def expand_targets(specs: list[str], *, checkpoints: bool = False) -> list[Target]:
+    """`[SERIES=]PATH` specs → the models to evaluate, checkpoints first, each run's final model last."""
+    targets: list[Target] = []
+    for spec in specs:
+        series, sep, path = spec.partition("=")
+        if not sep:
+            series, path = "", spec
+        if not path:
+            raise ConfigError(f"target {spec!r} names no model")
+        info = run_model(path)
+        if info is not None and info.final and Path(path).expanduser().resolve() == info.run_dir:
+            found = run_models(info.run_dir, checkpoints=checkpoints)
+        elif info is not None:
+            found = [info]
+        else:
+            targets.append(Target(series or path, Path(path).name or path, path))
+            continue
+        for m in found:
+            step = f"step {m.step}" if m.step is not None else "final"
+            targets.append(Target(series or m.method, f"β={m.beta:g} {step}", str(m.path), m.beta, m.step))
+    return targets
+
+
+@dataclass
+class FrontierPoint:
+    target: Target
+    result: EvalResult
+
+    def row(self) -> dict:
+        r = self.result
+        return {"series": self.target.series, "label": self.target.label, "model": self.target.model,
+                "beta": self.target.beta, "step": self.target.step, "kl": r.kl.mean, "kl_se": r.kl.se,
+                "reward": r.reward_policy.mean, "reward_se": r.reward_policy.se, "win_rate": r.win_rate.mean,
+                "win_rate_se": r.win_rate.se, "preference_accuracy": r.preference_accuracy, "tokens": r.tokens_policy}
+
+
+def run_frontier(evaluator: Evaluator, targets: list[Target], out_dir: str | Path) -> list[FrontierPoint]:
+    """Evaluate each target; write `points/NN.json` per target, `frontier.csv` and `frontier.png`."""
+    out = Path(out_dir)
+    (out / "points").mkdir(parents=True, exist_ok=True)
+    points = []
+    for k, target in enumerate(targets):
+        evaluator.echo(f"[{k + 1}/{len(targets)}] {target.series} {target.label}: {target.model}")
+        result = evaluator.evaluate(target.model)
+        result.extra = {"series": target.series, "label": target.label}
+        write_result(result, out / "points" / f"{k:02d}.json")
+        points.append(FrontierPoint(target, result))
+        evaluator.echo(f"    KL {result.kl.mean:.2f}  reward {result.reward_policy.mean:.3f} "
+                        f"(reference {result.reward_reference.mean:.3f})  win rate {result.win_rate.mean:.3f}")
+    reference = evaluator_reference_row(evaluator, points)
+    write_csv(points, reference, out / "frontier.csv")
+    plot_frontier(points, reference, out / "frontier.png", judge=evaluator.judge.name)
+    (out / "frontier.json").write_text(json.dumps({"reference": reference, "points": [p.row() for p in points]},
+                                                  indent=2) + "\n", encoding="utf-8")
+    return points
+
+
+def evaluator_reference_row(evaluator: Evaluator, points: list[FrontierPoint]) -> dict:
+    """The reference itself: KL 0 and its own mean reward."""
+    ref = points[0].result.reward_reference if points else None
+    return {"series": "reference", "label": "π_ref", "model": evaluator.reference_name, "beta": None, "step": 0,
+            "kl": 0.0, "kl_se": 0.0, "reward": ref.mean if ref else math.nan, "reward_se": ref.se if ref else math.nan,
+            "win_rate": 0.5, "win_rate_se": 0.0, "preference_accuracy": None,
+            "tokens": points[0].result.tokens_reference if points else math.nan}
+
+
+def write_csv(points: list[FrontierPoint], reference: dict, path: str | Path) -> Path:
+    path = Path(path)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerow(reference)
+        for p in points:
+            writer.writerow(p.row())
+    return path
+
+
+def plot_frontier(points: list[FrontierPoint], reference: dict, path: str | Path, *, judge: str = "judge") -> Path:
+    """Reward (y) against KL (x) with standard-error bars; points of one run joined in step order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    series: dict[str, list[FrontierPoint]] = {}
+    for p in points:
+        series.setdefault(p.target.series, []).append(p)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (name, members) in enumerate(series.items()):
+        color = colors[k % len(colors)]
+        xs = [p.result.kl.mean for p in members]
+        ys = [p.result.reward_policy.mean for p in members]
+        ax.errorbar(xs, ys, xerr=[_zero_nan(p.result.kl.se) for p in members],
+                    yerr=[_zero_nan(p.result.reward_policy.se) for p in members], fmt="o", color=color,
+                    label=name, capsize=2, markersize=5, elinewidth=0.8)
+        runs: dict[str, list[FrontierPoint]] = {}
+        for p in members:  # one line per run (β), through its checkpoints
+            runs.setdefault(str(run_key(p.target.model)), []).append(p)
+        for run_points in runs.values():
+            if len(run_points) > 1:
+                run_points = sorted(run_points, key=lambda p: p.target.step or 0)
+                ax.plot([0.0] + [p.result.kl.mean for p in run_points],
+                        [reference["reward"]] + [p.result.reward_policy.mean for p in run_points],
+                        color=color, alpha=0.35, linewidth=1)
+    ax.scatter([0.0], [reference["reward"]], marker="*", s=140, color="black", label="reference", zorder=3)
+    ax.set_xlabel("KL(π ‖ π_ref) per completion (nats)")
+    ax.set_ylabel(f"mean reward ({judge})")
+    ax.set_title("reward vs KL frontier")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def run_key(model: str) -> Path | str:
+    info = run_model(model)
+    return info.run_dir if info is not None else model
+
+
+def _zero_nan(x: float) -> float:
+    return 0.0 if math.isnan(x) else x

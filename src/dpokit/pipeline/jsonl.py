@@ -1,0 +1,90 @@
+"""JSON Lines files written row by row, so an interrupted command can resume where it stopped.
+
+A sidecar `<file>.meta.json` records what produced the rows (model, settings); resuming with different
+settings is refused instead of silently mixing two experiments in one file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from dpokit.errors import DataError
+
+
+def read_jsonl(path: str | Path, *, allow_partial_tail: bool = False) -> list[dict]:
+    """All rows of a JSONL file. With `allow_partial_tail`, an unparsable last line (a write cut short by a
+    kill) is ignored; anywhere else a bad line is an error naming the file and line."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if allow_partial_tail and i == len(lines):
+                break
+            raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+    """Write all rows at once (to a temporary name, then renamed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+class ResumableJsonl:
+    """Rows appended and flushed one at a time; `done` holds the rows an earlier attempt finished."""
+
+    def __init__(self, path: str | Path, meta: dict[str, Any], *, overwrite: bool = False):
+        self.path = Path(path)
+        self.meta_path = self.path.with_name(self.path.name + ".meta.json")
+        self.done: list[dict] = []
+        if overwrite or not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("", encoding="utf-8")
+            self.meta_path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        else:
+            saved = read_meta(self.path)
+            if saved is None:
+                raise DataError(f"{self.path} exists but has no {self.meta_path.name}: pass --overwrite to replace it")
+            changed = sorted(k for k in set(saved) | set(meta) if saved.get(k) != meta.get(k))
+            if changed:
+                raise DataError(f"{self.path} was written with different settings ({', '.join(changed)} changed): "
+                                "pass --overwrite to start over, or choose another --out")
+            self.done = read_jsonl(self.path, allow_partial_tail=True)
+            # rewrite without a partial last line so appends start on a fresh line
+            write_jsonl(self.path, self.done)
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def append(self, row: dict) -> None:
+        self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> ResumableJsonl:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_meta(path: str | Path) -> dict | None:
+    meta = Path(path).with_name(Path(path).name + ".meta.json")
+    return json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else None

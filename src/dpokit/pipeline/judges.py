@@ -1,0 +1,290 @@
+"""Judges: one small interface, `score(prompts, completions) -> list[float]`, batched.
+
+    sentiment     VADER's compound score of the review (prompt + completion), in [-1, 1] (Hutto & Gilbert
+                  2014; PyPI `vaderSentiment`, lexicon included): the stand-in for the DPO paper's
+                  sentiment classifier. Given `model`, a hub or local sentiment classifier instead: the
+                  probability of its positive label.
+    reward-model  any Hugging Face sequence-classification model, local or hub: its scalar output (one
+                  label), else the probability of `label`.
+    length        completion length in words (or characters), or -|length - target| with a target.
+    keywords      occurrences of the given words in the completion (whole words, case-insensitive).
+    module:fn     a user's Python callable `fn(prompt, completion) -> float` (or an object with `score`,
+                  or a callable marked `fn.batched = True` taking the two lists); the module may be a
+                  .py file path.
+
+A prompt is a string or a list of messages (see `prompts.py`). For a string prompt the text judged is
+the continuation as a whole, `prompt + completion`, unless a judge is told `on=completion`; for a
+conversation it is the reply alone (or the rendered conversation, for a reward model with a chat
+template).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import math
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from dpokit.errors import ConfigError, DpokitError
+from dpokit.pipeline.prompts import Prompt, prompt_text
+
+
+@runtime_checkable
+class Judge(Protocol):
+    name: str
+
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+        """One float per (prompt, completion); higher is better."""
+        ...
+
+
+def judged_text(prompt: Prompt, completion: str, on: str) -> str:
+    """The text a text judge reads: the whole continuation for a string prompt (`on=text`), else the
+    completion alone."""
+    if on not in ("text", "completion"):
+        raise ConfigError(f"judge option on must be text or completion; got {on!r}")
+    return prompt + completion if on == "text" and isinstance(prompt, str) else completion
+
+
+class VaderSentiment:
+    """VADER compound score: normalised sum of lexicon valences with rules for negation, intensifiers,
+    "but" and punctuation, compound = s / sqrt(s² + 15) ∈ [-1, 1]."""
+
+    name = "sentiment"
+
+    def __init__(self, on: str = "text"):
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        judged_text("", "", on)
+        self.on = on
+        self.analyzer = SentimentIntensityAnalyzer()
+
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+        return [float(self.analyzer.polarity_scores(judged_text(p, c, self.on))["compound"])
+                for p, c in zip(prompts, completions)]
+
+
+class SequenceClassifier:
+    """A Hugging Face `AutoModelForSequenceClassification` as a judge: the logit when the model has one
+    label (a reward model), else softmax probability of `label` (a name or an index)."""
+
+    name = "reward-model"
+
+    def __init__(self, model: str, *, label: str | int | None = None, batch_size: int = 32, max_length: int = 512,
+                 device: str = "auto", on: str = "text", revision: str | None = None):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from dpokit.models import resolve
+        from dpokit.pipeline.sample import resolve_device
+
+        src = resolve(model)
+        if src.kind not in ("hub", "dir"):
+            raise ConfigError(f"{model}: a judge model must be a hub id or a Hugging Face directory")
+        local = src.kind != "hub"
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(src.path, revision=revision, local_files_only=local)
+            self.model = AutoModelForSequenceClassification.from_pretrained(src.path, revision=revision,
+                                                                            local_files_only=local)
+        except (OSError, ValueError) as e:
+            raise DpokitError(f"cannot load judge model {model!r}: {str(e).splitlines()[0]}") from None
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.to(resolve_device(device)).eval()
+        self.label = self._label_index(label)
+        self.batch_size, self.max_length, self.on = batch_size, max_length, on
+        judged_text("", "", on)
+
+    def _label_index(self, label: str | int | None) -> int | None:
+        n = self.model.config.num_labels
+        if n == 1:
+            return None
+        names = {str(v).lower(): int(k) for k, v in self.model.config.id2label.items()}
+        if label is None:  # a sentiment classifier: its positive label, else the last one
+            return next((i for name, i in names.items() if name.startswith("pos")), n - 1)
+        if isinstance(label, int) or str(label).isdigit():
+            index = int(label)
+            if not 0 <= index < n:
+                raise ConfigError(f"judge label {index} is out of range: the model has {n} labels")
+            return index
+        if str(label).lower() not in names:
+            raise ConfigError(f"judge label {label!r} is not one of the model's labels: {', '.join(names)}")
+        return names[str(label).lower()]
+
+    def text(self, prompt: Prompt, completion: str) -> str:
+        if isinstance(prompt, list):
+            messages = prompt + [{"role": "assistant", "content": completion}]
+            if getattr(self.tokenizer, "chat_template", None):
+                return self.tokenizer.apply_chat_template(messages, tokenize=False)
+            return prompt_text(messages) if self.on == "text" else completion
+        return judged_text(prompt, completion, self.on)
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+        texts = [self.text(p, c) for p, c in zip(prompts, completions)]
+        device = next(self.model.parameters()).device
+        out: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="pt").to(device)
+            logits = self.model(**enc).logits.float()
+            if self.label is None:
+                out += logits[:, 0].tolist()
+            else:
+                out += logits.softmax(-1)[:, self.label].tolist()
+        return out
+
+
+class WordLength:
+    """Completion length in words (`unit=words`) or characters; with `target`, -|length - target|."""
+
+    name = "length"
+
+    def __init__(self, unit: str = "words", target: float | None = None):
+        if unit not in ("words", "chars"):
+            raise ConfigError(f"length judge: unit must be words or chars; got {unit!r}")
+        self.unit, self.target = unit, target
+
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+        lengths = [float(len(c.split()) if self.unit == "words" else len(c)) for c in completions]
+        return lengths if self.target is None else [-abs(n - float(self.target)) for n in lengths]
+
+
+class KeywordCount:
+    """Whole-word, case-insensitive occurrences of `words` (a list or comma-separated) in the completion,
+    each weighted by `weight` (negative to penalise)."""
+
+    name = "keywords"
+
+    def __init__(self, words: str | list[str] = (), weight: float = 1.0):
+        items = [w.strip() for w in (words.split(",") if isinstance(words, str) else words) if str(w).strip()]
+        if not items:
+            raise ConfigError("keywords judge needs words=... (comma-separated)")
+        self.pattern = re.compile(r"\b(" + "|".join(re.escape(str(w)) for w in items) + r")\b", re.IGNORECASE)
+        self.weight = float(weight)
+
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+        return [self.weight * len(self.pattern.findall(c)) for c in completions]
+
+
+class CallableJudge:
+    """A user function as a judge: `fn(prompt, completion) -> float`, or `fn(prompts, completions) -> list`
+    when marked `fn.batched = True`."""
+
+    def __init__(self, fn: Callable, name: str):
+        self.fn, self.name = fn, name
+        self.batched = bool(getattr(fn, "batched", False))
+
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+        scores = (self.fn(list(prompts), list(completions)) if self.batched
+                  else [self.fn(p, c) for p, c in zip(prompts, completions)])
+        out = [float(s) for s in scores]
+        if len(out) != len(completions):
+            raise DpokitError(f"judge {self.name} returned {len(out)} scores for {len(completions)} completions")
+        return out
+
+
+def _sentiment(model: str | None = None, **options) -> Judge:
+    return VaderSentiment(**options) if model is None else SequenceClassifier(model, **options)
+
+
+def _reward_model(model: str | None = None, **options) -> Judge:
+    if model is None:
+        raise ConfigError("the reward-model judge needs a model: --judge-model PATH_OR_HUB_ID")
+    return SequenceClassifier(model, **options)
+
+
+JUDGES: dict[str, Callable[..., Judge]] = {
+    "sentiment": _sentiment,
+    "reward-model": _reward_model,
+    "length": WordLength,
+    "keywords": KeywordCount,
+}
+
+
+def build_judge(spec: str, *, model: str | None = None, options: dict[str, Any] | None = None) -> Judge:
+    """A judge by name (`sentiment`, `reward-model`, `length`, `keywords`) or a `module:function` spec."""
+    options = dict(options or {})
+    if spec in JUDGES:
+        if model is not None and spec not in ("sentiment", "reward-model"):
+            raise ConfigError(f"--judge-model does not apply to the {spec} judge")
+        kwargs = dict(options, model=model) if spec in ("sentiment", "reward-model") else options
+        try:
+            judge = JUDGES[spec](**kwargs)
+        except TypeError as e:
+            raise ConfigError(f"judge {spec}: {e}") from None
+        if spec == "sentiment" and model is not None:
+            judge.name = "sentiment"
+        return judge
+    if ":" not in spec:
+        match = difflib.get_close_matches(spec, list(JUDGES), n=1, cutoff=0.5)
+        hint = f" (did you mean '{match[0]}'?)" if match else ""
+        raise ConfigError(f"unknown judge {spec!r}{hint}: use one of {', '.join(JUDGES)} or module:function")
+    if model is not None or options:
+        raise ConfigError("--judge-model and --judge-option apply to the built-in judges, not to module:function")
+    target = load_callable(spec)
+    if isinstance(target, type):
+        target = target()
+    if callable(getattr(target, "score", None)):  # an object that is a judge already
+        if not isinstance(getattr(target, "name", None), str):
+            target.name = spec
+        return target
+    if not callable(target):
+        raise ConfigError(f"{spec} is not callable")
+    return CallableJudge(target, spec)
+
+
+def load_callable(spec: str) -> Any:
+    """`package.module:attr` (importable, or found from the current directory) or `path/to/file.py:attr`."""
+    module_name, _, attr = spec.rpartition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"judge {spec!r} must look like module:function")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"judge file not found: {path}")
+            loader = importlib.util.spec_from_file_location(f"dpokit_judge_{path.stem}", path)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as e:
+                if e.name != module_name.split(".")[0] or "" in sys.path:
+                    raise
+                sys.path.insert(0, "")  # a module in the working directory, as `python -m` would see it
+                try:
+                    module = importlib.import_module(module_name)
+                finally:
+                    sys.path.remove("")
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"judge {spec!r}: cannot import {e.name}") from None
+    if not hasattr(module, attr):
+        raise ConfigError(f"judge {spec!r}: {module_name} has no attribute {attr!r}")
+    return getattr(module, attr)
+
+
+def score_rows(judge: Judge, rows: Sequence[dict], *, batch_size: int = 256) -> list[list[float]]:
+    """Scores of every completion of every sample row (rows hold `prompt` and `completions`)."""
+    flat = [(r["prompt"], c) for r in rows for c in r["completions"]]
+    scores: list[float] = []
+    for start in range(0, len(flat), batch_size):
+        chunk = flat[start:start + batch_size]
+        scores += judge.score([p for p, _ in chunk], [c for _, c in chunk])
+    bad = next((s for s in scores if not math.isfinite(s)), None)
+    if bad is not None:
+        raise DpokitError(f"judge {judge.name} returned a non-finite score ({bad})")
+    out, k = [], 0
+    for r in rows:
+        out.append(scores[k:k + len(r["completions"])])
+        k += len(r["completions"])
+    return out

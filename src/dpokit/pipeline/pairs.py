@@ -1,0 +1,144 @@
+"""`dpokit label`: scored completions of each prompt → preference pairs in the format `dpokit train` reads.
+
+    all-pairs       every two completions of a prompt, the higher-scored one chosen: n completions give
+                    n(n-1)/2 candidate pairs (the DPO paper's 4 samples → 6 pairs).
+    best-vs-worst   one pair per prompt: the highest-scored completion against the lowest.
+
+A candidate pair is dropped, and counted by reason, when a completion is empty (`empty`: the model
+stopped at once; `dpokit train` refuses empty completions), its two completions are the same text
+(`identical`), score the same (`tie`), or differ by less than `margin` (`below_margin`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from dpokit.errors import ConfigError, DataError
+from dpokit.pipeline.jsonl import read_jsonl, write_jsonl
+
+MODES = ("all-pairs", "best-vs-worst")
+
+
+@dataclass
+class PairCounts:
+    prompts: int = 0
+    candidates: int = 0
+    pairs: int = 0
+    dropped: dict[str, int] = field(default_factory=lambda: {"empty": 0, "identical": 0, "tie": 0, "below_margin": 0})
+
+    def add(self, other: PairCounts) -> None:
+        self.prompts += other.prompts
+        self.candidates += other.candidates
+        self.pairs += other.pairs
+        for k, v in other.dropped.items():
+            self.dropped[k] = self.dropped.get(k, 0) + v
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        dropped = sum(self.dropped.values())
+        reasons = ", ".join(f"{k}: {v}" for k, v in self.dropped.items() if v)
+        return (f"{self.pairs} pairs from {self.prompts} prompts ({self.candidates} candidates, {dropped} dropped"
+                + (f": {reasons})" if reasons else ")"))
+
+
+def preference_pairs(scores: Sequence[float], *, mode: str = "all-pairs", margin: float = 0.0,
+                     texts: Sequence[str] | None = None) -> tuple[list[tuple[int, int]], PairCounts]:
+    """(chosen, rejected) index pairs from one prompt's completion scores, and what was dropped and why."""
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    if margin < 0:
+        raise ConfigError(f"margin must be >= 0; got {margin}")
+    n = len(scores)
+    if mode == "all-pairs":
+        candidates = list(itertools.combinations(range(n), 2))
+    else:
+        candidates = []
+        if n >= 2:
+            best = max(range(n), key=lambda i: scores[i])
+            worst = min((i for i in range(n) if i != best), key=lambda i: scores[i])
+            candidates = [(best, worst)]
+    counts = PairCounts(prompts=1, candidates=len(candidates))
+    pairs = []
+    for i, j in candidates:
+        if texts is not None and not (texts[i].strip() and texts[j].strip()):
+            counts.dropped["empty"] += 1
+            continue
+        if i == j or (texts is not None and texts[i] == texts[j]):
+            counts.dropped["identical"] += 1
+            continue
+        gap = abs(scores[i] - scores[j])
+        if gap == 0:
+            counts.dropped["tie"] += 1
+        elif gap < margin:
+            counts.dropped["below_margin"] += 1
+        else:
+            pairs.append((i, j) if scores[i] > scores[j] else (j, i))
+    counts.pairs = len(pairs)
+    return pairs, counts
+
+
+def completion_as_record(prompt, completion: str):
+    """A completion in the dataset format matching its prompt: a string, or one assistant message."""
+    return [{"role": "assistant", "content": completion}] if isinstance(prompt, list) else completion
+
+
+def label_rows(rows: Sequence[dict], scores: Sequence[Sequence[float]], *, mode: str = "all-pairs",
+               margin: float = 0.0) -> tuple[list[dict], PairCounts]:
+    """Sample rows (prompt, completions) with their scores → training rows (prompt, chosen, rejected,
+    plus the two scores for inspection) and the counts."""
+    total = PairCounts()
+    out = []
+    for row, row_scores in zip(rows, scores):
+        completions = row["completions"]
+        pairs, counts = preference_pairs(row_scores, mode=mode, margin=margin, texts=completions)
+        total.add(counts)
+        for i, j in pairs:
+            out.append({"prompt": row["prompt"], "chosen": completion_as_record(row["prompt"], completions[i]),
+                        "rejected": completion_as_record(row["prompt"], completions[j]),
+                        "score_chosen": row_scores[i], "score_rejected": row_scores[j]})
+    return out, total
+
+
+@dataclass
+class LabelSummary:
+    pairs_path: Path
+    scored_path: Path | None
+    counts: PairCounts
+    mean_score: float
+
+
+def label_file(samples: str | Path, out: str | Path, judge=None, *, mode: str = "all-pairs", margin: float = 0.0,
+               scored_out: str | Path | None = None, batch_size: int = 256) -> LabelSummary:
+    """Score the completions of a `dpokit sample` file with `judge` (or use the `scores` its rows already
+    hold when `judge` is None) and write the preference pairs to `out`."""
+    from dpokit.pipeline.judges import score_rows
+
+    rows = read_jsonl(samples)
+    if not rows:
+        raise DataError(f"{samples}: no sample rows")
+    for i, r in enumerate(rows, 1):
+        if "prompt" not in r or not isinstance(r.get("completions"), list):
+            raise DataError(f"{samples}:{i}: a sample row needs 'prompt' and a list of 'completions'")
+    if judge is None:
+        missing = next((i for i, r in enumerate(rows, 1) if len(r.get("scores", [])) != len(r["completions"])), None)
+        if missing is not None:
+            raise DataError(f"{samples}:{missing}: no 'scores' for its completions; name a judge with --judge")
+        scores = [[float(s) for s in r["scores"]] for r in rows]
+    else:
+        scores = score_rows(judge, rows, batch_size=batch_size)
+    pairs, counts = label_rows(rows, scores, mode=mode, margin=margin)
+    write_jsonl(out, pairs)
+    meta = {"samples": str(samples), "judge": getattr(judge, "name", "scores in the samples"), "mode": mode,
+            "margin": margin, "counts": counts.to_json()}
+    Path(out).with_name(Path(out).name + ".meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    if scored_out is not None:
+        write_jsonl(scored_out, [{**r, "scores": s, "judge": getattr(judge, "name", r.get("judge"))}
+                                 for r, s in zip(rows, scores)])
+    flat = [s for row in scores for s in row]
+    return LabelSummary(Path(out), Path(scored_out) if scored_out else None, counts, sum(flat) / max(1, len(flat)))

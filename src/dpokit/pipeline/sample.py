@@ -1,0 +1,273 @@
+"""`dpokit sample`: N completions per prompt from any model, with each completion's log-prob.
+
+Generation is batched (prompts left-padded) and seeded per batch. A completion is the sampled token
+ids up to and including the first stop token (EOS), or `max_new_tokens` ids when none came: the cut
+sequence is exactly what was sampled, so summing its log-probs gives log π(y|x) of the truncated
+distribution, which is what the KL estimate of `evaluate` needs. Log-probs are recomputed on those ids
+with `dpokit.logps.CompletionLogProbs` (the trainer's own code) under the model's unmodified
+distribution, i.e. at temperature 1 and without top-p, whatever settings the samples were drawn with:
+
+    log π(y|x) = Σ_t log softmax(f(x, y_<t))[y_t]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from dpokit import models
+from dpokit.data.layouts import collate
+from dpokit.data.tokenize import TokenizedPair
+from dpokit.errors import ConfigError
+from dpokit.logps import CompletionLogProbs
+from dpokit.pipeline.jsonl import ResumableJsonl
+from dpokit.pipeline.prompts import TEMPLATES, Prompt, as_model_input, read_prompts
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    n: int = 4  # completions per prompt
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+    seed: int = 0
+    batch_size: int = 32  # sequences per generate call
+    template: str = "auto"  # chat template: auto | chat | none
+
+    def check(self) -> SamplingSettings:
+        if self.n < 1:
+            raise ConfigError(f"--n must be >= 1; got {self.n}")
+        if self.temperature < 0:
+            raise ConfigError(f"--temperature must be >= 0; got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top-p must be in (0, 1]; got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens must be >= 1; got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1; got {self.batch_size}")
+        if self.template not in TEMPLATES:
+            raise ConfigError(f"--template must be one of {', '.join(TEMPLATES)}; got {self.template!r}")
+        return self
+
+    @property
+    def exact(self) -> bool:
+        """Samples from the model's own distribution (what a KL estimate needs)."""
+        return self.temperature == 1.0 and self.top_p == 1.0
+
+
+@dataclass
+class Completion:
+    ids: tuple[int, ...]  # sampled ids, the stop token included when one was sampled
+    finished: bool  # ended with a stop token (else cut at max_new_tokens)
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """EOS of the tokenizer and of the model's generation config (chat models often list end-of-turn too)."""
+    ids = [tokenizer.eos_token_id]
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    ids += extra if isinstance(extra, list) else [extra]
+    return sorted({i for i in ids if i is not None})
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, top_p: float, max_new_tokens: int,
+             stop_ids: Sequence[int], pad_id: int, seed: int) -> list[Completion]:
+    """One sampled completion per row of `prompt_ids` (repeat a prompt to get several). Every logits
+    processor but temperature and top-p is switched off, so temperature 1 / top-p 1 samples from π itself."""
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, ids in enumerate(prompt_ids):  # left padding: every row's next token is at the same column
+        input_ids[i, width - len(ids):] = torch.tensor(list(ids))
+        attention_mask[i, width - len(ids):] = 1
+    greedy = temperature == 0
+    config = GenerationConfig(
+        do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
+        top_k=0 if not greedy else None, typical_p=1.0, min_p=None, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        min_new_tokens=0, max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids), pad_token_id=pad_id,
+        num_return_sequences=1, use_cache=True,
+    )
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                             generation_config=config)
+    stops = set(stop_ids)
+    completions = []
+    for row in out[:, width:].tolist():
+        end = next((i for i, t in enumerate(row) if t in stops), None)
+        completions.append(Completion(tuple(row if end is None else row[:end + 1]), end is not None))
+    return completions
+
+
+@torch.no_grad()
+def completion_logps(model, prompt_ids: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,
+                     pad_id: int, batch_size: int = 32) -> list[float]:
+    """log π(y_i | x_i) summed over the completion's tokens, for each (prompt_ids[i], completions[i]).
+
+    Runs `CompletionLogProbs` on padded batches; consecutive items with the same prompt go into one
+    `TokenizedPair` as its chosen and rejected sequences, so no sequence is computed twice."""
+    if not isinstance(model, CompletionLogProbs):
+        model = CompletionLogProbs(model)
+    model.eval()
+    device = next(model.parameters()).device
+    units: list[tuple[int, int | None]] = []  # (item, second item with the same prompt or None)
+    i = 0
+    while i < len(completions):
+        if i + 1 < len(completions) and tuple(prompt_ids[i]) == tuple(prompt_ids[i + 1]):
+            units.append((i, i + 1))
+            i += 2
+        else:
+            units.append((i, None))
+            i += 1
+    out = [math.nan] * len(completions)
+    per_batch = max(1, batch_size // 2)
+    for start in range(0, len(units), per_batch):
+        chunk = units[start:start + per_batch]
+        pairs = [TokenizedPair(tuple(prompt_ids[a]), tuple(completions[a]),
+                               tuple(completions[a if b is None else b]), "") for a, b in chunk]
+        logps = model(collate(pairs, list(range(len(pairs))), "padded", pad_id).to(device))
+        for (a, b), chosen, rejected in zip(chunk, logps.chosen.tolist(), logps.rejected.tolist()):
+            out[a] = chosen
+            if b is not None:
+                out[b] = rejected
+    return out
+
+
+class Sampler:
+    """A loaded model and tokenizer that turn prompts into sample rows."""
+
+    def __init__(self, model, tokenizer, settings: SamplingSettings):
+        self.model, self.tokenizer, self.settings = model, tokenizer, settings.check()
+        self.stop_ids = stop_token_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.scorer = CompletionLogProbs(model)
+
+    @classmethod
+    def load(cls, name: str, settings: SamplingSettings, *, device: str = "auto", dtype: str = "float32",
+             tokenizer_from: str | None = None) -> Sampler:
+        from dpokit.pipeline.runs import load_tokenizer_for
+
+        tokenizer = load_tokenizer_for(name, fallback=tokenizer_from)
+        model = models.load_model(name, dtype=models.DTYPES[dtype]).to(resolve_device(device)).eval()
+        return cls(model, tokenizer, settings)
+
+    def encode(self, prompt: Prompt) -> tuple[Prompt, list[int]]:
+        return as_model_input(prompt, self.tokenizer, self.settings.template)
+
+    def sample_ids(self, prompt_ids: Sequence[Sequence[int]], *, first_index: int = 0) -> list[list[Completion]]:
+        """`n` completions for each prompt (token ids); generate calls of at most `batch_size` sequences,
+        the one starting at prompt `first_index + k` seeded with `seed * 1_000_003 + first_index + k`."""
+        s = self.settings
+        rows = [(k, ids) for k, ids in enumerate(prompt_ids) for _ in range(s.n)]
+        done: list[Completion] = []
+        for start in range(0, len(rows), s.batch_size):
+            batch = rows[start:start + s.batch_size]
+            done += generate(self.model, [ids for _, ids in batch], temperature=s.temperature, top_p=s.top_p,
+                             max_new_tokens=s.max_new_tokens, stop_ids=self.stop_ids, pad_id=self.pad_id,
+                             seed=s.seed * 1_000_003 + first_index + batch[0][0])
+        return [done[k * s.n:(k + 1) * s.n] for k in range(len(prompt_ids))]
+
+    def logps(self, prompt_ids: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]) -> list[float]:
+        return completion_logps(self.scorer, prompt_ids, completions, pad_id=self.pad_id,
+                                batch_size=self.settings.batch_size)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        stops = set(self.stop_ids)
+        return self.tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True)
+
+    def draw(self, prompts: Sequence[Prompt], *, first_index: int = 0) -> list[PromptSamples]:
+        """`n` completions of each prompt with their token ids and log-probs under this model."""
+        encoded = [self.encode(p) for p in prompts]
+        per_prompt = self.sample_ids([ids for _, ids in encoded], first_index=first_index)
+        flat_prompts = [ids for (_, ids), cs in zip(encoded, per_prompt) for _ in cs]
+        logps = iter(self.logps(flat_prompts, [c.ids for cs in per_prompt for c in cs]))
+        return [PromptSamples(stored, tuple(ids), cs, [next(logps) for _ in cs], [self.decode(c.ids) for c in cs])
+                for (stored, ids), cs in zip(encoded, per_prompt)]
+
+    def sample(self, prompts: Sequence[Prompt], *, first_index: int = 0) -> list[dict]:
+        """Sample rows for `prompts`: prompt (as trained on later), completions, their log-probs under this
+        model, token counts and whether each ended with a stop token."""
+        return [s.row(first_index + k) for k, s in enumerate(self.draw(prompts, first_index=first_index))]
+
+
+@dataclass
+class PromptSamples:
+    prompt: Prompt  # as stored downstream (a conversation when the chat template was applied)
+    prompt_ids: tuple[int, ...]
+    completions: list[Completion]
+    logps: list[float]  # log π(y|x) under the sampling model
+    texts: list[str]
+
+    def row(self, index: int) -> dict:
+        return {"index": index, "prompt": self.prompt, "completions": self.texts, "logps": self.logps,
+                "num_tokens": [len(c.ids) for c in self.completions], "finished": [c.finished for c in self.completions]}
+
+
+def prompts_fingerprint(prompts: Sequence[Prompt]) -> str:
+    return hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def sample_meta(model: str, prompts: Sequence[Prompt], settings: SamplingSettings) -> dict:
+    """What a sample file was made from; resuming with anything different is refused."""
+    return {"model": model, "prompts_sha256": prompts_fingerprint(prompts), "num_prompts": len(prompts),
+            **asdict(settings)}
+
+
+@dataclass
+class SampleSummary:
+    path: Path
+    prompts: int
+    resumed: int  # prompts an earlier attempt had finished
+    completions: int
+    finished_share: float  # share of completions that ended with a stop token
+    mean_logp: float
+
+
+def sample_file(model: str, prompts_path: str | Path, out: str | Path, settings: SamplingSettings, *,
+                overwrite: bool = False, device: str = "auto", dtype: str = "float32", progress: bool = True,
+                sampler: Sampler | None = None) -> SampleSummary:
+    """Sample every prompt of `prompts_path` into the JSONL `out`, one row per prompt, written as each
+    batch finishes; prompts a previous attempt finished are kept, not redone."""
+    from tqdm.auto import tqdm
+
+    settings.check()
+    prompts = read_prompts(prompts_path)
+    with ResumableJsonl(out, sample_meta(model, prompts, settings), overwrite=overwrite) as sink:
+        done = {row["index"]: row for row in sink.done}
+        todo = [i for i in range(len(prompts)) if i not in done]
+        if todo and sampler is None:
+            sampler = Sampler.load(model, settings, device=device, dtype=dtype)
+        per_call = max(1, settings.batch_size // settings.n)
+        with tqdm(total=len(prompts), initial=len(done), desc="sample", unit="prompt", disable=not progress,
+                  dynamic_ncols=True) as bar:
+            for start in range(0, len(todo), per_call):
+                chunk = todo[start:start + per_call]
+                # contiguous runs keep the per-batch seeds of an uninterrupted run
+                rows = sampler.sample([prompts[i] for i in chunk], first_index=chunk[0])
+                for i, row in zip(chunk, rows):
+                    row["index"] = i
+                    sink.append(row)
+                    done[i] = row
+                bar.update(len(chunk))
+    rows = [done[i] for i in range(len(prompts))]
+    finished = [f for r in rows for f in r["finished"]]
+    logps = [lp for r in rows for lp in r["logps"]]
+    return SampleSummary(Path(out), len(prompts), len(prompts) - len(todo), len(logps),
+                         sum(finished) / max(1, len(finished)), sum(logps) / max(1, len(logps)))

@@ -1,0 +1,210 @@
+"""Config errors are caught before anything loads, each as one exact line; the CLI exits 2 without a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dpokit.config import Config
+from dpokit.errors import ConfigError
+
+
+@pytest.fixture
+def data_file(tmp_path, monkeypatch) -> str:
+    """A valid one-pair file; the tests run in tmp_path so paths in messages are short and exact."""
+    monkeypatch.chdir(tmp_path)
+    Path("pairs.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n', encoding="utf-8")
+    return "pairs.jsonl"
+
+
+def load(*overrides: str, path: str | None = None) -> Config:
+    return Config.load(path, ["data.train=pairs.jsonl", *overrides])
+
+
+def error_of(*overrides: str, path: str | None = None) -> str:
+    with pytest.raises(ConfigError) as e:
+        load(*overrides, path=path)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+OVERRIDE_ERRORS = [
+    # unknown keys, with the key meant where one is close
+    (["train.lrr=1"], "override: unknown key 'train.lrr' (did you mean 'train.lr'?)"),
+    (["trian.lr=1"], "override: unknown key 'trian.lr' (did you mean 'train.lr'?)"),
+    (["train.batchsize=4"], "override: unknown key 'train.batchsize' (did you mean 'train.batch_size'?)"),
+    (["train.beta=0.1"], "override: unknown key 'train.beta' (did you mean 'objective.beta'?)"),
+    (["train.learning_rate=1e-5"], "override: unknown key 'train.learning_rate' (did you mean 'train.lr'?)"),
+    (["lr=1e-5"], "override: unknown key 'lr' (did you mean 'train.lr'?)"),
+    (["foo.bar=1"], "override: unknown key 'foo.bar'"),
+    (["train.lr"], "override 'train.lr' must look like section.key=value"),
+    # wrong types
+    (["train.batch_size=eight"], "override: train.batch_size must be an integer, got string 'eight'"),
+    (["train.batch_size=2.5"], "override: train.batch_size must be an integer, got number 2.5"),
+    (["train.epochs=true"], "override: train.epochs must be an integer, got boolean True"),
+    (["train.lr=fast"], "override: train.lr must be a number, got string 'fast'"),
+    (["train.compile=maybe"], "override: train.compile must be true or false, got string 'maybe'"),
+    (["train.adam_betas={a: 1}"], "override: train.adam_betas must be a list, got mapping {'a': 1}"),
+    (["lora.target_modules=[1, 2]"], "override: lora.target_modules must be a string, got integer 1"),
+    # non-finite numbers pass every range check, so they are refused by type
+    (["train.lr=nan"], "override: train.lr must be a finite number, got 'nan'"),
+    (["objective.beta=.nan"], "override: objective.beta must be a finite number, got nan"),
+    (["train.max_grad_norm=.inf"], "override: train.max_grad_norm must be a finite number, got inf"),
+    # out of range, β <= 0 included
+    (["objective.beta=0"], "objective.beta must be > 0; got 0"),
+    (["objective.beta=-0.1"], "objective.beta must be > 0; got -0.1"),
+    (["train.lr=0"], "train.lr must be > 0; got 0"),
+    (["train.batch_size=0"], "train.batch_size must be >= 1; got 0"),
+    (["train.max_grad_norm=-1"], "train.max_grad_norm must be >= 0; got -1"),
+    (["data.eval_fraction=0.9"], "data.eval_fraction must be <= 0.5; got 0.9"),
+    (["objective.label_smoothing=0.5"], "objective.label_smoothing must be <= 0.4999; got 0.5"),
+    (["lora.enabled=true", "lora.r=0"], "lora.r must be >= 1; got 0"),
+    (["train.adam_betas=[0.9, 1.5]"], "train.adam_betas must be two numbers in [0, 1), got [0.9, 1.5]"),
+    # choices
+    (["train.optimizer=sgd"], "train.optimizer must be one of adamw, rmsprop; got 'sgd'"),
+    (["train.precision=bf16_mixed"],
+     "train.precision must be one of auto, fp32, bf16-mixed, bf16; got 'bf16_mixed' (did you mean 'bf16-mixed'?)"),
+    (["reference.dtype=fp8"], "reference.dtype must be one of float32, bfloat16, float16; got 'fp8'"),
+    # a LoRA option without LoRA
+    (["lora.r=8"], "lora.r is set but LoRA is off: add lora.enabled=true or remove it"),
+    (["lora.target_modules=q_proj"], "lora.target_modules is set but LoRA is off: add lora.enabled=true or remove it"),
+    (["reference.strategy=adapters"], "reference.strategy=adapters needs LoRA (lora.enabled=true)"),
+    # settings that contradict each other
+    (["data.max_prompt_length=1024"], "data.max_prompt_length (1024) must be less than data.max_length (1024) to "
+                                      "leave room for the completion"),
+    (["train.batch_size=6"], "train.batch_size (6) must be a multiple of train.micro_batch_size (4)"),
+    (["data.eval=pairs.jsonl", "data.eval_fraction=0.1"], "data.eval and data.eval_fraction are both set; use one"),
+    (["objective.loss=ipo", "objective.label_smoothing=0.1"],
+     "objective.label_smoothing applies to sigmoid (cDPO) and robust, not ipo"),
+    (["objective.loss=simpo", "reference.strategy=copy"],
+     "objective.loss=simpo is reference-free; reference.strategy=copy does not apply"),
+    (["reference.strategy=none"],
+     "objective.loss=sigmoid needs a reference model; reference.strategy=none only fits simpo"),
+    # missing files and values
+    (["data.train=missing.jsonl"], "data.train: file not found: missing.jsonl"),
+    (["data.eval=./held_out.jsonl"], "data.eval: file not found: ./held_out.jsonl"),
+    (["data.train=null"], "data.train is required: a preference file, datasets directory or hub dataset name"),
+    (["model.name=./nowhere"], "model.name: not found: ./nowhere"),
+    (["model.name=weights.gguf"], "model.name: not found: weights.gguf"),
+    # never code
+    (["model.name=!!python/object/apply:os.system [touch pwned]"],
+     "override: model.name: the YAML tag '!!python/object/apply:os.system' is not allowed "
+     "(config values are plain data, never code)"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", OVERRIDE_ERRORS, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_override_errors(data_file, overrides, message):
+    assert error_of(*overrides) == message
+
+
+FILE_ERRORS = [
+    ("trian:\n  lr: 1.0e-5\n", "cfg.yaml: unknown section 'trian' (did you mean 'train'?)"),
+    ("train:\n  learning_rate: 1.0e-5\n", "cfg.yaml: unknown key 'train.learning_rate' (did you mean 'train.lr'?)"),
+    ("train: 5\n", "cfg.yaml: section 'train' must be a mapping, got integer"),
+    ("- train\n- data\n", "cfg.yaml: expected a mapping of sections, got list"),
+    ("model:\n  name: 123\n", "cfg.yaml: model.name must be a string, got integer 123"),
+    ("train:\n  epochs: two\n", "cfg.yaml: train.epochs must be an integer, got string 'two'"),
+    ("objective:\n  beta: 0\n", "objective.beta must be > 0; got 0"),
+    ("lora:\n  enabled: false\n  alpha: 8\n", "lora.alpha is set but LoRA is off: add lora.enabled=true or remove it"),
+    ("train:\n  lr: [1, 2\n", "cfg.yaml:3: not valid YAML: expected ',' or ']', but got '<stream end>'"),
+    ("train:\n  lr: 1\n   epochs: 2\n", "cfg.yaml:3: not valid YAML: mapping values are not allowed here"),
+    ("model:\n  name: !!python/object/apply:os.system ['touch pwned']\n",
+     "cfg.yaml:2: the YAML tag '!!python/object/apply:os.system' is not allowed (config values are plain data, "
+     "never code)"),
+    ("model:\n  name: !!python/name:os.system\n",
+     "cfg.yaml:2: the YAML tag '!!python/name:os.system' is not allowed (config values are plain data, never code)"),
+]
+
+
+@pytest.mark.parametrize("text, message", FILE_ERRORS, ids=[m.split(": ", 1)[-1][:40] for _, m in FILE_ERRORS])
+def test_config_file_errors(data_file, text, message):
+    Path("cfg.yaml").write_text(text, encoding="utf-8")
+    assert error_of(path="cfg.yaml") == message
+    assert not Path("pwned").exists()
+
+
+def test_unreadable_config_files(data_file):
+    assert error_of(path="missing.yaml") == "config file not found: missing.yaml"
+    Path("configs").mkdir()
+    assert error_of(path="configs") == "configs: is a directory, not a config file"
+    Path("latin1.yaml").write_bytes(b"model:\n  name: caf\xe9\n")
+    assert error_of(path="latin1.yaml") == "latin1.yaml:2: not valid UTF-8 (byte 12 of the line)"
+
+
+def test_valid_values_are_coerced(data_file):
+    cfg = load("train.lr=1e-5", "train.epochs=2.0", "objective.beta=1", "model.revision=1234567", "output.dir=2024",
+               "lora.enabled=true", "lora.target_modules=q_proj", "reference.dtype=null")
+    assert cfg.train.lr == 1e-5 and isinstance(cfg.train.lr, float)
+    assert cfg.train.epochs == 2 and isinstance(cfg.train.epochs, int)
+    assert cfg.objective.beta == 1.0
+    assert cfg.model.revision == "1234567" and cfg.output.dir == "2024"  # the text, not the number YAML reads
+    assert cfg.lora.target_modules == ["q_proj"] and cfg.reference.dtype is None
+
+
+def test_defaults_and_file_then_overrides(data_file):
+    Path("cfg.yaml").write_text("train:\n  lr: 1.0e-4\n  epochs: 3\nobjective:\n  beta: 0.2\n", encoding="utf-8")
+    cfg = Config.load("cfg.yaml", ["data.train=pairs.jsonl", "train.epochs=1"])
+    assert (cfg.train.lr, cfg.train.epochs, cfg.objective.beta) == (1e-4, 1, 0.2)
+    assert cfg.model.trust_remote_code is False and cfg.lora.enabled is False
+    assert {"train.lr", "train.epochs", "objective.beta", "data.train"} <= cfg.explicit
+
+
+def test_a_saved_full_config_loads_again(data_file):
+    """A run writes every key to config.yaml, LoRA options at their defaults included: that file is valid input."""
+    Path("saved.yaml").write_text(yaml.safe_dump(load().to_dict(), sort_keys=False), encoding="utf-8")
+    assert Config.load("saved.yaml").to_dict() == load().to_dict()
+
+
+# ------------------------------------------------------------------------------------------- through the CLI
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    from dpokit import models
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded before the config was checked")
+
+    for name in ("load_model", "load_tokenizer", "model_dir", "converted_gguf"):
+        monkeypatch.setattr(models, name, fail)
+
+
+CLI_CASES = [
+    (["train.lrr=1"], "error: override: unknown key 'train.lrr' (did you mean 'train.lr'?)"),
+    (["train.batch_size=eight"], "error: override: train.batch_size must be an integer, got string 'eight'"),
+    (["data.eval_fraction=0.9"], "error: data.eval_fraction must be <= 0.5; got 0.9"),
+    (["objective.beta=0"], "error: objective.beta must be > 0; got 0"),
+    (["lora.r=8"], "error: lora.r is set but LoRA is off: add lora.enabled=true or remove it"),
+    (["data.train=missing.jsonl"], "error: data.train: file not found: missing.jsonl"),
+]
+
+
+@pytest.mark.parametrize("overrides, line", CLI_CASES, ids=[c[0][0] for c in CLI_CASES])
+def test_cli_exits_2_with_one_line(data_file, no_model_loads, capsys, overrides, line):
+    from dpokit.cli import main
+
+    Path("cfg.yaml").write_text("data:\n  train: pairs.jsonl\ntrain:\n  max_steps: 1\n", encoding="utf-8")
+    assert main(["train", "cfg.yaml", *overrides]) == 2
+    out, err = capsys.readouterr()
+    assert err == line + "\n" and out == ""
+    assert "Traceback" not in err
+
+
+def test_cli_config_file_errors(data_file, no_model_loads, capsys):
+    from dpokit.cli import main
+
+    assert main(["train", "missing.yaml"]) == 2
+    assert capsys.readouterr().err == "error: config file not found: missing.yaml\n"
+    Path("bad.yaml").write_text("objective:\n  beta: -1\n", encoding="utf-8")
+    assert main(["train", "bad.yaml", "data.train=pairs.jsonl"]) == 2
+    assert capsys.readouterr().err == "error: objective.beta must be > 0; got -1\n"
+    # overrides alone, no file
+    assert main(["train", "data.train=pairs.jsonl", "objective.beta=-1"]) == 2
+    assert capsys.readouterr().err == "error: objective.beta must be > 0; got -1\n"
+    assert main(["train"]) == 2
+    assert capsys.readouterr().err == ("error: data.train is required: a preference file, datasets directory or hub "
+                                       "dataset name\n")

@@ -1,0 +1,103 @@
+"""torchrun with 2 CPU processes (gloo): the same losses and weights as 1 process with the same global batch,
+for DDP and FSDP2, full fine-tuning and LoRA; resume in the 2-rank run; the CLI under torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from dpokit.config import Config
+from dpokit.metrics import read_metrics
+from dpokit.train import train
+
+from .conftest import PAIRS, write_jsonl
+
+CASES = {
+    "ddp-full": ["distributed.strategy=ddp"],
+    "ddp-lora": ["distributed.strategy=ddp", "lora.enabled=true", "lora.r=4", "train.lr=5e-3"],
+    "fsdp-full": ["distributed.strategy=fsdp"],
+    "fsdp-lora": ["distributed.strategy=fsdp", "lora.enabled=true", "lora.r=4", "train.lr=5e-3"],
+}
+
+
+def torchrun(*args, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("dist")
+    data = write_jsonl(root / "pairs.jsonl", [{"prompt": p, "chosen": " " + c, "rejected": " " + r}
+                                              for p, c, r in PAIRS * 2])
+
+    def overrides(name, *extra):
+        return [f"model.name={tiny_model_dir}", f"data.train={data}", f"output.dir={root / name}",
+                "train.batch_size=4", "train.micro_batch_size=2", "train.lr=1e-3", "train.max_steps=4",
+                "train.epochs=2", "checkpoint.every=2", "output.tensorboard=false", "output.overwrite=true",
+                f"reference.cache_dir={root / 'refcache'}", *extra]
+
+    runs = {f"{name}-2rank": overrides(f"{name}-2rank", *extra) for name, extra in CASES.items()}
+    runs["ddp-full-2rank-crash"] = overrides("ddp-full-2rank-crash", *CASES["ddp-full"])
+    runs["fsdp-lora-2rank-crash"] = overrides("fsdp-lora-2rank-crash", *CASES["fsdp-lora"])
+    spec = root / "runs.json"
+    spec.write_text(json.dumps(runs))
+    torchrun(str(Path(__file__).with_name("distributed_worker.py")), str(spec))
+    return root, overrides
+
+
+def weights(run_dir: Path) -> dict:
+    model = run_dir / "model"
+    name = "adapter_model.safetensors" if (model / "adapter_config.json").exists() else "model.safetensors"
+    return load_file(str(model / name))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_ranks_match_one_rank(setup, name):
+    root, overrides = setup
+    one = train(Config.load(None, overrides(f"{name}-1rank", *CASES[name])))
+    two = root / f"{name}-2rank"
+    losses_1 = [r["loss"] for r in read_metrics(one.run_dir) if "loss" in r]
+    losses_2 = [r["loss"] for r in read_metrics(two) if "loss" in r]
+    assert len(losses_2) == 4
+    assert losses_2 == pytest.approx(losses_1, abs=1e-5)
+    margins = [r["rewards/margins"] for r in read_metrics(two) if "loss" in r]
+    assert abs(margins[-1]) > 1e-4  # the runs moved away from the reference
+    w1, w2 = weights(one.run_dir), weights(two)
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-5), k
+
+
+@pytest.mark.parametrize("name", ["ddp-full", "fsdp-lora"])
+def test_two_rank_run_resumes_exactly(setup, name):
+    root, _ = setup
+    straight, resumed = weights(root / f"{name}-2rank"), weights(root / f"{name}-2rank-crash")
+    for k in straight:
+        assert torch.allclose(straight[k], resumed[k], atol=1e-6), k
+    steps = [r["step"] for r in read_metrics(root / f"{name}-2rank-crash") if "loss" in r]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_cli_under_torchrun_with_precomputed_reference(setup, tmp_path):
+    """`torchrun -m dpokit train CONFIG` with no other change; the reference pass is split over ranks."""
+    root, overrides = setup
+    cfg = Config.load(None, overrides("cli", "reference.strategy=precomputed", f"reference.cache_dir={tmp_path}"))
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    proc = torchrun("-m", "dpokit", "train", str(path))
+    assert "2 process(es) on cpu" in proc.stdout
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1  # one cache for both ranks
+    two = [r["loss"] for r in read_metrics(root / "cli") if "loss" in r]
+    one = train(Config.load(None, overrides("cli-1rank", "reference.strategy=precomputed",
+                                            f"reference.cache_dir={tmp_path}")))
+    assert two == pytest.approx([r["loss"] for r in read_metrics(one.run_dir) if "loss" in r], abs=1e-5)

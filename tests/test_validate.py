@@ -1,0 +1,232 @@
+"""`dpokit validate`: the report on a preference dataset, and exit status 0 only when it would train as is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dpokit.data.tokenize import TokenizeSettings
+from dpokit.validate import validate_data
+
+CORPUS = Path(__file__).parent / "data" / "malformed"
+
+
+def write(path: Path, rows) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+ROWS = [
+    {"prompt": "What is 2+2?", "chosen": "2+2 is 4, because two and two make four.", "rejected": "5."},
+    {"prompt": "What is 2+2?", "chosen": "2+2 is 4, because two and two make four.", "rejected": "5."},  # duplicate
+    {"prompt": "Name a color.", "chosen": "Blue.", "rejected": "I will not answer that question."},
+    {"prompt": "Name a color.", "chosen": "I will not answer that question.", "rejected": "Blue."},  # swapped
+    {"prompt": "Hi", "chosen": "Hello!"},  # line 5: no rejected
+    {"prompt": "Hi", "chosen": "Same", "rejected": "Same"},  # line 6: identical
+    '{"prompt": "Hi", "chosen": "Hel',  # line 7: truncated
+]
+
+
+def test_report_counts_every_kind_of_problem(tmp_path, tokenizer):
+    path = write(tmp_path / "d.jsonl", ROWS)
+    r = validate_data(path, tokenizer, model="smol")
+    assert (r.rows_read, r.valid, r.invalid) == (7, 4, 3)
+    assert r.invalid_by_reason == {"identical": 1, "missing_field": 1, "unparsable": 1}
+    assert [str(p) for p in r.problems] == [f"{path}:5: missing field 'rejected'",
+                                            f"{path}:6: chosen and rejected are identical",
+                                            f"{path}:7: invalid JSON: Unterminated string starting at: column 28"]
+    assert r.identical == 1
+    assert r.duplicates == [(f"{path}:2", f"{path}:1")]
+    assert r.contradictory == [(f"{path}:4", f"{path}:3")]
+    assert r.over_max_length == [] and r.error is None
+    assert not r.ok  # training would stop at line 5
+    assert r.verdict() == (f"NOT OK: 3 invalid rows; training stops at the first ({path}:5) unless "
+                           "data.skip_invalid=true (--skip-invalid here)")
+    skipping = validate_data(path, tokenizer, skip_invalid=True)
+    assert skipping.ok and skipping.verdict() == "OK: the data would train as is (4 pairs, skipping 3 invalid rows)"
+
+
+def test_length_statistics(tmp_path, tokenizer):
+    path = write(tmp_path / "d.jsonl", ROWS[:4])
+    lengths = validate_data(path, tokenizer).lengths
+
+    def n(text):  # completion tokens as trained: the text's tokens and EOS
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+
+    long, short, refusal = n(ROWS[0]["chosen"]), n("5."), n("I will not answer that question.")
+    chosen, rejected = [long, long, n("Blue."), refusal], [short, short, refusal, n("Blue.")]
+    assert lengths["pairs"] == 4
+    assert lengths["chosen"] == {"mean": round(sum(chosen) / 4, 2), "median": sorted(chosen)[1] / 2 + sorted(chosen)[2] / 2,
+                                 "min": min(chosen), "max": max(chosen)}
+    assert lengths["rejected"]["max"] == refusal and lengths["rejected"]["min"] == short
+    assert (lengths["chosen_longer"], lengths["rejected_longer"], lengths["same_length"]) == (0.75, 0.25, 0.0)
+    assert lengths["mean_difference"] == round((sum(chosen) - sum(rejected)) / 4, 2)
+    assert lengths["prompt"]["max"] == len(tokenizer("What is 2+2?")["input_ids"])
+
+
+def test_length_bias_note(tmp_path, tokenizer):
+    rows = [{"prompt": f"Question {i}?", "chosen": f"A long and careful answer number {i}.", "rejected": "No."}
+            for i in range(10)]
+    note = "  note: chosen is the longer answer in 100% of pairs; DPO can learn to prefer longer answers instead of better ones"
+    assert note in validate_data(write(tmp_path / "a.jsonl", rows), tokenizer).render().splitlines()
+    few = validate_data(write(tmp_path / "b.jsonl", rows[:9]), tokenizer)
+    assert few.lengths["chosen_longer"] == 1.0 and "note:" not in few.render()  # too few pairs to say
+
+
+def test_rows_over_the_length_limits(tmp_path, tokenizer):
+    rows = [{"prompt": "one two three four five six seven eight nine ten", "chosen": "a b c", "rejected": "d"},
+            {"prompt": "Hi", "chosen": "one two three four five six seven eight nine ten eleven", "rejected": "No."},
+            {"prompt": "Hi", "chosen": "Yes.", "rejected": "No."}]
+    path = write(tmp_path / "d.jsonl", rows)
+    keep = validate_data(path, tokenizer, TokenizeSettings(max_length=8, max_prompt_length=4))
+    assert keep.over_max_length == [f"{path}:1", f"{path}:2"] and keep.over_max_prompt_length == [f"{path}:1"]
+    assert (keep.truncated_prompt, keep.truncated_completion) == (1, 1)  # row 1's prompt, row 2's completion
+    assert keep.ok and keep.valid == 3
+
+    strict = validate_data(path, tokenizer, TokenizeSettings(max_length=8, max_prompt_length=4, truncation_mode="error"))
+    assert strict.invalid_by_reason == {"prompt_too_long": 1, "too_long": 1}
+    assert [p.source for p in strict.problems] == [f"{path}:1", f"{path}:2"]
+    assert not strict.ok and strict.valid == 1
+    # the statistics describe the data before truncation
+    assert strict.lengths["prompt"]["max"] == keep.lengths["prompt"]["max"] == 10
+
+
+def test_conversational_rows_use_the_chat_template(tmp_path, tokenizer):
+    rows = [{"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4."}],
+             "rejected": [{"role": "assistant", "content": "5, I think."}]}]
+    r = validate_data(write(tmp_path / "c.jsonl", rows), tokenizer)
+    prompt = tokenizer.apply_chat_template(rows[0]["prompt"], tokenize=False, add_generation_prompt=True)
+    assert r.ok and r.lengths["prompt"]["max"] == len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert r.lengths["chosen"]["max"] == len(tokenizer("4.<|im_end|>", add_special_tokens=False)["input_ids"])
+
+
+@pytest.mark.parametrize("name, error", [
+    ("jsonl/empty.jsonl", "the file is empty"),
+    ("json/truncated_array.json", "invalid JSON: Unterminated string starting at: column 30"),
+    ("not_a_dataset", "is a directory, not a preference file or a datasets dataset"),
+])
+def test_a_source_that_cannot_be_read_is_an_error(tokenizer, name, error):
+    path = str(CORPUS / name)
+    r = validate_data(path, tokenizer)
+    assert r.error is not None and r.error.endswith(error) and r.error.startswith(path)
+    assert not r.ok and r.to_json()["ok"] is False
+    assert r.render().splitlines()[-1] == f"NOT OK: {r.error}"
+
+
+def test_all_rows_invalid_is_not_ok_even_when_skipping(tokenizer):
+    r = validate_data(str(CORPUS / "parquet/number_columns.parquet"), tokenizer, skip_invalid=True)
+    assert (r.rows_read, r.valid, r.invalid_by_reason) == (2, 0, {"wrong_type": 2})
+    assert not r.ok and r.verdict() == "NOT OK: no valid pairs" and r.lengths is None
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+@pytest.fixture
+def smol_tokenizer(monkeypatch, tokenizer):
+    """`dpokit validate` loads the default model's tokenizer: hand it the session's copy, and check the name."""
+    from dpokit import models
+
+    asked = []
+
+    def load_tokenizer(name, **kwargs):
+        asked.append((name, kwargs.get("trust_remote_code")))
+        return tokenizer
+
+    monkeypatch.setattr(models, "load_tokenizer", load_tokenizer)
+    return asked
+
+
+def test_cli_exit_0_on_data_that_trains(tmp_path, smol_tokenizer, capsys):
+    from dpokit.cli import main
+
+    path = write(tmp_path / "d.jsonl", ROWS[:1] + ROWS[2:3])
+    assert main(["validate", path]) == 0
+    out = capsys.readouterr().out
+    assert smol_tokenizer == [("smollm2-135m-instruct", False)]
+    lines = out.splitlines()
+    assert lines[0] == path
+    assert lines[1] == "tokenizer smollm2-135m-instruct; max_length=1024, max_prompt_length=512, truncation_mode=keep_end"
+    assert lines[2] == "rows read: 2   valid: 2   invalid: 0"
+    assert "duplicates: 0" in lines and "over max_length: 0" in lines
+    assert any(line.startswith("  chosen longer in 50.0% of pairs") for line in lines)
+    assert lines[-1] == "OK: the data would train as is (2 pairs)"
+
+
+def test_cli_exit_1_with_problems_by_file_and_line(tmp_path, smol_tokenizer, capsys):
+    from dpokit.cli import main
+
+    path = write(tmp_path / "d.jsonl", ROWS)
+    assert main(["validate", path, "--show", "2"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert "  identical: 1" in lines and "  missing_field: 1" in lines and "  unparsable: 1" in lines
+    assert f"    {path}:5: missing field 'rejected'" in lines
+    assert "    ... and 1 more (--show N, or --json for all)" in lines
+    assert f"duplicates: 1 ({path}:2 repeats {path}:1)" in lines
+    assert lines[-1].startswith("NOT OK: 3 invalid rows")
+    assert main(["validate", path, "--skip-invalid"]) == 0
+    capsys.readouterr()
+
+
+def test_cli_json(tmp_path, smol_tokenizer, capsys):
+    from dpokit.cli import main
+
+    path = write(tmp_path / "d.jsonl", ROWS)
+    # rows 1 and 2 are 7 + 15 tokens: over 12, with prompts within 8; rows 3 and 4 are 4 + 8 tokens
+    assert main(["validate", path, "--json", "--max-length", "12", "--max-prompt-length", "8",
+                 "--truncation-mode", "error"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["settings"] == {"max_length": 12, "max_prompt_length": 8, "truncation_mode": "error",
+                                  "skip_invalid": False}
+    assert (report["rows_read"], report["valid"], report["invalid"], report["identical"]) == (7, 2, 5, 1)
+    assert report["invalid_by_reason"] == {"too_long": 2, "identical": 1, "missing_field": 1, "unparsable": 1}
+    assert {"source": f"{path}:5", "reason": "missing_field", "detail": "missing field 'rejected'"} in report["problems"]
+    assert report["duplicates"] == [{"row": f"{path}:2", "repeats": f"{path}:1"}]
+    assert report["contradictory"] == [{"row": f"{path}:4", "swaps": f"{path}:3"}]
+    assert report["ok"] is False and report["error"] is None
+    assert set(report["lengths"]) == {"pairs", "prompt", "chosen", "rejected", "chosen_longer", "rejected_longer",
+                                      "same_length", "mean_difference"}
+
+
+def test_cli_on_the_malformed_corpus(smol_tokenizer, capsys):
+    from dpokit.cli import main
+
+    path = str(CORPUS / "jsonl/unknown_role.jsonl")
+    assert main(["validate", path, "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["problems"] == [{"source": f"{path}:2", "reason": "unknown_role", "detail":
+                                   "'chosen': message 0 has role 'bot'; expected one of system, user, assistant, tool"}]
+    path = str(CORPUS / "jsonl/empty.jsonl")
+    assert main(["validate", path]) == 1
+    assert capsys.readouterr().out.splitlines()[-2:] == [f"error: {path}: the file is empty",
+                                                         f"NOT OK: {path}: the file is empty"]
+
+
+@pytest.mark.parametrize("args, line", [
+    (["missing.jsonl"], "error: data.train: file not found: missing.jsonl"),
+    (["d.jsonl", "--max-length", "100", "--max-prompt-length", "100"],
+     "error: data.max_prompt_length (100) must be less than data.max_length (100) to leave room for the completion"),
+    (["d.jsonl", "--max-length", "1"], "error: data.max_length must be >= 2; got 1"),
+    (["d.jsonl", "--model", "./no-such-model"], "error: model.name: not found: ./no-such-model"),
+])
+def test_cli_exit_2_when_the_check_cannot_run(tmp_path, monkeypatch, capsys, args, line):
+    from dpokit import models
+    from dpokit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "d.jsonl", ROWS[:1])
+    monkeypatch.setattr(models, "load_tokenizer", lambda *a, **k: pytest.fail("loaded a tokenizer"))
+    assert main(["validate", *args]) == 2
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", line + "\n")
+
+
+def test_cli_with_the_real_default_tokenizer(tmp_path, smol_dir, capsys):
+    from dpokit.cli import main
+
+    path = write(tmp_path / "d.jsonl", ROWS[:1])
+    assert main(["validate", path, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == "smollm2-135m-instruct" and report["valid"] == 1 and report["ok"] is True
