@@ -108,6 +108,8 @@ class TrainSection:
                       choices=("padded", "packed", "prefix_shared"))
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
     compile: bool = opt(False, "torch.compile the decoder layers")
+    lm_head: str = opt("selective", "selective: LM head only where a completion token is predicted, in chunks; "
+                       "full: all logits (the plain path, for comparison)", choices=("selective", "full"))
     logps_chunk_tokens: int = opt(1024, "completion tokens per LM-head chunk (bounds the logits memory)", min=1)
     seed: int = opt(42, "seed for data order and initialisation")
     eval_every: int = opt(0, "evaluate on held-out pairs every N steps (0: before and after training only)", min=0)

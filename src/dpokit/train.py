@@ -264,7 +264,7 @@ class Trainer:
             base = models.load_model(cfg.model.name, **load)
         models.disable_dropout(base)
         models.use_layout(base, t.layout)
-        wrap = lambda m: CompletionLogProbs(m, lm_head="selective", chunk_tokens=t.logps_chunk_tokens)  # noqa: E731
+        wrap = lambda m: CompletionLogProbs(m, lm_head=t.lm_head, chunk_tokens=t.logps_chunk_tokens)  # noqa: E731
 
         if cfg.lora.enabled:
             from peft import PeftModel
