@@ -147,14 +147,11 @@ class Trainer:
         start = time.perf_counter()
         self.model.train()
         stats = PairMetrics(self.rt.device)
-        micro_batches = self._micro_batches(pair_ids, self.data.train)
+        micro_batches = self._micro_batches(pair_ids)
         scale = self.rt.world / len(pair_ids)  # DDP/FSDP average over ranks: this makes it a mean over pairs
         for i, (ids, weight) in enumerate(micro_batches):
-            batch = collate([self.data.train[j] for j in ids], ids, self.cfg.train.layout,
-                            self.tokenizer.pad_token_id).to(self.rt.device)
             with self.rt.no_sync(self.model, i == len(micro_batches) - 1), self.autocast():
-                policy = self.model(batch)
-                out = self.objective(policy, self.reference.logps(batch, "train"))
+                batch, policy, out = self._forward(ids, "train")
                 (out.losses.sum() * scale * weight).backward()
             if weight:
                 stats.add(out, policy, batch.num_tokens)
@@ -180,18 +177,22 @@ class Trainer:
         """Mean pair metrics over all held-out pairs."""
         self.model.eval()
         stats = PairMetrics(self.rt.device)
-        ids = list(range(len(self.data.eval)))
-        for batch_ids, weight in self._micro_batches(ids, self.data.eval):
-            batch = collate([self.data.eval[j] for j in batch_ids], batch_ids, self.cfg.train.layout,
-                            self.tokenizer.pad_token_id).to(self.rt.device)
+        for ids, weight in self._micro_batches(list(range(len(self.data.eval)))):
             with self.autocast():
-                policy = self.model(batch)
-                out = self.objective(policy, self.reference.logps(batch, "eval"))
+                batch, policy, out = self._forward(ids, "eval")
             if weight:
                 stats.add(out, policy, batch.num_tokens)
         result = stats.result(self.rt)
         del result["tokens"]
         return result
+
+    def _forward(self, ids: list[int], split: str):
+        """Policy and reference log-probs of pairs `ids` of `split`, and the objective on them."""
+        pairs = self.data.train if split == "train" else self.data.eval
+        batch = collate([pairs[j] for j in ids], ids, self.cfg.train.layout, self.tokenizer.pad_token_id)
+        batch = batch.to(self.rt.device)
+        policy = self.model(batch)
+        return batch, policy, self.objective(policy, self.reference.logps(batch, split))
 
     # ----------------------------------------------------------------------------------- data order
 
@@ -203,7 +204,7 @@ class Trainer:
         b = self.cfg.train.batch_size
         return order[k * b:(k + 1) * b]
 
-    def _micro_batches(self, ids: list[int], pairs) -> list[tuple[list[int], float]]:
+    def _micro_batches(self, ids: list[int]) -> list[tuple[list[int], float]]:
         """This rank's share of `ids` in micro-batches. Every rank gets the same number of micro-batches
         (collectives must match), padding with a repeated pair of weight 0 where its share is short."""
         mb = self.cfg.train.micro_batch_size
