@@ -1,6 +1,7 @@
 """The training loop end to end on a tiny model: metrics, export, reference strategies, exact resume."""
 
 import json
+import math
 import os
 import signal
 
@@ -143,3 +144,17 @@ def test_lora_run_exports_adapter_or_merged_model(tiny_config, tmp_path):
                                f"output.dir={tmp_path / 'm'}"))
     assert not (merged.model_dir / "adapter_config.json").exists()
     AutoModelForCausalLM.from_pretrained(merged.model_dir)
+
+
+@pytest.mark.parametrize("overrides", [
+    ("train.precision=bf16-mixed",),
+    ("train.precision=bf16",),
+    ("reference.dtype=bfloat16", "train.optimizer=rmsprop"),
+], ids=["bf16-mixed", "bf16-weights", "bf16-reference-rmsprop"])
+def test_precisions_and_optimizers_train(tiny_config, tmp_path, overrides):
+    rows = step_metrics(tiny_config(*overrides, "train.max_steps=3", "train.lr=1e-2"))
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+    assert rows[-1]["rewards/margins"] != 0.0
+    saved = weights(tmp_path / "run" / "model")
+    expected = torch.bfloat16 if "train.precision=bf16" in overrides else torch.float32
+    assert next(iter(saved.values())).dtype == expected
