@@ -5,8 +5,8 @@ Mistral, Gemma, GPT-2, ...) calls this function with its projected queries, keys
 batch's `Segments` arrive as a keyword argument, so gradient checkpointing replays them too. Each
 query span attends causally, aligned bottom-right, to its keys: for plain packing the span itself,
 for prefix sharing the prompt followed by the rejected span. On CUDA with flash-attn installed this is
-one variable-length kernel call (its causal mask is bottom-right aligned); elsewhere one SDPA call per
-span, so no row-wide mask is ever built.
+one variable-length kernel call in bf16/fp16 (its causal mask is bottom-right aligned); elsewhere one
+SDPA call per span, so no row-wide mask is ever built.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
         raise NotImplementedError(f"a packed sequence of {segments.max_k} tokens exceeds the model's sliding window "
                                   f"({window}); use train.layout=padded")
     dropout = dropout if module.training else 0.0
-    if query.is_cuda and flash_attn_varlen_func is not None:
+    if query.is_cuda and flash_attn_varlen_func is not None and query.dtype in (torch.float16, torch.bfloat16):
         return _flash_varlen(query, key, value, segments, dropout, scaling), None
 
     groups = query.shape[1] // key.shape[1]
