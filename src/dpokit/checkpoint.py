@@ -29,13 +29,15 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 
 def latest(run_dir: Path) -> Path | None:
-    found = checkpoints(run_dir)
+    """The newest checkpoint a run can resume from (older ones may keep only their model)."""
+    found = [c for c in checkpoints(run_dir) if (c / "trainer_state.pt").is_file()]
     return found[-1] if found else None
 
 
 def save(run_dir: Path, step: int, *, save_model: Callable[[Path], None], optimizer: dict, scheduler: dict,
-         trainer: dict, keep: int) -> Path:
-    """Write checkpoint `step` atomically, then keep only the newest `keep`."""
+         trainer: dict, keep: int, keep_models: int = 0) -> Path:
+    """Write checkpoint `step` atomically; then keep the newest `keep` whole, and the model only (no
+    optimizer or trainer state) of the `keep_models` before them, for evaluation along the run."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:07d}"
@@ -51,8 +53,13 @@ def save(run_dir: Path, step: int, *, save_model: Callable[[Path], None], optimi
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)
-    for old in checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    older = checkpoints(run_dir)[:-keep]
+    for i, old in enumerate(reversed(older)):
+        if i < keep_models:
+            for name in ("trainer_state.pt", "optimizer.pt", "scheduler.pt"):  # the resumable mark first
+                (old / name).unlink(missing_ok=True)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -36,7 +36,9 @@ def print_before_after(before: dict, after: dict, *, title: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dpokit import validate
     from dpokit.config import describe
+    from dpokit.pipeline import commands as pipeline_commands
 
     parser = argparse.ArgumentParser(prog="dpokit", description="Direct Preference Optimization for causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.add_argument("--resume", action="store_true", help="continue the run in output.dir from its last checkpoint")
     p.set_defaults(func=_train)
-    __import__("dpokit.validate", fromlist=["add_commands"]).add_commands(sub)  # `dpokit validate DATA`
-    __import__("dpokit.pipeline.commands", fromlist=["add_commands"]).add_commands(sub)  # sample, label, evaluate, frontier
+    validate.add_commands(sub)  # validate
+    pipeline_commands.add_commands(sub)  # sample, label, evaluate, frontier
     return parser
 
 

@@ -120,7 +120,8 @@ class TrainSection:
 @dataclass
 class CheckpointSection:
     every: int = opt(100, "write a checkpoint every N steps (0: only when the run stops)", min=0)
-    keep: int = opt(2, "most recent checkpoints kept", min=1)
+    keep: int = opt(2, "most recent checkpoints kept whole (resumable)", min=1)
+    keep_models: int = opt(0, "older checkpoints whose model alone is kept, for evaluation along the run", min=0)
 
 
 @dataclass

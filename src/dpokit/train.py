@@ -353,7 +353,7 @@ class Trainer:
                 save_model=lambda d: save_pretrained(self.module.model, d, state_dict=state),
                 optimizer=optimizer, scheduler=self.scheduler.state_dict(),
                 trainer={"step": self.step, "nonfinite": self.nonfinite, "rng": checkpoint.rng_state()},
-                keep=self.cfg.checkpoint.keep,
+                keep=self.cfg.checkpoint.keep, keep_models=self.cfg.checkpoint.keep_models,
             )
         self.rt.barrier()
 

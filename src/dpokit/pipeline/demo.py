@@ -6,7 +6,9 @@ prompts, models and judges:
 
     1  sample    the starting model continues each training opening 4 times (temperature 1)
     2  sample    the reference's completions of the held-out openings, drawn once and reused
-    3  label     VADER scores the training samples: all pairs of a prompt's 4 samples (up to 6), ties dropped
+    3  label     VADER scores the training samples: all pairs of a prompt's 4 samples (up to 6), except
+                 those whose scores differ by less than 0.3 (VADER's near-ties are mostly noise: with
+                 them the policy drifts as far from the reference for a smaller gain in reward)
     4  label     the held-out samples' best-vs-worst pairs: the held-out preference accuracy
     5  train     DPO (configs/sentiment.yaml), a checkpoint every few steps
     6  frontier  every checkpoint and the final policy against the reference on the held-out openings:
@@ -30,7 +32,7 @@ DATA = Path("data/sentiment")
 
 
 def steps(out: Path, config: str, *, model: str, train_prompts: Path, heldout_prompts: Path,
-          max_new_tokens: int, eval_samples: int, batch_size: int) -> list[tuple[str, list[str]]]:
+          max_new_tokens: int, eval_samples: int, batch_size: int, margin: float) -> list[tuple[str, list[str]]]:
     gen = ["--max-new-tokens", str(max_new_tokens), "--template", "none", "--batch-size", str(batch_size)]
     judge = ["--judge", "sentiment"]
     return [
@@ -40,8 +42,8 @@ def steps(out: Path, config: str, *, model: str, train_prompts: Path, heldout_pr
         ("sample the reference on the held-out openings (reused by every evaluation)",
          ["sample", str(heldout_prompts), "--model", model, "--n", "4", "--seed", "1", *gen,
           "--out", str(out / "samples_heldout.jsonl")]),
-        ("label the training samples: all pairs, ties dropped",
-         ["label", str(out / "samples_train.jsonl"), *judge, "--mode", "all-pairs",
+        ("label the training samples: all pairs, those whose scores differ by less than the margin dropped",
+         ["label", str(out / "samples_train.jsonl"), *judge, "--mode", "all-pairs", "--margin", f"{margin:g}",
           "--out", str(out / "pairs_train.jsonl"), "--scored-out", str(out / "scored_train.jsonl")]),
         ("label the held-out samples: best vs worst",
          ["label", str(out / "samples_heldout.jsonl"), *judge, "--mode", "best-vs-worst",
@@ -66,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heldout-prompts", default=str(DATA / "prompts_heldout.jsonl"))
     parser.add_argument("--max-new-tokens", type=int, default=16, help="tokens per completion (default 16)")
     parser.add_argument("--eval-samples", type=int, default=2, help="policy samples per held-out opening (default 2)")
-    parser.add_argument("--batch-size", type=int, default=64, help="sequences per generation batch (default 64)")
+    parser.add_argument("--batch-size", type=int, default=128, help="sequences per generation batch (default 128)")
+    parser.add_argument("--margin", type=float, default=0.3,
+                        help="drop training pairs whose scores differ by less than this (default 0.3)")
     parser.add_argument("--fresh", action="store_true", help="delete the experiment directory first")
     args = parser.parse_args(argv)
 
@@ -78,11 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     plan = steps(out, args.config, model=args.model, train_prompts=Path(args.train_prompts),
                  heldout_prompts=Path(args.heldout_prompts), max_new_tokens=args.max_new_tokens,
-                 eval_samples=args.eval_samples, batch_size=args.batch_size)
+                 eval_samples=args.eval_samples, batch_size=args.batch_size, margin=args.margin)
     start = time.perf_counter()
     timings = []
     for k, (title, command) in enumerate(plan, 1):
         print(f"\n[{k}/{len(plan)}] {title}\n$ dpokit {shlex.join(command)}", flush=True)
+        if command[0] == "sample":
+            drop_stale_samples(command)
         t0 = time.perf_counter()
         code = dpokit(command)
         timings.append((command[0], time.perf_counter() - t0))
@@ -92,6 +98,27 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - start
     report(out, timings, total)
     return 0
+
+
+def drop_stale_samples(command: list[str]) -> None:
+    """Samples kept from an earlier demo with other settings (a changed default, say) are not resumed
+    but drawn again; `dpokit sample` itself refuses to mix them."""
+    from dpokit.pipeline.commands import DEFAULT_MODEL
+    from dpokit.pipeline.jsonl import read_meta
+    from dpokit.pipeline.prompts import read_prompts
+    from dpokit.pipeline.sample import SamplingSettings, sample_meta
+
+    opts = dict(zip(command[2::2], command[3::2]))
+    out = Path(opts["--out"])
+    saved = read_meta(out) if out.exists() else None
+    if saved is None:
+        return
+    settings = SamplingSettings(n=int(opts["--n"]), max_new_tokens=int(opts["--max-new-tokens"]),
+                                seed=int(opts["--seed"]), batch_size=int(opts["--batch-size"]),
+                                template=opts["--template"])
+    if saved != sample_meta(opts.get("--model", DEFAULT_MODEL), read_prompts(command[1]), settings):
+        print(f"{out} holds samples drawn with other settings: sampling again", flush=True)
+        out.unlink()
 
 
 def report(out: Path, timings: list[tuple[str, float]], total: float) -> None:

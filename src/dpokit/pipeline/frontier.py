@@ -68,7 +68,7 @@ class FrontierPoint:
 
 
 def run_frontier(evaluator: Evaluator, targets: list[Target], out_dir: str | Path) -> list[FrontierPoint]:
-    """Evaluate each target; write `points/NN.json` per target, `frontier.csv` and `frontier.png`."""
+    """Evaluate each target; write `points/NNN.json` per target, `frontier.csv` and `frontier.png`."""
     out = Path(out_dir)
     (out / "points").mkdir(parents=True, exist_ok=True)
     points = []
@@ -76,7 +76,7 @@ def run_frontier(evaluator: Evaluator, targets: list[Target], out_dir: str | Pat
         evaluator.echo(f"[{k + 1}/{len(targets)}] {target.series} {target.label}: {target.model}")
         result = evaluator.evaluate(target.model)
         result.extra = {"series": target.series, "label": target.label}
-        write_result(result, out / "points" / f"{k:02d}.json")
+        write_result(result, out / "points" / f"{k:03d}.json")
         points.append(FrontierPoint(target, result))
         evaluator.echo(f"    KL {result.kl.mean:.2f}  reward {result.reward_policy.mean:.3f} "
                         f"(reference {result.reward_reference.mean:.3f})  win rate {result.win_rate.mean:.3f}")
@@ -127,6 +127,10 @@ def plot_frontier(points: list[FrontierPoint], reference: dict, path: str | Path
         ax.errorbar(xs, ys, xerr=[_zero_nan(p.result.kl.se) for p in members],
                     yerr=[_zero_nan(p.result.reward_policy.se) for p in members], fmt="o", color=color,
                     label=name, capsize=2, markersize=5, elinewidth=0.8)
+        if len(points) <= 16:
+            for p, x, y in zip(members, xs, ys):
+                ax.annotate(p.target.label, (x, y), xytext=(5, -11), textcoords="offset points", fontsize=7,
+                            color=color)
         runs: dict[str, list[FrontierPoint]] = {}
         for p in members:  # one line per run (β), through its checkpoints
             runs.setdefault(str(run_key(p.target.model)), []).append(p)

@@ -172,8 +172,9 @@ class Sampler:
         return as_model_input(prompt, self.tokenizer, self.settings.template)
 
     def sample_ids(self, prompt_ids: Sequence[Sequence[int]], *, first_index: int = 0) -> list[list[Completion]]:
-        """`n` completions for each prompt (token ids); generate calls of at most `batch_size` sequences,
-        the one starting at prompt `first_index + k` seeded with `seed * 1_000_003 + first_index + k`."""
+        """`n` completions for each prompt (token ids), in generate calls of at most `batch_size` sequences;
+        a call is seeded with `seed * 1_000_003` plus the file-wide index of its first sequence (prompt
+        `first_index + k`, sample j is sequence `(first_index + k) * n + j`)."""
         s = self.settings
         rows = [(k, ids) for k, ids in enumerate(prompt_ids) for _ in range(s.n)]
         done: list[Completion] = []
@@ -181,7 +182,7 @@ class Sampler:
             batch = rows[start:start + s.batch_size]
             done += generate(self.model, [ids for _, ids in batch], temperature=s.temperature, top_p=s.top_p,
                              max_new_tokens=s.max_new_tokens, stop_ids=self.stop_ids, pad_id=self.pad_id,
-                             seed=s.seed * 1_000_003 + first_index + batch[0][0])
+                             seed=s.seed * 1_000_003 + first_index * s.n + start)
         return [done[k * s.n:(k + 1) * s.n] for k in range(len(prompt_ids))]
 
     def logps(self, prompt_ids: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]) -> list[float]:

@@ -1,0 +1,120 @@
+"""The KL estimate against the exact KL of a tiny model (every sequence enumerated), and the other
+evaluation statistics against hand-computed values."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from dpokit.pipeline.evaluate import mean_over_prompts, preference_accuracy, sequence_kl, win_rate
+from dpokit.pipeline.sample import completion_logps, generate
+from tests.conftest import tiny_llama
+
+VOCAB, EOS, PAD = 4, 2, 0
+PROMPT = (1, 3)
+MAX_NEW = 3
+
+
+def tiny_vocab_model(seed: int):
+    # large initial weights so the two models' distributions differ clearly
+    return tiny_llama(vocab_size=VOCAB, seed=seed, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=16, initializer_range=0.6,
+                      bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD)
+
+
+def all_completions() -> list[tuple[int, ...]]:
+    """Every completion of at most MAX_NEW tokens that generation can produce: cut at the first EOS (kept),
+    or MAX_NEW tokens without one."""
+    out = []
+    for n in range(1, MAX_NEW + 1):
+        for seq in itertools.product(range(VOCAB), repeat=n):
+            if EOS in seq[:-1]:
+                continue
+            if n < MAX_NEW and seq[-1] != EOS:
+                continue
+            out.append(seq)
+    return out
+
+
+@torch.no_grad()
+def exact_logp(model, completion: tuple[int, ...]) -> float:
+    """log π(y|x) from one full forward pass and a log-softmax over the vocabulary (independent of dpokit)."""
+    ids = torch.tensor([PROMPT + completion])
+    logps = model(input_ids=ids).logits[0].double().log_softmax(-1)
+    return sum(logps[len(PROMPT) - 1 + t, tok].item() for t, tok in enumerate(completion))
+
+
+def test_kl_estimate_matches_exact_kl_over_all_sequences():
+    policy, reference = tiny_vocab_model(0), tiny_vocab_model(1)
+    support = all_completions()
+    lp_pi = {y: exact_logp(policy, y) for y in support}
+    lp_ref = {y: exact_logp(reference, y) for y in support}
+    assert sum(math.exp(v) for v in lp_pi.values()) == pytest.approx(1.0, abs=1e-6)  # the support is complete
+    exact = sum(math.exp(lp_pi[y]) * (lp_pi[y] - lp_ref[y]) for y in support)
+    assert exact > 0.05  # the models differ enough for the test to mean something
+
+    # the pipeline: sample from the policy at temperature 1, score both models, average the log-ratios
+    groups, per_group = 80, 50
+    drawn = generate(policy, [PROMPT] * (groups * per_group), temperature=1.0, top_p=1.0, max_new_tokens=MAX_NEW,
+                     stop_ids=[EOS], pad_id=PAD, seed=0)
+    ys = [c.ids for c in drawn]
+    pi = completion_logps(policy, [PROMPT] * len(ys), ys, pad_id=PAD, batch_size=512)
+    ref = completion_logps(reference, [PROMPT] * len(ys), ys, pad_id=PAD, batch_size=512)
+
+    # scoring matches the exact log-probs sequence by sequence
+    for y, a, b in list(zip(ys, pi, ref))[:200]:
+        assert a == pytest.approx(lp_pi[y], abs=1e-4)
+        assert b == pytest.approx(lp_ref[y], abs=1e-4)
+    # samples come from π itself (no top-k or other processor): empirical frequencies match
+    counts = {y: 0 for y in support}
+    for y in ys:
+        counts[y] += 1
+    total_variation = 0.5 * sum(abs(counts[y] / len(ys) - math.exp(lp_pi[y])) for y in support)
+    assert total_variation < 0.05
+
+    est = sequence_kl([pi[g * per_group:(g + 1) * per_group] for g in range(groups)],
+                      [ref[g * per_group:(g + 1) * per_group] for g in range(groups)])
+    assert est.n == groups
+    assert abs(est.mean - exact) < 4 * est.se, (est, exact)
+    assert est.se < 0.25 * exact
+
+
+def test_kl_of_a_model_against_itself_is_zero():
+    model = tiny_vocab_model(0)
+    drawn = generate(model, [PROMPT] * 64, temperature=1.0, top_p=1.0, max_new_tokens=MAX_NEW, stop_ids=[EOS],
+                     pad_id=PAD, seed=3)
+    ys = [c.ids for c in drawn]
+    lp = completion_logps(model, [PROMPT] * len(ys), ys, pad_id=PAD)
+    assert sequence_kl([lp], [lp]).mean == 0.0
+
+
+def test_generation_cuts_at_eos_and_marks_unfinished_completions():
+    model = tiny_vocab_model(0)
+    drawn = generate(model, [PROMPT] * 200, temperature=1.0, top_p=1.0, max_new_tokens=MAX_NEW, stop_ids=[EOS],
+                     pad_id=PAD, seed=1)
+    for c in drawn:
+        assert 1 <= len(c.ids) <= MAX_NEW
+        assert EOS not in c.ids[:-1]
+        assert c.finished == (c.ids[-1] == EOS)
+    assert any(c.finished for c in drawn) and any(not c.finished for c in drawn)
+
+
+def test_win_rate_counts_ties_as_half_and_weighs_prompts_equally():
+    # prompt 1: 2 policy x 2 reference samples: wins (3>1, 3>2, 2>1) + tie (2=2) → 3.5 / 4
+    # prompt 2: one comparison, a loss
+    est = win_rate([[3.0, 2.0], [0.0]], [[1.0, 2.0], [1.0]])
+    assert est.mean == pytest.approx((3.5 / 4 + 0.0) / 2)
+    assert est.n == 2
+
+
+def test_mean_over_prompts_and_its_standard_error():
+    est = mean_over_prompts([[1.0, 3.0], [4.0], [6.0, 6.0, 6.0]])  # per-prompt means 2, 4, 6
+    assert est.mean == pytest.approx(4.0)
+    assert est.se == pytest.approx(math.sqrt(4.0 / 3))  # sample variance 4, over 3 prompts
+
+
+def test_preference_accuracy_uses_implicit_reward_margins():
+    # margins: (0 - 0) - (-1 - 0) = 1 > 0; (1 - 0) - (2 - 0) = -1; a tie counts as wrong, as in training
+    acc = preference_accuracy([0.0, 1.0, 0.5], [-1.0, 2.0, 0.5], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0])
+    assert acc == pytest.approx(1 / 3)

@@ -1,0 +1,110 @@
+"""Every judge behind the one interface: VADER, sequence classifiers, simple rules, user callables."""
+
+import pytest
+
+from dpokit.errors import ConfigError
+from dpokit.pipeline.judges import Judge, build_judge, score_rows
+
+
+def test_sentiment_judge_is_vader_compound_of_the_whole_review():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    judge = build_judge("sentiment")
+    assert isinstance(judge, Judge)
+    prompts = ["This movie was", "This movie was", "This movie was"]
+    good, bad, flat = judge.score(prompts, [" wonderful, I loved it.", " awful and boring.", " released in May."])
+    assert -1 <= bad < 0 == flat < good <= 1
+    expected = SentimentIntensityAnalyzer().polarity_scores("This movie was wonderful, I loved it.")["compound"]
+    assert good == pytest.approx(expected)
+    # on=completion reads the completion alone: the prompt's words no longer count
+    alone = build_judge("sentiment", options={"on": "completion"})
+    assert alone.score(["I love this"], [" film."]) == [0.0]
+    assert judge.score(["I love this"], [" film."])[0] > 0
+
+
+def test_sentiment_judge_reads_the_reply_of_a_conversation():
+    judge = build_judge("sentiment")
+    conv = [{"role": "user", "content": "I hate rainy days."}]
+    assert judge.score([conv], ["That sounds great!"])[0] > 0
+
+
+def test_length_and_keyword_rules():
+    assert build_judge("length").score(["p", "p"], [" one two three", ""]) == [3.0, 0.0]
+    assert build_judge("length", options={"unit": "chars", "target": 4}).score(["p"], ["abcdef"]) == [-2.0]
+    kw = build_judge("keywords", options={"words": "great,fun", "weight": 2})
+    assert kw.score(["p"], ["Great fun, GREAT cast; greatest"]) == [6.0]
+
+
+def test_user_callable_from_a_file_plain_and_batched(tmp_path):
+    (tmp_path / "my_judges.py").write_text(
+        "def exclaims(prompt, completion):\n    return completion.count('!')\n\n"
+        "def lengths(prompts, completions):\n    return [len(c) for c in completions]\nlengths.batched = True\n\n"
+        "class Constant:\n    name = 'constant'\n    def score(self, prompts, completions):\n"
+        "        return [1.0] * len(completions)\n")
+    plain = build_judge(f"{tmp_path / 'my_judges.py'}:exclaims")
+    assert plain.score(["a", "b"], ["wow!!", "no"]) == [2.0, 0.0]
+    batched = build_judge(f"{tmp_path / 'my_judges.py'}:lengths")
+    assert batched.score(["a", "b"], ["abc", ""]) == [3.0, 0.0]
+    obj = build_judge(f"{tmp_path / 'my_judges.py'}:Constant")
+    assert obj.name == "constant" and obj.score(["a"], ["b"]) == [1.0]
+
+
+def test_user_callable_by_module_name_from_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "cwd_judge_mod.py").write_text("def score(prompt, completion):\n    return 0.5\n")
+    monkeypatch.chdir(tmp_path)
+    assert build_judge("cwd_judge_mod:score").score(["p"], ["c"]) == [0.5]
+
+
+def test_unknown_or_malformed_judges_are_one_line_errors():
+    with pytest.raises(ConfigError, match="did you mean 'sentiment'"):
+        build_judge("sentimnet")
+    with pytest.raises(ConfigError, match="needs a model"):
+        build_judge("reward-model")
+    with pytest.raises(ConfigError, match="cannot import"):
+        build_judge("no_such_module_xyz:fn")
+    with pytest.raises(ConfigError, match="unit"):
+        build_judge("length", options={"unit": "pages"})
+
+
+def _classifier(tmp_path, tokenizer, num_labels, id2label=None):
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, num_labels=num_labels,
+                      pad_token_id=tokenizer.pad_token_id, id2label=id2label)
+    path = tmp_path / f"clf{num_labels}"
+    LlamaForSequenceClassification(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_reward_model_judge_scores_with_a_local_sequence_classifier(tmp_path, tokenizer):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = _classifier(tmp_path, tokenizer, 1)
+    judge = build_judge("reward-model", model=path, options={"batch_size": 2})
+    prompts, completions = ["The film", "The film", "A"], [" was fine.", " bored me to tears, sadly.", " b"]
+    scores = judge.score(prompts, completions)
+    # the same numbers one text at a time, straight from transformers
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    with torch.no_grad():
+        direct = [model(**tok(p + c, return_tensors="pt")).logits[0, 0].item() for p, c in zip(prompts, completions)]
+    assert scores == pytest.approx(direct, abs=1e-4)
+
+
+def test_classifier_judge_uses_the_positive_label_probability(tmp_path, tokenizer):
+    path = _classifier(tmp_path, tokenizer, 2, id2label={0: "NEGATIVE", 1: "POSITIVE"})
+    judge = build_judge("sentiment", model=path)
+    assert judge.label == 1
+    (p,) = judge.score(["x"], ["y"])
+    (n,) = build_judge("reward-model", model=path, options={"label": "negative"}).score(["x"], ["y"])
+    assert 0 < p < 1 and p + n == pytest.approx(1.0, abs=1e-6)
+
+
+def test_score_rows_keeps_the_row_structure():
+    rows = [{"prompt": "a", "completions": [" x", " yy"]}, {"prompt": "b", "completions": [" zzz"]}]
+    assert score_rows(build_judge("length", options={"unit": "chars"}), rows, batch_size=2) == [[2.0, 3.0], [4.0]]

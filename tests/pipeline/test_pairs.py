@@ -1,0 +1,71 @@
+"""Pair construction: counts per mode, ties and margins dropped and counted, output `dpokit train` reads."""
+
+import pytest
+
+from dpokit.data.records import read_preferences
+from dpokit.errors import ConfigError
+from dpokit.pipeline.jsonl import write_jsonl
+from dpokit.pipeline.pairs import label_file, label_rows, preference_pairs
+
+
+def test_four_distinct_scores_give_six_pairs_higher_score_chosen():
+    scores = [0.2, -0.5, 0.9, 0.1]
+    pairs, counts = preference_pairs(scores)
+    assert len(pairs) == 6 and counts.pairs == 6 and counts.candidates == 6
+    assert sum(counts.dropped.values()) == 0
+    assert all(scores[c] > scores[r] for c, r in pairs)
+    assert {frozenset(p) for p in pairs} == {frozenset((i, j)) for i in range(4) for j in range(i + 1, 4)}
+
+
+def test_ties_are_dropped_and_counted():
+    pairs, counts = preference_pairs([0.5, 0.5, 0.1, 0.9])
+    assert len(pairs) == 5
+    assert counts.dropped == {"empty": 0, "identical": 0, "tie": 1, "below_margin": 0}
+    pairs, counts = preference_pairs([0.0, 0.0, 0.0, 0.0])
+    assert pairs == [] and counts.dropped["tie"] == 6
+
+
+def test_margin_drops_close_pairs():
+    # gaps: (0,1) 0.05, (0,2) 0.5, (0,3) 0.3, (1,2) 0.55, (1,3) 0.25, (2,3) 0.8
+    pairs, counts = preference_pairs([0.3, 0.25, 0.8, 0.0], margin=0.28)
+    assert counts.dropped == {"empty": 0, "identical": 0, "tie": 0, "below_margin": 2}
+    assert sorted(pairs) == sorted([(2, 0), (0, 3), (2, 1), (2, 3)])
+
+
+def test_identical_or_empty_texts_never_become_a_pair():
+    pairs, counts = preference_pairs([0.1, 0.1, 0.7, 0.7], texts=["a", "a", "b", "c"])
+    assert counts.dropped == {"empty": 0, "identical": 1, "tie": 1, "below_margin": 0}
+    assert len(pairs) == 4
+    pairs, counts = preference_pairs([0.1, 0.5, 0.9], texts=["a", " ", "b"])
+    assert counts.dropped["empty"] == 2 and pairs == [(2, 0)]
+
+
+def test_best_vs_worst_gives_one_pair_per_prompt():
+    pairs, counts = preference_pairs([0.2, -0.5, 0.9, 0.1], mode="best-vs-worst")
+    assert pairs == [(2, 1)] and counts.candidates == 1
+    pairs, counts = preference_pairs([0.3, 0.3], mode="best-vs-worst")
+    assert pairs == [] and counts.dropped["tie"] == 1
+    with pytest.raises(ConfigError):
+        preference_pairs([0.1], mode="best-of-all")
+
+
+def test_label_rows_match_the_prompt_format_and_train_reads_them(tmp_path):
+    rows = [{"prompt": "The film was", "completions": [" great", " awful", " fine", " great"]},
+            {"prompt": [{"role": "user", "content": "Review it."}], "completions": ["Lovely.", "Dull."]}]
+    out, counts = label_rows(rows, [[0.9, -0.8, 0.2, 0.9], [0.7, -0.4]])
+    assert counts.prompts == 2 and counts.candidates == 7 and counts.pairs == 6
+    assert counts.dropped["identical"] == 1  # " great" twice
+    assert out[-1]["chosen"] == [{"role": "assistant", "content": "Lovely."}]
+    assert out[-1]["prompt"] == [{"role": "user", "content": "Review it."}]
+    path = write_jsonl(tmp_path / "pairs.jsonl", out)
+    read = read_preferences(str(path))
+    assert len(read.records) == 6
+    assert read.records[0].chosen == " great" and read.records[0].rejected == " awful"
+
+
+def test_label_file_uses_scores_in_the_rows_and_writes_counts(tmp_path):
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "x", "completions": ["a", "b", "c"], "scores": [1, 2, 2]}])
+    summary = label_file(samples, tmp_path / "p.jsonl", None)
+    assert summary.counts.pairs == 2 and summary.counts.dropped["tie"] == 1
+    assert summary.mean_score == pytest.approx(5 / 3)
+    assert (tmp_path / "p.jsonl.meta.json").is_file()
