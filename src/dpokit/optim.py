@@ -10,8 +10,12 @@ import torch
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if cfg.optimizer == "adamw":
+        # the fused kernel (CPU and CUDA) is ~5x faster than the per-tensor loop and makes no full-size temporaries;
+        # sharded (DTensor) parameters keep the default implementation
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") and type(p.data) is torch.Tensor
+                    for p in params)
         return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay)
+                                 weight_decay=cfg.weight_decay, fused=fused or None)
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
