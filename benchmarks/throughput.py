@@ -1131,7 +1131,7 @@ def _dpokit_version() -> str:
 
 
 def run_sweep(args, work: Workload, tmp: Path, log_dir: Path, rows: list[dict], flops: Flops) -> list[dict]:
-    """Peak memory of dpokit's default and plain paths (and TRL with --sweep-trl), one update per process.
+    """Peak memory of dpokit's default, memory-lean and plain paths (and TRL with --sweep-trl), one update per process.
     Batch axis: the first pairs of the first timed update; length axis: pairs of a fixed length."""
     names = ["prefix_shared", "lean", "plain"] + (["trl"] if args.sweep_trl else [])
     main_rows = {r["name"]: r for r in rows if r.get("ok")}

@@ -36,3 +36,20 @@ def test_optimizer_choice_and_frozen_params_left_out(name, cls):
     assert isinstance(opt, cls)
     assert opt.param_groups[0]["params"] == [trainable]
     assert opt.param_groups[0]["weight_decay"] == 0.01
+
+
+def test_adamw_fused_on_plain_tensors_and_same_update_as_the_reference_loop():
+    """The fused kernel is chosen for ordinary parameters and makes the same update as PyTorch's for-loop AdamW."""
+    torch.manual_seed(0)
+    p, q = torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(5, 3))
+    q.data.copy_(p.data)
+    cfg = TrainSection(optimizer="adamw", lr=0.1, weight_decay=0.01)
+    fused = build_optimizer([p], cfg)
+    assert fused.defaults["fused"] is True
+    loop = torch.optim.AdamW([q], lr=0.1, betas=tuple(cfg.adam_betas), eps=cfg.eps, weight_decay=0.01, foreach=False)
+    for _ in range(3):
+        grad = torch.randn(5, 3)
+        p.grad, q.grad = grad.clone(), grad.clone()
+        fused.step()
+        loop.step()
+    assert torch.allclose(p, q, atol=1e-6)
