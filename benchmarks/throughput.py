@@ -309,12 +309,17 @@ def cpu_flags() -> list[str]:
     return []
 
 
-def mem_total_bytes() -> int | None:
+def proc_kb_field(path: str, key: str) -> int | None:
+    """A `key:  N kB` line of a /proc file (meminfo, status), in bytes; None where there is none."""
     with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     return None
+
+
+def mem_total_bytes() -> int | None:
+    return proc_kb_field("/proc/meminfo", "MemTotal")
 
 
 def busy_cpu_seconds() -> float | None:
@@ -433,11 +438,7 @@ def measure_peaks(dims: dict, device: str) -> dict:
 
 
 def rss_now() -> int | None:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return None
+    return proc_kb_field("/proc/self/status", "VmRSS")
 
 
 def peak_memory(device: str) -> dict:

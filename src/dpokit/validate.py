@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 
 from dpokit.data.records import PreferenceRecord, Problems, RowProblem, read_preferences
@@ -49,9 +50,7 @@ class ValidationReport:
 
     @property
     def invalid_by_reason(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for p in self.problems:
-            counts[p.reason] = counts.get(p.reason, 0) + 1
+        counts = Counter(p.reason for p in self.problems)
         return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
     @property
