@@ -19,3 +19,12 @@ class ModelError(DpokitError):
 
 class TrainingError(DpokitError):
     """A run that cannot continue (repeated non-finite steps, a checkpoint that does not match)."""
+
+
+class StorageError(DpokitError):
+    """A write that failed for the disk's sake (full, over quota, read-only); the message names the path
+    and the free space."""
+
+
+class RunLockedError(DpokitError):
+    """Another process holds the run directory."""
