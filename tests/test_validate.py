@@ -230,3 +230,74 @@ def test_cli_with_the_real_default_tokenizer(tmp_path, smol_dir, capsys):
     assert main(["validate", path, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["model"] == "smollm2-135m-instruct" and report["valid"] == 1 and report["ok"] is True
+
+
+@pytest.mark.parametrize("name, error", [
+    ("other/pairs.txt", "unsupported file type '.txt' (use .jsonl, .json, .parquet or .csv)"),
+    ("not_a_dataset", "is a directory, not a preference file or a datasets dataset"),
+    ("datasets/no_train_split", "no split 'train' (splits: test)"),
+])
+def test_cli_exit_2_on_a_source_that_cannot_be_read(smol_tokenizer, capsys, name, error):
+    from dpokit.cli import main
+
+    path = str(CORPUS / name)
+    assert main(["validate", path]) == 2  # the check could not run: not 1, which says the data is invalid
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-2:] == [f"error: {path}: {error}", f"NOT OK: {path}: {error}"] and err == ""
+    assert main(["validate", path, "--json"]) == 2
+    assert json.loads(capsys.readouterr().out)["error"] == f"{path}: {error}"
+
+
+def test_cli_exit_2_on_an_unreadable_file(tmp_path, smol_tokenizer, capsys, monkeypatch):
+    from dpokit.cli import main
+
+    path = write(tmp_path / "d.jsonl", ROWS[:1])
+
+    def unreadable(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", unreadable)  # chmod does not stop root, who runs some test machines
+    assert main(["validate", path]) == 2
+    assert capsys.readouterr().out.splitlines()[-1] == f"NOT OK: {path}: cannot read: Permission denied"
+
+
+def test_a_missing_file_exits_2_but_invalid_rows_exit_1(tmp_path, smol_tokenizer, capsys):
+    from dpokit.cli import main
+
+    assert main(["validate", str(tmp_path / "missing.jsonl")]) == 2
+    assert capsys.readouterr().err == f"error: data.train: file not found: {tmp_path / 'missing.jsonl'}\n"
+    assert main(["validate", write(tmp_path / "d.jsonl", ROWS)]) == 1
+    assert main(["validate", str(CORPUS / "json/truncated_array.json")]) == 1  # reads, but is not valid JSON
+
+
+def test_an_unreadable_source_is_still_a_data_error_for_training():
+    from dpokit.data.records import read_preferences
+    from dpokit.errors import DataError, SourceError
+
+    with pytest.raises(SourceError, match="unsupported file type") as e:
+        read_preferences(str(CORPUS / "other/pairs.txt"))
+    assert isinstance(e.value, DataError)
+
+
+def test_length_table_columns_widen_to_fit_large_numbers():
+    from dpokit.validate import _render_lengths
+
+    def side(mean, median, lo, hi):
+        return {"mean": mean, "median": median, "min": lo, "max": hi}
+
+    lengths = {"pairs": 3, "prompt": side(5.0, 5, 3, 7), "chosen": side(654321.5, 123456, 1234567, 7654321),
+               "rejected": side(12.25, 12.5, 123456, 1234567), "chosen_longer": 1.0, "rejected_longer": 0.0,
+               "same_length": 0.0, "mean_difference": 1234567.5}
+    lines = _render_lengths(lengths)
+    assert lines[1].split() == ["mean", "median", "min", "max"]
+    assert lines[2].split() == ["prompt", "5.0", "5", "3", "7"]
+    assert lines[3].split() == ["chosen", "654321.5", "123456", "1234567", "7654321"]
+    assert lines[4].split() == ["rejected", "12.2", "12.5", "123456", "1234567"]
+    assert len({len(line) for line in lines[1:5]}) == 1  # right-aligned columns: every row as long
+    assert "(mean chosen - rejected: +1234567.5 tokens)" in lines[5]
+    # small numbers keep the usual widths: 9, 9, 9, 7, 7
+    small = {**lengths, "chosen": side(12.0, 11, 4, 20), "rejected": side(3.0, 3, 2, 4), "mean_difference": 9.0}
+    assert _render_lengths(small)[1:5] == ["  " + " " * 9 + "     mean   median    min    max",
+                                           "  prompt         5.0        5      3      7",
+                                           "  chosen        12.0       11      4     20",
+                                           "  rejected       3.0        3      2      4"]

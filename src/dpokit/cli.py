@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 
 from dpokit.errors import DpokitError
 
@@ -68,12 +70,29 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides, args.config = [args.config, *args.overrides], None
     try:
         return args.func(args)
-    except DpokitError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (DpokitError, OSError) as e:
+        # bad input or environment: one line, no traceback; other exceptions are bugs and keep theirs
+        if os.environ.get("DPOKIT_DEBUG", "0") not in ("", "0"):
+            traceback.print_exc()
+        print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def error_line(e: BaseException) -> str:
+    """An error as one line: an OSError as `strerror: filename`, dpokit's messages with their lines joined,
+    other libraries' messages by their first line (the rest is advice for their own API)."""
+    if isinstance(e, OSError) and e.strerror:
+        text = e.strerror
+        if e.filename is not None:
+            text += f": {e.filename}"
+        if e.filename2 is not None:
+            text += f" -> {e.filename2}"
+        return text
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    return " ".join(lines) if isinstance(e, DpokitError) else lines[0]
 
 
 if __name__ == "__main__":

@@ -13,6 +13,11 @@ class DataError(DpokitError):
     """Invalid preference data; the message names the file, the line and the problem."""
 
 
+class SourceError(DataError):
+    """A data source that cannot be read at all (missing, unsupported, unreadable, not a dataset), as
+    opposed to one that reads but holds invalid rows: `dpokit validate` exits 2 for it, not 1."""
+
+
 class ModelError(DpokitError):
     """A model that cannot be found, loaded or trained as asked."""
 

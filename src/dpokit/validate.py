@@ -6,7 +6,8 @@ but collects every problem instead of stopping at the first, and reports: rows r
 the length limits with the model's tokenizer, and chosen/rejected length statistics (a chosen answer
 that is usually longer lets DPO learn length instead of quality). The exit status is 0 only when the
 data would train as is with the given `data.*` settings, 1 when it would not, and 2 when the check
-itself cannot run (a bad option, a missing file or model).
+itself cannot run (a bad option, a model that does not load, a source that cannot be read at all:
+missing, an unsupported file type, unreadable, a directory that is not a dataset).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 
 from dpokit.data.records import PreferenceRecord, Problems, RowProblem, read_preferences
 from dpokit.data.tokenize import TokenizedPair, TokenizeSettings, encode_records, truncate_pairs
-from dpokit.errors import DataError
+from dpokit.errors import DataError, SourceError
 
 LENGTH_BIAS_SHARE = 0.6  # a note when one side is the longer one in at least this share of pairs ...
 LENGTH_BIAS_MIN_PAIRS = 10  # ... of at least this many
@@ -33,6 +34,7 @@ class ValidationReport:
     split: str = "train"
     skip_invalid: bool = False
     error: str | None = None  # a problem with the whole source: nothing could be checked past it
+    unreadable: bool = False  # the error is that the source cannot be read at all: the check could not run
     rows_read: int = 0
     valid: int = 0  # pairs training would use
     problems: list[RowProblem] = field(default_factory=list)
@@ -142,6 +144,7 @@ def validate_data(source: str, tokenizer, settings: TokenizeSettings | None = No
         pairs = encode_records(read.records, tokenizer)
     except DataError as e:
         report.error = str(e)
+        report.unreadable = isinstance(e, SourceError)
         report.problems = problems.rows
         return report
     report.rows_read = read.rows_read
@@ -210,14 +213,19 @@ def _examples(rows: list[tuple[str, str]], verb: str, show: int) -> str:
 
 
 def _render_lengths(lengths: dict) -> list[str]:
-    out = [f"tokens over {_n(lengths['pairs'], 'pair')} (completions with EOS, before truncation):",
-           f"  {'':9}{'mean':>9}{'median':>9}{'min':>7}{'max':>7}"]
+    rows = [["", "mean", "median", "min", "max"]]
     for key in ("prompt", "chosen", "rejected"):
         s = lengths[key]
-        out.append(f"  {key:9}{s['mean']:>9.1f}{s['median']:>9g}{s['min']:>7}{s['max']:>7}")
+        rows.append([key, f"{s['mean']:.1f}", f"{s['median']:.10g}", str(s["min"]), str(s["max"])])
+    # the usual widths, widened where a number needs it so a space always separates two columns
+    # (.10g: plain digits up to 10 figures where :g turns 1234567 into 1.23457e+06)
+    widths = [max(minimum, *(len(row[i]) + 1 for row in rows)) for i, minimum in enumerate((9, 9, 9, 7, 7))]
+    out = [f"tokens over {_n(lengths['pairs'], 'pair')} (completions with EOS, before truncation):"]
+    for name, *numbers in rows:
+        out.append("  " + name.ljust(widths[0]) + "".join(n.rjust(w) for n, w in zip(numbers, widths[1:])))
     out.append(f"  chosen longer in {lengths['chosen_longer']:.1%} of pairs, rejected longer in "
                f"{lengths['rejected_longer']:.1%}, same length in {lengths['same_length']:.1%} "
-               f"(mean chosen - rejected: {lengths['mean_difference']:+g} tokens)")
+               f"(mean chosen - rejected: {lengths['mean_difference']:+.10g} tokens)")
     for side in ("chosen", "rejected"):
         if lengths[f"{side}_longer"] >= LENGTH_BIAS_SHARE and lengths["pairs"] >= LENGTH_BIAS_MIN_PAIRS:
             out.append(f"  note: {side} is the longer answer in {lengths[f'{side}_longer']:.0%} of pairs; DPO can "
@@ -240,7 +248,7 @@ def add_commands(sub) -> None:
                     "report invalid rows (by reason, with file and line), duplicates, rows over the length "
                     "limits with the model's tokenizer and chosen/rejected length statistics. Exit status: 0 "
                     "when the data would train as is with these settings, 1 when it would not, 2 when the "
-                    "check cannot run.",
+                    "check cannot run (a bad option or model, a source that cannot be read at all).",
     )
     p.add_argument("data", help="preference pairs: .jsonl/.json/.parquet/.csv file, datasets directory or hub name")
     p.add_argument("--model", default=model.name, help=f"whose tokenizer counts tokens (default: {model.name})")
@@ -276,4 +284,6 @@ def _validate_command(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
     else:
         print(report.render(show=max(args.show, 0)))
+    if report.unreadable:
+        return 2
     return 0 if report.ok else 1

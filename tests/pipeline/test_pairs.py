@@ -69,3 +69,32 @@ def test_label_file_uses_scores_in_the_rows_and_writes_counts(tmp_path):
     assert summary.counts.pairs == 2 and summary.counts.dropped["tie"] == 1
     assert summary.mean_score == pytest.approx(5 / 3)
     assert (tmp_path / "p.jsonl.meta.json").is_file()
+
+
+def test_label_without_two_completions_per_prompt_is_an_error_and_writes_nothing(tmp_path, capsys):
+    from dpokit.cli import main
+
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"prompt": p, "completions": ["only one"], "scores": [1.0]}
+                                                 for p in ("x", "y")])
+    out = tmp_path / "pairs.jsonl"
+    assert main(["label", str(samples), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {samples}: no prompt has two or more completions, and a preference pair needs two; "
+                   "sample at least two per prompt (`dpokit sample --n 2` or more)\n")
+    assert not out.exists() and not (tmp_path / "pairs.jsonl.meta.json").exists()
+
+
+def test_label_counts_prompts_with_one_completion_as_skipped(tmp_path, capsys):
+    import json
+
+    from dpokit.cli import main
+
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "x", "completions": ["a", "b"], "scores": [1, 2]},
+                                                 {"prompt": "y", "completions": ["c"], "scores": [3]}])
+    out = tmp_path / "pairs.jsonl"
+    assert main(["label", str(samples), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(
+        f"1 pairs from 2 prompts (1 with fewer than two completions skipped, 1 candidates, 0 dropped) → {out}")
+    counts = json.loads((tmp_path / "pairs.jsonl.meta.json").read_text())["counts"]
+    assert (counts["prompts"], counts["too_few"], counts["pairs"]) == (2, 1, 1)
+    assert len(read_preferences(str(out)).records) == 1

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from dpokit.errors import DataError
+from dpokit.errors import DataError, SourceError
 
 ROLES = ("system", "user", "assistant", "tool")
 FIELDS = ("prompt", "chosen", "rejected")
@@ -214,17 +214,17 @@ def _iter_rows(source: str, split: str, problems: Problems):
         return
     if not path.exists():
         if source.endswith((".jsonl", ".json", ".parquet", ".csv")) or source.startswith((".", "/", "~")):
-            raise DataError(f"{source}: file not found")
+            raise SourceError(f"{source}: file not found")
         yield from _iter_hub_dataset(source, split)
         return
     suffix = path.suffix.lower()
     readers = {".jsonl": _iter_jsonl, ".json": _iter_json, ".parquet": _iter_parquet, ".csv": _iter_csv}
     if suffix not in readers:
-        raise DataError(f"{source}: unsupported file type '{suffix}' (use .jsonl, .json, .parquet or .csv)")
+        raise SourceError(f"{source}: unsupported file type '{suffix}' (use .jsonl, .json, .parquet or .csv)")
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise DataError(f"{source}: cannot read: {e.strerror}") from None
+        raise SourceError(f"{source}: cannot read: {e.strerror}") from None
     if suffix != ".parquet":
         data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark (Windows editors write one)
     if not data.strip():
@@ -338,19 +338,19 @@ def _iter_dataset_dir(path: Path, split: str):
         try:
             ds = datasets.load_from_disk(name)
         except Exception as e:
-            raise DataError(f"{name}: not a readable datasets directory ({_first_line(e)})") from None
+            raise SourceError(f"{name}: not a readable datasets directory ({_first_line(e)})") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise DataError(f"{name}: no split '{split}' (splits: {', '.join(ds)})")
+                raise SourceError(f"{name}: no split '{split}' (splits: {', '.join(ds)})")
             ds, label = ds[split], f"{name}[{split}]"
     elif any(p.suffix in (".jsonl", ".json", ".parquet", ".csv") for p in path.iterdir()):
         try:
             ds = datasets.load_dataset(name, split=split)
         except Exception as e:
-            raise DataError(f"{name}: cannot load as a dataset ({_first_line(e)})") from None
+            raise SourceError(f"{name}: cannot load as a dataset ({_first_line(e)})") from None
         label = f"{name}[{split}]"
     else:
-        raise DataError(f"{name}: is a directory, not a preference file or a datasets dataset")
+        raise SourceError(f"{name}: is a directory, not a preference file or a datasets dataset")
     _check_columns(label, "dataset", ds.column_names)
     for i, row in enumerate(ds, start=1):
         yield f"{label}:row {i}", row
@@ -369,7 +369,7 @@ def _iter_hub_dataset(name: str, split: str):
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:
-        raise DataError(f"{name}: not a file, directory or loadable hub dataset ({_first_line(e)})") from None
+        raise SourceError(f"{name}: not a file, directory or loadable hub dataset ({_first_line(e)})") from None
     _check_columns(f"{name}[{split}]", "dataset", ds.column_names)
     for i, row in enumerate(ds, start=1):
         yield f"{name}[{split}]:row {i}", row

@@ -177,7 +177,9 @@ def _evaluator(args: argparse.Namespace, reference: str):
 
 def _evaluate(args: argparse.Namespace) -> int:
     from dpokit.pipeline.evaluate import print_result, resolve_reference, write_result
+    from dpokit.pipeline.runs import check_model
 
+    check_model(args.policy)  # a missing policy path is the error, not the reference it would imply
     evaluator = _evaluator(args, resolve_reference(args.policy, args.reference))
     result = evaluator.evaluate(args.policy, samples_out=args.samples_out)
     print_result(result)

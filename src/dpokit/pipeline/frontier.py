@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from dpokit import models
 from dpokit.errors import ConfigError
 from dpokit.pipeline.evaluate import EvalResult, Evaluator, write_result
 from dpokit.pipeline.runs import run_model, run_models
@@ -46,6 +47,7 @@ def expand_targets(specs: list[str], *, checkpoints: bool = False) -> list[Targe
         elif info is not None:
             found = [info]
         else:
+            models.resolve(path)  # a missing path stops here, before any target is evaluated
             targets.append(Target(series or path, Path(path).name or path, path))
             continue
         for m in found:

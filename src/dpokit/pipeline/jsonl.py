@@ -14,11 +14,19 @@ from typing import Any
 from dpokit.errors import DataError
 
 
+def read_utf8(path: Path) -> str:
+    """A text file's content; bytes that are not UTF-8 are a one-line error naming the file, not a traceback."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 (byte {e.start + 1})") from None
+
+
 def read_jsonl(path: str | Path, *, allow_partial_tail: bool = False) -> list[dict]:
     """All rows of a JSONL file. With `allow_partial_tail`, an unparsable last line (a write cut short by a
     kill) is ignored; anywhere else a bad line is an error naming the file and line."""
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_utf8(path).splitlines()
     rows = []
     for i, line in enumerate(lines, 1):
         if not line.strip():

@@ -6,7 +6,9 @@
 
 A candidate pair is dropped, and counted by reason, when a completion is empty (`empty`: the model
 stopped at once; `dpokit train` refuses empty completions), its two completions are the same text
-(`identical`), score the same (`tie`), or differ by less than `margin` (`below_margin`).
+(`identical`), score the same (`tie`), or differ by less than `margin` (`below_margin`). A prompt with
+fewer than two completions has nothing to pair and is counted as skipped (`too_few`); when no prompt
+has two, labelling stops with an error instead of writing an empty file.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ class PairCounts:
     prompts: int = 0
     candidates: int = 0
     pairs: int = 0
+    too_few: int = 0  # prompts with fewer than two completions: skipped, nothing to pair
     dropped: dict[str, int] = field(default_factory=lambda: {"empty": 0, "identical": 0, "tie": 0, "below_margin": 0})
 
     def add(self, other: PairCounts) -> None:
         self.prompts += other.prompts
         self.candidates += other.candidates
         self.pairs += other.pairs
+        self.too_few += other.too_few
         for k, v in other.dropped.items():
             self.dropped[k] = self.dropped.get(k, 0) + v
 
@@ -43,7 +47,8 @@ class PairCounts:
     def summary(self) -> str:
         dropped = sum(self.dropped.values())
         reasons = ", ".join(f"{k}: {v}" for k, v in self.dropped.items() if v)
-        return (f"{self.pairs} pairs from {self.prompts} prompts ({self.candidates} candidates, {dropped} dropped"
+        skipped = f"{self.too_few} with fewer than two completions skipped, " if self.too_few else ""
+        return (f"{self.pairs} pairs from {self.prompts} prompts ({skipped}{self.candidates} candidates, {dropped} dropped"
                 + (f": {reasons})" if reasons else ")"))
 
 
@@ -63,7 +68,7 @@ def preference_pairs(scores: Sequence[float], *, mode: str = "all-pairs", margin
             best = max(range(n), key=lambda i: scores[i])
             worst = min((i for i in range(n) if i != best), key=lambda i: scores[i])
             candidates = [(best, worst)]
-    counts = PairCounts(prompts=1, candidates=len(candidates))
+    counts = PairCounts(prompts=1, candidates=len(candidates), too_few=int(n < 2))
     pairs = []
     for i, j in candidates:
         if texts is not None and not (texts[i].strip() and texts[j].strip()):
@@ -125,6 +130,9 @@ def label_file(samples: str | Path, out: str | Path, judge=None, *, mode: str = 
     for i, r in enumerate(rows, 1):
         if "prompt" not in r or not isinstance(r.get("completions"), list):
             raise DataError(f"{samples}:{i}: a sample row needs 'prompt' and a list of 'completions'")
+    if all(len(r["completions"]) < 2 for r in rows):  # checked before scoring: a judge may be slow
+        raise DataError(f"{samples}: no prompt has two or more completions, and a preference pair needs two; "
+                        f"sample at least two per prompt (`dpokit sample --n 2` or more)")
     if judge is None:
         missing = next((i for i, r in enumerate(rows, 1) if len(r.get("scores", [])) != len(r["completions"])), None)
         if missing is not None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dpokit.data.records import ROLES
 from dpokit.errors import DataError
+from dpokit.pipeline.jsonl import read_utf8
 
 Prompt = str | list[dict[str, str]]
 TEMPLATES = ("auto", "chat", "none")
@@ -27,12 +28,15 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"prompt file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if path.suffix == ".txt":
         prompts: list[Prompt] = [line for line in text.splitlines() if line.strip()]
     elif path.suffix in (".jsonl", ".json"):
         if path.suffix == ".json":
-            rows = json.loads(text)
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(rows, list):
                 raise DataError(f"{path}: expected a JSON array of objects with a 'prompt' field")
             where = [f"{path}[{i}]" for i in range(len(rows))]

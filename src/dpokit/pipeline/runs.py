@@ -75,10 +75,20 @@ def run_models(run_dir: str | Path, *, checkpoints: bool) -> list[RunModel]:
     return found
 
 
+def check_model(name: str) -> None:
+    """Stop at once on a model that is not there, before anything loads or samples: a dpokit run or
+    checkpoint passes, other names go through `models.resolve` (a missing path fails, a hub id passes)."""
+    if run_model(name) is None:
+        models.resolve(name)
+
+
 def default_reference(policy: str) -> str:
     """The reference of a dpokit run's policy is the model the run started from."""
     info = run_model(policy)
     if info is None or not info.base_model:
+        if not Path(policy).expanduser().exists():  # a hub id, or a run path with a typo
+            raise DpokitError(f"{policy}: no such run or checkpoint; for a hub model, name its reference with "
+                              "--reference")
         raise DpokitError(f"{policy} is not a dpokit run or checkpoint: name its reference with --reference")
     return info.base_model
 
