@@ -1,0 +1,356 @@
+"""The contenders: dpokit's modes and TRL 1.16's DPOTrainer, each run in its own process.
+
+Every contender trains on the same pairs file with the same hyperparameters: `--warmup` updates (not timed), then
+`--steps` timed updates of B pairs. A process of its own makes its peak memory its own: `run_worker` starts
+`throughput.py --worker SPEC RESULT`, which calls `worker_main`, which drives dpokit (`run_dpokit`) or TRL
+(`run_trl`) and writes the result as JSON. dpokit is driven through its public pieces (`Config.load`,
+`Trainer(cfg, runtime)`, `trainer.train_step(ids)`, all in `dpokit_trainer`); TRL through
+`DPOTrainer(...).train()` with its defaults except `bf16=False` (fp32; gradient checkpointing stays on, as TRL
+defaults).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+
+from measure import busy_cpu_seconds, peak_memory, sync
+from workload import logical_tokens
+
+HERE = Path(__file__).resolve().parent
+
+# name → how it is run. dpokit rows are overrides on top of the common settings; "plain" is the TRL-like path
+# inside dpokit (padded rows, full-vocabulary LM head, frozen reference copy).
+DPOKIT_MODES = {
+    "plain": {"train.layout": "padded", "train.lm_head": "full"},
+    "padded+selective": {"train.layout": "padded", "train.lm_head": "selective"},
+    "packed": {"train.layout": "packed"},
+    "prefix_shared": {},  # dpokit's defaults
+    "precomputed": {"reference.strategy": "precomputed"},
+    "grad_ckpt": {"train.gradient_checkpointing": True},
+    "bf16": {"train.precision": "bf16-mixed"},
+    "compile": {"train.compile": True},
+    # the least memory: no reference model in memory, activations recomputed, one pair per forward pass
+    "lean": {"reference.strategy": "precomputed", "train.gradient_checkpointing": True, "train.micro_batch_size": 1},
+}
+# modes whose reference forward happens in a one-time pass before training
+PRECOMPUTED = {m for m, o in DPOKIT_MODES.items() if o.get("reference.strategy") == "precomputed"}
+LABELS = {
+    "plain": "dpokit plain (padded, full LM head)",
+    "padded+selective": "dpokit padded + selective head",
+    "packed": "dpokit packed",
+    "prefix_shared": "dpokit default (prefix_shared)",
+    "precomputed": "dpokit default + precomputed ref",
+    "grad_ckpt": "dpokit default + grad checkpointing",
+    "bf16": "dpokit default, bf16-mixed",
+    "compile": "dpokit default + torch.compile",
+    "lean": "dpokit memory-lean (precomputed ref, grad ckpt, 1 pair/forward)",
+    "trl": "TRL 1.16 DPOTrainer (defaults)",
+    "trl_bf16": "TRL 1.16 DPOTrainer, bf16",
+}
+ALL_CONTENDERS = ["trl", "trl_bf16", *DPOKIT_MODES]
+
+
+def kind_and_mode(name: str) -> tuple[str, str]:
+    """("trl", "fp32" | "bf16") for TRL's rows, ("dpokit", <mode>) for dpokit's."""
+    if name.startswith("trl"):
+        return "trl", "bf16" if name == "trl_bf16" else "fp32"
+    return "dpokit", name
+
+
+def computation(kind: str, mode: str) -> dict:
+    """What one update of the contender computes, as `measure.Flops.executed` takes it."""
+    if kind == "trl":  # padded batches, chunked LM head on every position, gradient checkpointing, a reference copy
+        return {"layout": "padded", "lm_head": "chunked_full", "checkpointing": True, "reference": True}
+    from dpokit.config import TrainSection
+
+    overrides, default = DPOKIT_MODES[mode], TrainSection()
+    return {"layout": overrides.get("train.layout", default.layout),
+            "lm_head": overrides.get("train.lm_head", default.lm_head),
+            "checkpointing": overrides.get("train.gradient_checkpointing", default.gradient_checkpointing),
+            "reference": mode not in PRECOMPUTED}
+
+
+def selected(only: str | None) -> list[str]:
+    """The contenders `--only` names (default: all)."""
+    names = only.split(",") if only else list(ALL_CONTENDERS)
+    unknown = [c for c in names if c not in ALL_CONTENDERS]
+    if unknown:
+        raise SystemExit(f"unknown contender(s) {unknown}; choose from {ALL_CONTENDERS}")
+    return names
+
+
+def drop_skipped(names: list[str], args, peaks: dict) -> dict[str, str]:
+    """Remove the bf16 rows the options or the machine rule out; returns why each was skipped."""
+    skipped = {}
+    fp32, bf16 = peaks["fp32"]["peak_flops_per_s"], peaks["bf16"]["peak_flops_per_s"]
+    if "trl_bf16" in names and (args.trl_bf16 == "no" or (args.trl_bf16 == "auto" and bf16 < fp32)):
+        names.remove("trl_bf16")
+        skipped["trl_bf16"] = (f"the bf16 matmul peak ({bf16 / 1e9:.0f} GFLOP/s) is below the fp32 one "
+                               f"({fp32 / 1e9:.0f}) on this machine, so a TRL bf16 update takes several times the "
+                               "fp32 one; --trl-bf16 yes runs it")
+    if args.bf16_steps == 0:
+        for name in ("bf16", "trl_bf16"):
+            if name in names:
+                names.remove(name)
+                skipped[name] = "--bf16-steps 0"
+    return skipped
+
+
+def make_spec(args, name: str, *, data: Path, batch: int, warmup: int, steps: int, first_update: int,
+              tag: str | None = None) -> dict:
+    """What a worker needs to run contender `name` (named `<tag>-<name>` when tagged)."""
+    kind, mode = kind_and_mode(name)
+    return {"model": args.model, "data": str(data), "batch": batch, "lr": args.lr, "beta": args.beta,
+            "max_length": args.max_length, "seed": args.seed, "device": args.device,
+            "name": f"{tag}-{name}" if tag else name, "kind": kind, "mode": mode, "warmup": warmup, "steps": steps,
+            "first_update": first_update}
+
+
+def make_specs(args, work, names: list[str]) -> list[dict]:
+    """The main run's specs; bf16 rows run the first `--bf16-steps` of the timed updates."""
+    specs = []
+    for name in names:
+        warmup, steps = args.warmup, args.steps
+        if kind_and_mode(name)[1] == "bf16":
+            warmup, steps = min(args.warmup, args.bf16_warmup), min(args.steps, args.bf16_steps)
+        first = args.warmup - warmup  # the timed updates always start at update `args.warmup`
+        specs.append(make_spec(args, name, data=work.slice_file(first, warmup + steps), batch=args.batch,
+                               warmup=warmup, steps=steps, first_update=first))
+    return specs
+
+
+# ------------------------------------------------------------------------------------------ one process each
+
+
+def run_worker(spec: dict, tmp: Path, timeout: float) -> dict:
+    """One contender in its own process, its files under `tmp`; returns its result with wall time and outside CPU
+    load."""
+    work, log_dir = tmp / spec["name"], tmp / "logs"
+    work.mkdir(parents=True, exist_ok=True)
+    log_dir.mkdir(exist_ok=True)
+    spec = {**spec, "tmp": str(work)}
+    spec_path, result_path, log_path = work / "spec.json", work / "result.json", log_dir / f"{spec['name']}.log"
+    spec_path.write_text(json.dumps(spec))
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1",
+           # compile from scratch: a cache left by earlier runs would hide the compilation time
+           "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor-cache"), "TRITON_CACHE_DIR": str(work / "triton-cache")}
+    cmd = [sys.executable, str(HERE / "throughput.py"), "--worker", str(spec_path), str(result_path)]
+    busy0, self0 = busy_cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    with log_path.open("w") as log:
+        try:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout, check=False)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    wall = time.perf_counter() - start
+    busy1, self1 = busy_cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    if result_path.is_file():
+        result = json.loads(result_path.read_text())
+    else:
+        tail = log_path.read_text(errors="replace")[-1500:] if log_path.is_file() else ""
+        reason = "timed out" if rc == "timeout" else f"exited with {rc} (killed for memory?)" if rc else "no result"
+        result = {"ok": False, "error": f"worker {reason}", "log_tail": tail}
+    result["process_seconds"] = wall
+    if busy0 is not None and busy1 is not None:
+        ours = (self1.ru_utime + self1.ru_stime) - (self0.ru_utime + self0.ru_stime)
+        result["outside_cpu_cores"] = max(0.0, (busy1 - busy0 - ours) / wall)  # other processes' load, in cores
+    return result
+
+
+def worker_main(spec_path: str, result_path: str) -> None:
+    """The worker process (`throughput.py --worker SPEC RESULT`): run one contender, write its result."""
+    spec = json.loads(Path(spec_path).read_text())
+    result: dict = {"ok": False}
+    try:
+        if spec["kind"] == "trl":
+            run_trl(spec, result)
+        else:
+            run_dpokit(spec, result)
+        result["ok"] = "error" not in result
+    except Exception as e:  # a contender that fails is recorded, not fatal to the benchmark
+        result["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        result["traceback"] = traceback.format_exc()[-4000:]
+    with contextlib.suppress(Exception):
+        result["memory"] = peak_memory(spec["device"])
+    Path(result_path).write_text(json.dumps(result, indent=1))
+
+
+def _progress(spec: dict, done: int, total: int, seconds: float) -> None:
+    print(f"[{spec['name']}] step {done}/{total}: {seconds:.1f} s", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ dpokit
+
+
+def run_dpokit(spec: dict, result: dict) -> None:
+    from dpokit.config import Config
+
+    tmp = Path(spec["tmp"])
+    b, total = spec["batch"], spec["warmup"] + spec["steps"]
+    overrides = {
+        "model.name": spec["model"], "data.train": spec["data"], "data.max_length": spec["max_length"],
+        "output.dir": str(tmp / "run"), "output.overwrite": True, "output.tensorboard": False,
+        "checkpoint.every": 0, "train.batch_size": b, "train.micro_batch_size": micro_batch(b), "train.lr": spec["lr"],
+        "objective.beta": spec["beta"], "train.precision": "fp32", "train.max_steps": total, "train.seed": spec["seed"],
+        "reference.cache_dir": str(tmp / "refcache"), **DPOKIT_MODES[spec["mode"]],
+    }
+    cfg = Config.load(None, [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in overrides.items()])
+    result["config"] = {k: str(v) for k, v in overrides.items() if not k.startswith(("output.", "reference.cache"))}
+
+    trainer = dpokit_trainer(cfg, spec["device"])
+    result["setup_seconds"] = trainer.setup_seconds
+    result["setup_memory"] = peak_memory(spec["device"])
+    result["precision"] = trainer.precision
+    result["reference"] = trainer.reference
+    if trainer.precompute["pairs"]:
+        result["precompute"] = trainer.precompute
+    if [p.source for p in trainer.pairs] != [f"{spec['data']}:{i + 1}" for i in range(len(trainer.pairs))]:
+        raise RuntimeError("dpokit did not keep the benchmark file's pair order")
+    result["token_lengths"] = [[len(p.prompt), len(p.chosen), len(p.rejected)] for p in trainer.pairs]
+
+    steps = []
+    try:
+        for k in range(total):
+            row, seconds = trainer.step(list(range(k * b, (k + 1) * b)))
+            steps.append({"seconds": seconds, "pairs": row["pairs"], "tokens": row["tokens"], "loss": row["loss"],
+                          "logps/chosen": row["logps/chosen"], "grad_norm": row["grad_norm"]})
+            _progress(spec, k + 1, total, seconds)
+    except Exception as e:
+        result["error"] = f"{type(e).__name__} at step {len(steps) + 1}: {str(e).strip().splitlines()[0]}"
+        result["traceback"] = traceback.format_exc()[-4000:]
+    finally:
+        trainer.close()
+    result["steps"] = steps
+    if spec["mode"] == "compile":
+        with contextlib.suppress(Exception):
+            from torch._dynamo.utils import counters
+
+            result["dynamo"] = {"stats": dict(counters["stats"]), "graph_breaks": sum(counters["graph_break"].values()),
+                                "recompiles": dict(counters.get("recompiles", {}))}
+
+
+def dpokit_trainer(cfg, device: str) -> SimpleNamespace:
+    """dpokit's trainer for `cfg`. EVERY use of dpokit's trainer internals is in this function, so that a change
+    of dpokit.train is followed here and nowhere else. It uses:
+
+    - `dpokit.train.compute_table`, wrapped to time the one-time reference pass (reference.strategy=precomputed)
+      where the trainer runs it, while the trainer is built;
+    - `dpokit.train.Trainer(cfg, runtime)` and its `precision`, `strategy` (the resolved reference strategy) and
+      `data.train` (the tokenized training pairs, in file order);
+    - `trainer.train_step(pair_ids)`: one optimizer update over those pairs (the benchmark picks them: update k is
+      pairs [k*B, (k+1)*B)), returning its metrics row; then `trainer.step += 1`, as the trainer's own loop does;
+    - `trainer.writer.close()` at the end.
+
+    Returns setup_seconds (building the trainer, the reference pass included), precision, reference, pairs,
+    precompute ({seconds, pairs} of the reference pass), step(pair_ids) -> (metrics row, wall seconds) and close().
+    """
+    import importlib
+
+    from dpokit.distributed import init_runtime
+
+    dtrain = importlib.import_module("dpokit.train")  # the module (the package exports a function `train`)
+    precompute = {"seconds": 0.0, "pairs": 0}
+    original = dtrain.compute_table
+
+    def timed_compute_table(module, pairs, **kwargs):
+        start = time.perf_counter()
+        table = original(module, pairs, **kwargs)
+        sync(device)
+        precompute["seconds"] += time.perf_counter() - start
+        precompute["pairs"] += len(pairs)
+        return table
+
+    dtrain.compute_table = timed_compute_table
+    start = time.perf_counter()
+    trainer = dtrain.Trainer(cfg, init_runtime())
+    setup_seconds = time.perf_counter() - start
+
+    def step(pair_ids: list[int]) -> tuple[dict, float]:
+        start = time.perf_counter()
+        row = trainer.train_step(pair_ids)
+        sync(device)
+        seconds = time.perf_counter() - start
+        trainer.step += 1
+        return row, seconds
+
+    return SimpleNamespace(setup_seconds=setup_seconds, precision=trainer.precision, reference=trainer.strategy,
+                           pairs=trainer.data.train, precompute=precompute, step=step, close=trainer.writer.close)
+
+
+def micro_batch(batch: int) -> int:
+    """dpokit's default pairs per forward pass (gradient accumulation makes up the batch), or the largest divisor
+    of `batch` below it: the same micro-batching a user of the defaults gets."""
+    from dpokit.config import TrainSection
+
+    default = TrainSection().micro_batch_size
+    return max(d for d in range(1, min(default, batch) + 1) if batch % d == 0)
+
+
+# ------------------------------------------------------------------------------------------ TRL
+
+
+def run_trl(spec: dict, result: dict) -> None:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from dpokit import models
+    from dpokit.pipeline.jsonl import read_jsonl
+
+    tmp = Path(spec["tmp"])
+    rows = read_jsonl(spec["data"])
+    total = spec["warmup"] + spec["steps"]
+    settings = dict(output_dir=str(tmp / "trl"), per_device_train_batch_size=spec["batch"],
+                    gradient_accumulation_steps=1, max_steps=total, learning_rate=spec["lr"], beta=spec["beta"],
+                    bf16=spec["mode"] == "bf16", max_length=spec["max_length"], lr_scheduler_type="linear",
+                    warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, seed=spec["seed"],
+                    train_sampling_strategy="sequential", save_strategy="no", report_to=[], disable_tqdm=True,
+                    dataloader_num_workers=0, use_cpu=spec["device"] == "cpu")
+    args = DPOConfig(**settings)
+    result["config"] = {k: v for k, v in settings.items() if k != "output_dir"}
+    result["config"].update(gradient_checkpointing=args.gradient_checkpointing, optim=str(args.optim),
+                            precompute_ref_log_probs=args.precompute_ref_log_probs, padding_free=args.padding_free)
+    result["precision"] = "bf16-mixed" if args.bf16 else "fp32"
+
+    start = time.perf_counter()
+    trainer = DPOTrainer(model=models.model_dir(spec["model"]), args=args, train_dataset=Dataset.from_list(rows))
+    result["setup_seconds"] = time.perf_counter() - start
+    result["setup_memory"] = peak_memory(spec["device"])
+    ds = trainer.train_dataset
+    result["token_lengths"] = [[len(x["prompt_ids"]), len(x["chosen_ids"]), len(x["rejected_ids"])] for x in ds]
+    result["model_dtype"] = str(trainer.model.dtype)
+
+    begins, ends, metrics = [], [], []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            begins.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync(spec["device"])
+            ends.append(time.perf_counter())
+            m = trainer._metrics["train"]
+            metrics.append({k: (m[k][-1] if m.get(k) else None) for k in ("logps/chosen", "rewards/margins")})
+            _progress(spec, len(ends), total, ends[-1] - begins[-1])
+
+    trainer.add_callback(Timer())
+    out = trainer.train()
+    b = spec["batch"]
+    steps = []
+    for k in range(len(ends)):
+        previous = ends[k - 1] if k else begins[0]  # from the end of the previous update: data loading included
+        tokens = logical_tokens(result["token_lengths"][k * b:(k + 1) * b])
+        steps.append({"seconds": ends[k] - previous, "pairs": b, "tokens": tokens, **metrics[k]})
+    result["steps"] = steps
+    result["train_loss"] = out.training_loss
