@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,3 +84,25 @@ def tiny_config(tmp_path, tiny_model_dir, pairs_file):
         return Config.load(None, base + list(overrides))
 
     return make
+
+
+def launch(cfg, *extra, **popen) -> subprocess.Popen:
+    """`dpokit train` on `cfg` in a child process, output merged into stdout."""
+    import yaml
+
+    path = Path(cfg.output.dir).with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "dpokit", "train", str(path), *extra], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def wait_for(predicate, proc, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.002)
+    raise TimeoutError

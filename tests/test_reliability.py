@@ -2,16 +2,12 @@
 non-finite steps are skipped, counted and stop the run, and NaN weights are never written."""
 
 import math
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from dpokit import checkpoint
@@ -21,26 +17,7 @@ from dpokit.export import save_pretrained
 from dpokit.metrics import read_metrics
 from dpokit.train import train
 
-from .conftest import tiny_llama
-
-
-def launch(cfg, *extra) -> subprocess.Popen:
-    path = Path(cfg.output.dir).with_suffix(".yaml")
-    path.write_text(yaml.safe_dump(cfg.to_dict()))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "dpokit", "train", str(path), *extra], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for(predicate, proc, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.002)
-    raise TimeoutError
+from .conftest import launch, tiny_llama, wait_for
 
 
 def final_weights(run_dir):

@@ -14,6 +14,7 @@ from dpokit import attention
 from dpokit.errors import TrainingError
 from dpokit.logps import causal_lm
 from dpokit.models import load_model, nonfinite_parameters
+from dpokit.storage import atomic_dir
 
 
 def save_pretrained(model, directory: Path, *, state_dict: dict | None = None) -> None:
@@ -51,22 +52,17 @@ def export(model, tokenizer, directory: Path, *, merge_lora: bool, config: dict,
            base_model: str, state_dict: dict | None = None) -> Path:
     """`state_dict`: the full weights when `model` is sharded (FSDP2), gathered by the caller."""
     directory = Path(directory)
-    tmp = directory.with_name(f".tmp-{directory.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     lora = hasattr(model, "peft_config")
-    if merge_lora and lora:
-        # merge through a plain copy: the adapter saved, then loaded onto its base and merged
-        save_pretrained(model, tmp / "adapter", state_dict=state_dict)
-        model, state_dict, lora = load_model(str(tmp / "adapter")), None, False
-        shutil.rmtree(tmp / "adapter")
-    save_pretrained(model, tmp, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "README.md").write_text(model_card(config, metrics, base_model, lora=lora))
-    (tmp / "dpokit_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
+    with atomic_dir(directory) as tmp:
+        if merge_lora and lora:
+            # merge through a plain copy: the adapter saved, then loaded onto its base and merged
+            save_pretrained(model, tmp / "adapter", state_dict=state_dict)
+            model, state_dict, lora = load_model(str(tmp / "adapter")), None, False
+            shutil.rmtree(tmp / "adapter")
+        save_pretrained(model, tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(config, metrics, base_model, lora=lora))
+        (tmp / "dpokit_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return directory
 
 

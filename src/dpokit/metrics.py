@@ -4,6 +4,7 @@ prefix) and TensorBoard. Names follow TRL's so existing dashboards read them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 
 from dpokit.logps import SequenceLogps
 from dpokit.objectives import ObjectiveOutput
+from dpokit.storage import disk_errors
 
 # summed per pair, then divided by the pair count
 PAIR_SUMS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -53,9 +55,10 @@ class MetricsWriter:
         self.bar = None
         if not enabled:
             return
-        if resume_step:
-            _truncate_after(self.path, resume_step)
-        self.file = self.path.open("a", encoding="utf-8")
+        with disk_errors(self.path):
+            if resume_step:
+                _truncate_after(self.path, resume_step)
+            self.file = self.path.open("a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -70,8 +73,9 @@ class MetricsWriter:
             return
         step = row["step"]
         out = {k if k in ("step", "epoch") else prefix + k: v for k, v in row.items()}
-        self.file.write(json.dumps(out) + "\n")
-        self.file.flush()
+        with disk_errors(self.path):
+            self.file.write(json.dumps(out) + "\n")
+            self.file.flush()
         if self.tb is not None:
             for k, v in out.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
@@ -98,7 +102,8 @@ class MetricsWriter:
             return
         if self.bar is not None:
             self.bar.close()
-        self.file.close()
+        with contextlib.suppress(OSError):  # a full disk: the write that failed was reported already
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
 

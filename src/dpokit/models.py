@@ -69,6 +69,42 @@ def resolve(name: str) -> ModelSource:
     return ModelSource("hub", name, name)
 
 
+HUB_PROBE_SECONDS = 10
+
+
+def hub_files_are_local(name: str, revision: str | None = None) -> bool:
+    """Whether hub id `name` loads from the local cache only. Asks the hub once, with a short timeout and no
+    retries: offline, a name found in the cache loads from it, and one that is not fails at once with one
+    line instead of a minute of retries. A name the hub does not know fails here too."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    cached = isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str)
+    if constants.HF_HUB_OFFLINE and cached:
+        return True
+    try:
+        HfApi().model_info(name, revision=revision, timeout=HUB_PROBE_SECONDS)
+        return False
+    except RepositoryNotFoundError as e:
+        if type(e).__name__ == "GatedRepoError":  # reachable; from_pretrained reports the missing access
+            return False
+        raise ModelError(f"{name}: not a local path, and the hub has no such model (or it is private: log in "
+                         "with `hf auth login`)") from None
+    except HfHubHTTPError:  # the hub answered (a revision it lacks, a rate limit): loading says what is wrong
+        return False
+    except Exception as e:  # no connection, a timeout, offline mode
+        if cached:
+            return True
+        raise ModelError(f"{name}: not a local path, and the hub is not reachable ({type(e).__name__}); download "
+                         f"it where there is a network (`hf download {name} --local-dir DIR`) and set "
+                         "model.name=DIR") from None
+
+
+def local_files_only(src: ModelSource, revision: str | None = None) -> bool:
+    """For from_pretrained: everything but a hub id is local, and so is a cached hub id while offline."""
+    return src.kind != "hub" or hub_files_are_local(src.path, revision)
+
+
 def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -76,8 +112,11 @@ def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code:
     path = src.path
     if src.kind == "adapter":
         path = _adapter_base(src.path)
-    tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code,
-                                        local_files_only=src.kind != "hub")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code,
+                                            local_files_only=local_files_only(src, revision))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the tokenizer of {name!r}: {str(e).splitlines()[0]}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -97,7 +136,8 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, revision: str |
             base = load_model(_adapter_base(src.path), dtype=dtype, trust_remote_code=trust_remote_code,
                               attn_implementation=attn_implementation)
             return PeftModel.from_pretrained(base, src.path).merge_and_unload()
-        model = AutoModelForCausalLM.from_pretrained(src.path, revision=revision, local_files_only=src.kind != "hub",
+        model = AutoModelForCausalLM.from_pretrained(src.path, revision=revision,
+                                                     local_files_only=local_files_only(src, revision),
                                                      use_safetensors=True, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from dpokit import checkpoint, models
 from dpokit.config import Config
@@ -32,10 +31,11 @@ from dpokit.reference import (
     resolve_strategy,
     weights_fingerprint,
 )
+from dpokit.rundir import RunDir, Start
 from dpokit.signals import StopSignals
 
 # keys that may change between a run and its resumption without changing its results
-RESUMABLE_CHANGES = ("checkpoint.", "output.tensorboard", "train.max_steps", "train.eval_every", "train.log_every",
+RESUMABLE_CHANGES = ("checkpoint.", "output.tensorboard", "output.overwrite", "train.max_steps", "train.eval_every", "train.log_every",
                      "train.max_nonfinite_steps", "distributed.backend")
 
 
@@ -49,6 +49,7 @@ class TrainResult:
     last_train: dict = field(default_factory=dict)
     nonfinite_steps: int = 0
     stopped_by_signal: bool = False
+    already_finished: bool = False  # --resume on a run with nothing left to do
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -68,7 +69,7 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
         try:
             return trainer.run()
         finally:
-            trainer.writer.close()
+            trainer.close()
     finally:
         runtime.close()
 
@@ -76,9 +77,21 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
 class Trainer:
     def __init__(self, cfg: Config, runtime: Runtime, *, resume: bool = False):
         self.cfg, self.rt = cfg, runtime
-        t = cfg.train
-        self.run_dir = Path(cfg.output.dir).expanduser()
-        self.ckpt = self._prepare_run_dir(resume)
+        self.output = RunDir(cfg.output.dir)
+        self.run_dir = self.output.path
+        self.writer: MetricsWriter | None = None
+        if runtime.is_main:  # under torchrun one lock for the run: rank 0's
+            self.output.lock()
+        try:
+            self._set_up(resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _set_up(self, resume: bool) -> None:
+        cfg, t, runtime = self.cfg, self.cfg.train, self.rt
+        if runtime.is_main:
+            self.output.refuse_reuse(resume=resume, overwrite=cfg.output.overwrite)
         self.precision = resolve_precision(t.precision, runtime.device)
         self.autocast = lambda: torch.autocast(runtime.device.type, dtype=torch.bfloat16,
                                                enabled=self.precision == "bf16-mixed")
@@ -88,28 +101,49 @@ class Trainer:
             self.tokenizer = models.load_tokenizer(cfg.model.name, revision=cfg.model.revision,
                                                    trust_remote_code=cfg.model.trust_remote_code)
         self.data = self._load_data()
+        self.steps_per_epoch = math.ceil(len(self.data.train) / t.batch_size)
+        total = t.epochs * self.steps_per_epoch
+        self.total_steps = min(total, t.max_steps) if t.max_steps else total
+        self.start = self._plan_start(resume)
+        saved = None if self.start.fresh else self.output.saved_config()
+        if saved is not None:
+            _check_resumable(Config.from_dict(saved), cfg)
+        self.ckpt = self.start.checkpoint
+        if self.start.finished_step is not None:
+            return
         self.objective = build_objective(cfg.objective)
         self.strategy = resolve_strategy(cfg.reference.strategy, needs_reference=self.objective.needs_reference,
                                          lora=cfg.lora.enabled)
         self.module, self.reference = self._build_models()
         self.model = runtime.wrap(self.module, layer_classes=decoder_layer_classes(causal_lm(self.module.model)))
 
-        self.steps_per_epoch = math.ceil(len(self.data.train) / t.batch_size)
-        total = t.epochs * self.steps_per_epoch
-        self.total_steps = min(total, t.max_steps) if t.max_steps else total
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, t)
         self.scheduler = build_scheduler(self.optimizer, t, self.total_steps)
         self.step, self.nonfinite = 0, 0
         if self.ckpt is not None:
             self._restore(self.ckpt)
+        # the model and data loaded: from here on the run directory is written
+        if runtime.is_main:
+            self.output.start(self.start, cfg.to_dict())
+            self.data.write_report(self.run_dir)
+        runtime.barrier()
         self.writer = MetricsWriter(self.run_dir, enabled=runtime.is_main, tensorboard=cfg.output.tensorboard,
                                     total_steps=self.total_steps, resume_step=self.step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.output.release()
 
     # ----------------------------------------------------------------------------------- the loop
 
     def run(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
+        if self.start.finished_step is not None:
+            self._echo(f"{self.run_dir} finished at step {self.start.finished_step} of {self.total_steps}: nothing "
+                       "left to do (raise train.max_steps or train.epochs to continue it)")
+            return TrainResult(self.run_dir, self.run_dir / "model", self.start.finished_step, already_finished=True)
         self.writer.echo(self._banner())
         result = TrainResult(self.run_dir, None, self.step)
         if self.data.eval and self.step == 0:
@@ -215,43 +249,21 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- set-up
 
-    def _prepare_run_dir(self, resume: bool) -> Path | None:
-        run_dir, cfg = self.run_dir, self.cfg
-        used = (run_dir / "metrics.jsonl").exists() or checkpoint.latest(run_dir) is not None
-        saved = run_dir / "config.yaml"
-        if resume:
-            if saved.is_file():
-                _check_resumable(Config.from_dict(yaml.safe_load(saved.read_text())), cfg)
-            if self.rt.is_main:
-                checkpoint.clean_partial(run_dir)
-            self.rt.barrier()
-            ckpt = checkpoint.latest(run_dir)
-            if ckpt is None and self.rt.is_main and used:
-                print(f"no complete checkpoint in {run_dir}: starting from the beginning")
-            if ckpt is None:
-                self._reset_run_dir()
-            return ckpt
-        if used and not cfg.output.overwrite:
-            raise ConfigError(f"{run_dir} already holds a run: continue it with --resume, or set "
-                              "output.overwrite=true to start over")
-        self._reset_run_dir()
-        return None
-
-    def _reset_run_dir(self) -> None:
-        if self.rt.is_main:
-            import shutil
-
-            for name in ("checkpoints", "tensorboard", "model", "metrics.jsonl"):
-                p = self.run_dir / name
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-        self.rt.barrier()
+    def _plan_start(self, resume: bool) -> Start:
+        """Rank 0 reads the run directory and decides; the other ranks follow its decision."""
+        o = self.cfg.output
+        start = (self.output.plan(resume=resume, overwrite=o.overwrite, total_steps=self.total_steps,
+                                    warn=self._echo) if self.rt.is_main else Start())
+        if not self.rt.distributed:
+            return start
+        ckpt_step = checkpoint.step_of(start.checkpoint) if start.checkpoint else -1
+        decided = [ckpt_step, -1 if start.finished_step is None else start.finished_step]
+        ckpt_step, finished = self.rt.broadcast(torch.tensor(decided, device=self.rt.device)).tolist()
+        ckpt = self.run_dir / "checkpoints" / f"{checkpoint.PREFIX}{ckpt_step:07d}" if ckpt_step >= 0 else None
+        return Start(checkpoint=ckpt, finished_step=None if finished < 0 else finished)
 
     def _load_data(self) -> PreparedData:
         data = prepare_data(self.cfg.data, self.tokenizer, seed=self.cfg.train.seed)
-        if self.rt.is_main:
-            data.write_report(self.run_dir)
         if not data.train:
             raise DataError(f"{self.cfg.data.train}: no valid training pairs ({data.summary()})")
         return data
@@ -348,6 +360,9 @@ class Trainer:
         optimizer = get_optimizer_state_dict(self.module, self.optimizer, options=opts)
         state = self._full_state_dict()
         if self.rt.is_main:
+            warning = checkpoint.space_warning(self.run_dir)
+            if warning:
+                self._echo(warning)
             checkpoint.save(
                 self.run_dir, self.step,
                 save_model=lambda d: save_pretrained(self.module.model, d, state_dict=state),

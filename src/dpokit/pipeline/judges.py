@@ -81,13 +81,13 @@ class SequenceClassifier:
                  device: str = "auto", on: str = "text", revision: str | None = None):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from dpokit.models import resolve
+        from dpokit.models import local_files_only, resolve
         from dpokit.pipeline.sample import resolve_device
 
         src = resolve(model)
         if src.kind not in ("hub", "dir"):
             raise ConfigError(f"{model}: a judge model must be a hub id or a Hugging Face directory")
-        local = src.kind != "hub"
+        local = local_files_only(src, revision)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(src.path, revision=revision, local_files_only=local)
             self.model = AutoModelForSequenceClassification.from_pretrained(src.path, revision=revision,

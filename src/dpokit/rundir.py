@@ -1,0 +1,133 @@
+"""A run directory holds a finished run, a resumable run, or nothing, and one process at a time.
+
+Nothing in it is deleted unless `output.overwrite=true`, and nothing is written to it before the model
+and the data have loaded: a run that fails to start leaves the directory as it found it. The lock is an
+OS file lock (`flock`), so the kernel releases it when its process exits, however it exits.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from dpokit import checkpoint
+from dpokit.errors import ConfigError, RunLockedError, TrainingError
+from dpokit.storage import disk_errors
+
+LOCK = ".lock"
+CONFIG = "config.yaml"
+MODEL = "model"
+METRICS = "metrics.jsonl"
+FINAL_METRICS = "dpokit_metrics.json"  # in model/: the exported model's metrics, its `step` among them
+RUN_FILES = ("checkpoints", "tensorboard", MODEL, METRICS, CONFIG, "data_report.json")
+
+
+@dataclass
+class Start:
+    """How a run starts in its directory: from `checkpoint`, from scratch, or not at all (`finished`)."""
+
+    checkpoint: Path | None = None
+    finished_step: int | None = None  # the run is done: nothing left to do
+
+    @property
+    def fresh(self) -> bool:
+        return self.checkpoint is None and self.finished_step is None
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"output.dir {self.path} is a file, not a directory: choose another output.dir")
+        self._lock_fd: int | None = None
+        self._created = False
+
+    # ------------------------------------------------------------------------------------------ lock
+
+    def lock(self) -> None:
+        """Take the directory for this process, or stop at once naming the process that holds it."""
+        self._created = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunLockedError(f"{self.path} is in use by another dpokit process (PID {holder}): wait for it to "
+                                 "end or choose another output.dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        """Let go of the lock; a directory this process created and never wrote to is removed again."""
+        if self._lock_fd is None:
+            return
+        if self._created and [p.name for p in self.path.iterdir()] == [LOCK]:
+            (self.path / LOCK).unlink()
+            self.path.rmdir()
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+    # ------------------------------------------------------------------------------------------ state
+
+    @property
+    def used(self) -> bool:
+        """Whether the directory holds (part of) a run."""
+        return (any((self.path / name).exists() for name in (METRICS, MODEL))
+                or bool(checkpoint.checkpoints(self.path)))
+
+    def finished_step(self) -> int | None:
+        """The step at which the run finished and exported its model, or None."""
+        try:
+            return int(json.loads((self.path / MODEL / FINAL_METRICS).read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def saved_config(self) -> dict | None:
+        path = self.path / CONFIG
+        return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+    def refuse_reuse(self, *, resume: bool, overwrite: bool) -> None:
+        """A new run never replaces an earlier one unasked (checked before anything loads)."""
+        if not resume and not overwrite and self.used:
+            raise ConfigError(f"{self.path} already holds a run: continue it with --resume, or set "
+                              "output.overwrite=true to start over")
+
+    def plan(self, *, resume: bool, overwrite: bool, total_steps: int, warn) -> Start:
+        """Decide how the run starts, before anything is written. Refuses whatever would lose work."""
+        if not resume:
+            self.refuse_reuse(resume=False, overwrite=overwrite)
+            return Start()
+        checkpoint.clean_partial(self.path)  # half-written by a killed run: never complete, never used
+        done = self.finished_step()
+        if done is not None and done >= total_steps:
+            return Start(finished_step=done)
+        ckpt = checkpoint.resume_point(self.path, warn)
+        if ckpt is not None or not self.used or overwrite:
+            return Start(checkpoint=ckpt)
+        why = (f"it finished at step {done} without a checkpoint to continue from" if done is not None
+               else "it holds no checkpoint")
+        raise TrainingError(f"cannot resume {self.path}: {why} (checkpoint.every=0 writes none until a signal). "
+                            "Set output.overwrite=true to start over")
+
+    def start(self, start: Start, config: dict) -> None:
+        """Write the run's config; a fresh start first clears what an earlier run left (only reached when
+        the directory was empty or output.overwrite=true)."""
+        if start.fresh:
+            for name in RUN_FILES:
+                p = self.path / name
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink(missing_ok=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        with disk_errors(self.path / CONFIG):
+            (self.path / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
