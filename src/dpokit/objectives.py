@@ -1,7 +1,7 @@
 """Preference objectives: pure functions of per-pair log-probs.
 
 Inputs are summed completion log-probs of the policy (`pc`, `pr`: chosen, rejected) and of the
-reference (`rc`, `rr`), and completion lengths (`lc`, `lr`). Each function returns the per-pair loss
+reference (`rc`, `rr`), and completion lengths (`len_c`, `len_r`). Each function returns the per-pair loss
 and the chosen/rejected implicit rewards (detached, for metrics). With
     h = (pc - rc) - (pr - rr)
 the DPO family differs only in the function of β·h it minimises.
@@ -40,13 +40,13 @@ def sigmoid(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, labe
     return ObjectiveOutput(losses, *_rewards(beta, pc, pr, rc, rr))
 
 
-def ipo(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, lc: Tensor, lr: Tensor, *, beta: float,
+def ipo(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, len_c: Tensor, len_r: Tensor, *, beta: float,
         length_normalized: bool = True) -> ObjectiveOutput:
     """IPO (Azar et al. 2023, eq. 17), β playing τ: loss = (h - 1/(2β))².
     length_normalized (TRL's form): each log-ratio is divided by its completion length first;
     otherwise h uses summed log-ratios (the DPO authors' code)."""
     if length_normalized:
-        h = (pc - rc) / lc.clamp(min=1) - (pr - rr) / lr.clamp(min=1)
+        h = (pc - rc) / len_c.clamp(min=1) - (pr - rr) / len_r.clamp(min=1)
     else:
         h = (pc - rc) - (pr - rr)
     losses = (h - 1 / (2 * beta)) ** 2
@@ -69,18 +69,22 @@ def robust(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, label
     return ObjectiveOutput(losses, *_rewards(beta, pc, pr, rc, rr))
 
 
-def simpo(pc: Tensor, pr: Tensor, lc: Tensor, lr: Tensor, *, beta: float, gamma: float) -> ObjectiveOutput:
+def simpo(pc: Tensor, pr: Tensor, len_c: Tensor, len_r: Tensor, *, beta: float, gamma: float) -> ObjectiveOutput:
     """SimPO (Meng et al. 2024, eq. 6), reference-free and length-normalised:
     loss = -log σ(β/|y_w| log π(y_w|x) - β/|y_l| log π(y_l|x) - γ); reward = β/|y| log π(y|x)."""
-    chosen = beta * pc / lc.clamp(min=1)
-    rejected = beta * pr / lr.clamp(min=1)
+    chosen = beta * pc / len_c.clamp(min=1)
+    rejected = beta * pr / len_r.clamp(min=1)
     losses = -F.logsigmoid(chosen - rejected - gamma)
     return ObjectiveOutput(losses, chosen.detach(), rejected.detach())
 
 
-def nll(pc: Tensor, lc: Tensor) -> Tensor:
+def nll(pc: Tensor, len_c: Tensor) -> Tensor:
     """Token-mean negative log-likelihood of the chosen completion (the RPO term, Pang et al. 2024)."""
-    return -pc / lc.clamp(min=1)
+    return -pc / len_c.clamp(min=1)
+
+
+# every objective by name, and whether it compares against a reference model: the one place that says so
+NEEDS_REFERENCE = {"sigmoid": True, "ipo": True, "hinge": True, "robust": True, "simpo": False}
 
 
 @dataclass(frozen=True)
@@ -102,14 +106,13 @@ class Objective:
 def build_objective(cfg) -> Objective:
     """From the `objective` config section."""
     b, eps = cfg.beta, cfg.label_smoothing
-    fns: dict[str, tuple[bool, Callable]] = {
-        "sigmoid": (True, lambda p, r: sigmoid(p.chosen, p.rejected, r.chosen, r.rejected, beta=b, label_smoothing=eps)),
-        "ipo": (True, lambda p, r: ipo(p.chosen, p.rejected, r.chosen, r.rejected, p.chosen_lengths, p.rejected_lengths,
-                                        beta=b, length_normalized=cfg.ipo_form == "length_normalized")),
-        "hinge": (True, lambda p, r: hinge(p.chosen, p.rejected, r.chosen, r.rejected, beta=b)),
-        "robust": (True, lambda p, r: robust(p.chosen, p.rejected, r.chosen, r.rejected, beta=b, label_smoothing=eps)),
-        "simpo": (False, lambda p, r: simpo(p.chosen, p.rejected, p.chosen_lengths, p.rejected_lengths, beta=b,
-                                            gamma=cfg.simpo_gamma)),
+    fns: dict[str, Callable] = {
+        "sigmoid": lambda p, r: sigmoid(p.chosen, p.rejected, r.chosen, r.rejected, beta=b, label_smoothing=eps),
+        "ipo": lambda p, r: ipo(p.chosen, p.rejected, r.chosen, r.rejected, p.chosen_lengths, p.rejected_lengths,
+                                beta=b, length_normalized=cfg.ipo_form == "length_normalized"),
+        "hinge": lambda p, r: hinge(p.chosen, p.rejected, r.chosen, r.rejected, beta=b),
+        "robust": lambda p, r: robust(p.chosen, p.rejected, r.chosen, r.rejected, beta=b, label_smoothing=eps),
+        "simpo": lambda p, r: simpo(p.chosen, p.rejected, p.chosen_lengths, p.rejected_lengths, beta=b,
+                                    gamma=cfg.simpo_gamma),
     }
-    needs_reference, fn = fns[cfg.loss]
-    return Objective(cfg.loss, needs_reference, fn, cfg.nll_weight)
+    return Objective(cfg.loss, NEEDS_REFERENCE[cfg.loss], fns[cfg.loss], cfg.nll_weight)
