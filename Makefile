@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml Makefile
 
 # the DPO paper's sentiment experiment end to end: sample, label, train, evaluate, frontier (~10 min on 2 CPU cores)
 demo: $(STAMP)
-	$(BIN)/python -m dpokit.pipeline.demo
+	$(BIN)/python -m dpokit.pipeline.demo --config configs/sentiment.yaml \
+		--train-prompts data/sentiment/prompts_train.jsonl --heldout-prompts data/sentiment/prompts_heldout.jsonl
 
 quickstart: $(STAMP)
 	$(BIN)/dpokit train configs/quickstart.yaml

@@ -7,15 +7,39 @@ import os
 import sys
 import traceback
 
-from dpokit.errors import DpokitError
+from dpokit.errors import DpokitError, first_line
 
 
-def _train(args: argparse.Namespace) -> int:
+def add_train(sub) -> argparse.ArgumentParser:
+    from dpokit.config import describe
+
+    p = sub.add_parser(
+        "train",
+        help="train a policy with DPO",
+        description="Train with DPO. CONFIG is a YAML file of sections; any key can be overridden as "
+                    "section.key=value. Keys, defaults and descriptions:\n\n" + describe(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", nargs="?", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--resume", action="store_true", help="continue the run in output.dir from its last checkpoint")
+    return p
+
+
+def train_command(args: argparse.Namespace) -> int:
     from dpokit.config import Config
+
+    config, overrides = args.config, args.overrides
+    if config and "=" in config:  # `dpokit train key=value` without a file: the first positional is an override
+        config, overrides = None, [config, *overrides]
+    return train_and_report(Config.load(config, overrides), resume=args.resume)
+
+
+def train_and_report(cfg, *, resume: bool = False) -> int:
+    """Train as `cfg` says and print the held-out metrics before and after; 130 when a signal stopped it."""
     from dpokit.train import train
 
-    cfg = Config.load(args.config, args.overrides)
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=resume)
     if result.stopped_by_signal:
         return 130
     if result.eval_before and result.eval_after:
@@ -38,40 +62,35 @@ def print_before_after(before: dict, after: dict, *, title: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every `dpokit` command, in the order `--help` lists them: its module declares the options (`add_*`)
+    and runs it (`*_command`)."""
     from dpokit import validate
-    from dpokit.config import describe
-    from dpokit.pipeline import commands as pipeline_commands
+    from dpokit.pipeline import commands as pipeline
 
     parser = argparse.ArgumentParser(prog="dpokit", description="Direct Preference Optimization for causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser(
-        "train",
-        help="train a policy with DPO",
-        description="Train with DPO. CONFIG is a YAML file of sections; any key can be overridden as "
-                    "section.key=value. Keys, defaults and descriptions:\n\n" + describe(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("config", nargs="?", help="YAML config file")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    p.add_argument("--resume", action="store_true", help="continue the run in output.dir from its last checkpoint")
-    p.set_defaults(func=_train)
-    validate.add_commands(sub)  # validate
-    pipeline_commands.add_commands(sub)  # sample, label, evaluate, frontier
+    for add, command in ((add_train, train_command),
+                         (validate.add_validate, validate.validate_command),
+                         (pipeline.add_sample, pipeline.sample_command),
+                         (pipeline.add_label, pipeline.label_command),
+                         (pipeline.add_evaluate, pipeline.evaluate_command),
+                         (pipeline.add_frontier, pipeline.frontier_command)):
+        add(sub).set_defaults(func=command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    # `dpokit train key=value` without a file: the first positional is an override
-    if getattr(args, "config", None) and "=" in args.config:
-        args.overrides, args.config = [args.config, *args.overrides], None
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return run(args.func, args)
+
+
+def run(command, *args) -> int:
+    """Call a command and return its exit status. Bad input or environment is one line on stderr and
+    status 2, without a traceback unless DPOKIT_DEBUG=1; other exceptions are bugs and keep theirs;
+    Ctrl-C is 130."""
     try:
-        return args.func(args)
+        return command(*args)
     except (DpokitError, OSError) as e:
-        # bad input or environment: one line, no traceback; other exceptions are bugs and keep theirs
         if os.environ.get("DPOKIT_DEBUG", "0") not in ("", "0"):
             traceback.print_exc()
         print(f"error: {error_line(e)}", file=sys.stderr)
@@ -91,8 +110,9 @@ def error_line(e: BaseException) -> str:
         if e.filename2 is not None:
             text += f" -> {e.filename2}"
         return text
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-    return " ".join(lines) if isinstance(e, DpokitError) else lines[0]
+    if not isinstance(e, DpokitError):
+        return first_line(e)
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
 if __name__ == "__main__":

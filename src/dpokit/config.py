@@ -1,32 +1,34 @@
-"""Typed run configuration: every key has a default and a one-line description.
+"""Typed settings: every key has a default, a one-line description and its checks, each stated once.
 
-A config is read from YAML, then `section.key=value` overrides are applied. Values are parsed with
-`yaml.safe_load` (never evaluated as code) and checked against the declared type, range and choices
-before anything heavy (a model, a dataset) is loaded.
+The run configuration is `Config`, one dataclass per section; the pipeline commands' settings
+(`pipeline.sample.SamplingSettings`, `pipeline.pairs.PairingSettings`, ...) are dataclasses of the same
+kind. `check_fields` applies the declared ranges and choices, `describe` lists the keys for
+`dpokit train --help`, and `add_arguments` turns settings into command-line options. Reading a config
+file and `section.key=value` overrides is `config_loader`'s job.
 """
 
 from __future__ import annotations
 
-import contextlib
+import argparse
 import dataclasses
 import difflib
-import math
 import os
-import re
-import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 
+from dpokit import models
+from dpokit.data.records import missing_file
 from dpokit.errors import ConfigError
+from dpokit.objectives import NEEDS_REFERENCE
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
         max: float | None = None, min_exclusive: bool = False) -> Any:
-    """A config field: default value, one-line help and the checks `validate` applies."""
+    """A settings field: default value, one-line help and the checks `check_fields` applies."""
     meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
@@ -35,8 +37,8 @@ def opt(default: Any, help: str, *, choices: tuple | None = None, min: float | N
 
 @dataclass
 class ModelSection:
-    name: str = opt("smollm2-135m-instruct",
-                    "policy to train: hub id, local HF directory, .gguf file, or the alias smollm2-135m-instruct")
+    name: str = opt(models.DEFAULT_MODEL,
+                    f"policy to train: hub id, local HF directory, .gguf file, or the alias {models.DEFAULT_MODEL}")
     revision: str | None = opt(None, "hub revision (branch, tag or commit) when `name` is a hub id")
     trust_remote_code: bool = opt(False, "allow model code shipped with a hub model to run (off unless asked)")
     attn_implementation: str = opt("sdpa", "attention kernel for the padded layout",
@@ -69,7 +71,7 @@ class DataSection:
 
 @dataclass
 class ObjectiveSection:
-    loss: str = opt("sigmoid", "preference objective", choices=("sigmoid", "ipo", "hinge", "robust", "simpo"))
+    loss: str = opt("sigmoid", "preference objective", choices=tuple(NEEDS_REFERENCE))
     beta: float = opt(0.1, "β: strength of the KL constraint (τ for IPO, reward scale for SimPO)", min=0.0, min_exclusive=True)
     label_smoothing: float = opt(0.0, "ε: assumed rate of flipped labels (cDPO with sigmoid, rDPO with robust)", min=0.0, max=0.4999)
     ipo_form: str = opt("length_normalized", "IPO on per-token log-ratios (TRL) or on summed log-ratios (authors)",
@@ -82,7 +84,7 @@ class ObjectiveSection:
 class ReferenceSection:
     strategy: str = opt("auto", "reference model: auto | copy | adapters (LoRA) | precomputed | none (reference-free)",
                         choices=("auto", "copy", "adapters", "precomputed", "none"))
-    dtype: str | None = opt(None, "dtype of the frozen copy (default: the policy's)", choices=(None, "float32", "bfloat16", "float16"))
+    dtype: str | None = opt(None, "dtype of the frozen copy (default: the policy's)", choices=(None, *models.DTYPES))
     cache_dir: str = opt("~/.cache/dpokit/reference-logps", "where precomputed reference log-probs are cached")
 
 
@@ -168,83 +170,32 @@ class Config:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> Config:
-        cfg = cls()
-        if values is None:
-            return cfg
-        if not isinstance(values, dict):
-            raise ConfigError(f"{source}: expected a mapping of sections, got {_typename(values)}")
-        for section, body in values.items():
-            if section not in SECTIONS:
-                raise ConfigError(f"{source}: unknown section '{section}'{_suggest(section, SECTIONS)}")
-            if body is None:
-                continue
-            if not isinstance(body, dict):
-                raise ConfigError(f"{source}: section '{section}' must be a mapping, got {_typename(body)}")
-            for key, value in body.items():
-                cfg.set(f"{section}.{key}", value, source=source)
-        return cfg
+    # reading a config is config_loader's; these are its entry points on the class
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    def load(cls, path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
         """Read a YAML file (optional) and apply `section.key=value` overrides, then validate."""
-        values: dict[str, Any] = {}
-        if path is not None:
-            p = Path(path).expanduser()
-            if p.is_dir():
-                raise ConfigError(f"{path}: is a directory, not a config file")
-            if not p.is_file():
-                raise ConfigError(f"config file not found: {path}")
-            try:
-                raw_bytes = p.read_bytes()
-            except OSError as e:
-                raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-            try:
-                text = raw_bytes.decode("utf-8")
-            except UnicodeDecodeError as e:
-                line, line_start = raw_bytes.count(b"\n", 0, e.start) + 1, raw_bytes.rfind(b"\n", 0, e.start) + 1
-                raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte {e.start - line_start + 1} of the line)") from None
-            try:
-                values = yaml.safe_load(text) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(_yaml_error(str(path), e)) from None
-        cfg = cls.from_dict(values, source=str(path) if path else "config")
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override '{item}' must look like section.key=value")
-            key, raw = item.split("=", 1)
-            key = key.strip()
-            try:
-                value = yaml.safe_load(raw) if raw != "" else None
-            except yaml.constructor.ConstructorError as e:  # a tag such as !!python/object: data, never code
-                raise ConfigError(_yaml_error(f"override: {key}", e, lines=False)) from None
-            except yaml.YAMLError:
-                value = raw  # not YAML (e.g. '@file'): the text itself
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and _takes_string(key):
-                value = raw  # `model.revision=1234567`, `output.dir=2024`: the text, not the number YAML reads
-            cfg.set(key, value, source="override")
-        cfg.validate()
-        return cfg
+        from dpokit import config_loader
+
+        return config_loader.load(path, overrides)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None, *, source: str = "config") -> Config:
+        """Sections as read from YAML, each value checked against its key's type (not yet validated)."""
+        from dpokit import config_loader
+
+        return config_loader.from_dict(values, source=source)
 
     def set(self, dotted: str, value: Any, *, source: str = "override") -> None:
-        section, _, key = dotted.partition(".")
-        if section not in SECTIONS:
-            raise ConfigError(f"{source}: unknown key '{dotted}'{_suggest_key(dotted)}")
-        obj = getattr(self, section)
-        names = {f.name: f for f in dataclasses.fields(obj)}
-        if key not in names:
-            raise ConfigError(f"{source}: unknown key '{dotted}'{_suggest_key(dotted)}")
-        hint = typing.get_type_hints(type(obj))[key]
-        setattr(obj, key, _coerce(value, hint, dotted, source))
-        self.explicit.add(dotted)
+        """Set `section.key` to `value`, coerced to the key's type, and mark it as set by the user."""
+        from dpokit import config_loader
+
+        config_loader.set_value(self, dotted, value, source=source)
 
     def validate(self) -> None:
         """Range, choice and cross-field checks; each failure is one clear line."""
         for section in SECTIONS:
-            obj = getattr(self, section)
-            for f in dataclasses.fields(obj):
-                _check_field(f"{section}.{f.name}", getattr(obj, f.name), f.metadata)
+            check_fields(getattr(self, section), section)
         d, t = self.data, self.train
         if d.max_prompt_length >= d.max_length:
             raise ConfigError(f"data.max_prompt_length ({d.max_prompt_length}) must be less than data.max_length "
@@ -261,23 +212,27 @@ class Config:
                            and getattr(self.lora, k[5:]) != getattr(defaults, k[5:]))
         if lora_keys and not self.lora.enabled:
             raise ConfigError(f"{lora_keys[0]} is set but LoRA is off: add lora.enabled=true or remove it")
-        ref = self.reference.strategy
+        ref, loss = self.reference.strategy, self.objective.loss
         if ref == "adapters" and not self.lora.enabled:
             raise ConfigError("reference.strategy=adapters needs LoRA (lora.enabled=true)")
-        if self.objective.loss == "simpo" and ref not in ("auto", "none"):
-            raise ConfigError(f"objective.loss=simpo is reference-free; reference.strategy={ref} does not apply")
-        if self.objective.loss != "simpo" and ref == "none":
-            raise ConfigError(f"objective.loss={self.objective.loss} needs a reference model; reference.strategy=none "
-                              "only fits simpo")
-        if self.objective.loss != "robust" and self.objective.loss != "sigmoid" and self.objective.label_smoothing:
-            raise ConfigError(f"objective.label_smoothing applies to sigmoid (cDPO) and robust, not {self.objective.loss}")
+        if not NEEDS_REFERENCE[loss] and ref not in ("auto", "none"):
+            raise ConfigError(f"objective.loss={loss} is reference-free; reference.strategy={ref} does not apply")
+        if NEEDS_REFERENCE[loss] and ref == "none":
+            free = " or ".join(name for name, needs in NEEDS_REFERENCE.items() if not needs)
+            raise ConfigError(f"objective.loss={loss} needs a reference model; reference.strategy=none only "
+                              f"fits {free}")
+        if loss not in ("sigmoid", "robust") and self.objective.label_smoothing:
+            raise ConfigError(f"objective.label_smoothing applies to sigmoid (cDPO) and robust, not {loss}")
         for key in ("train", "eval"):
-            _check_data_source(f"data.{key}", getattr(d, key))
+            source = getattr(d, key)
+            if source is not None and missing_file(source):
+                raise ConfigError(f"data.{key}: file not found: {source}")
         if d.train is None:
             raise ConfigError("data.train is required: a preference file, datasets directory or hub dataset name")
         if d.eval is not None and d.eval_fraction:
             raise ConfigError("data.eval and data.eval_fraction are both set; use one")
-        _check_model_source("model.name", self.model.name)
+        if models.missing_path(self.model.name):
+            raise ConfigError(f"model.name: not found: {self.model.name}")
 
 
 def all_keys() -> list[str]:
@@ -290,10 +245,9 @@ def describe() -> str:
     for section, cls in SECTIONS.items():
         lines.append(f"{section}:")
         for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             choices = f.metadata.get("choices")
             extra = f" [{' | '.join(str(c) for c in choices if c is not None)}]" if choices else ""
-            lines.append(f"  {f.name} = {_fmt(default)}  # {f.metadata['help']}{extra}")
+            lines.append(f"  {f.name} = {_fmt(default_of(f))}  # {f.metadata['help']}{extra}")
     return "\n".join(lines)
 
 
@@ -301,135 +255,37 @@ def _fmt(value: Any) -> str:
     return "null" if value is None else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-# the names TRL's DPOConfig (and HF TrainingArguments) use for the same settings
-OTHER_NAMES = {
-    "learning_rate": "train.lr", "num_train_epochs": "train.epochs", "per_device_train_batch_size":
-    "train.micro_batch_size", "gradient_accumulation_steps": "train.batch_size", "lr_scheduler_type": "train.schedule",
-    "bf16": "train.precision", "loss_type": "objective.loss",
-    "rpo_alpha": "objective.nll_weight", "model_name_or_path": "model.name", "output_dir": "output.dir",
-    "use_peft": "lora.enabled", "lora_r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
-    "lora_target_modules": "lora.target_modules", "precompute_ref_log_probs": "reference.strategy",
-    "save_steps": "checkpoint.every", "save_total_limit": "checkpoint.keep", "logging_steps": "train.log_every",
-    "eval_steps": "train.eval_every",
-}
+def default_of(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
-def _suggest_key(dotted: str) -> str:
-    """' (did you mean ...?)' for an unknown `section.key`: the same key in another section, the TRL name's
-    counterpart, a close spelling in the same section, or a close spelling anywhere."""
-    section, _, key = dotted.partition(".")
-    if not key:
-        section, key = "", section
-    keys = all_keys()
-    same_name = [k for k in keys if k.split(".", 1)[1] == key]
-    if same_name:
-        return f" (did you mean '{same_name[0]}'?)"
-    if key in OTHER_NAMES:
-        return f" (did you mean '{OTHER_NAMES[key]}'?)"
-    if section in SECTIONS:
-        near = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(SECTIONS[section])], n=1, cutoff=0.6)
-        if near:
-            return f" (did you mean '{section}.{near[0]}'?)"
-    return _suggest(dotted, keys)
+# ------------------------------------------------------------------------------------------ checks
 
 
-def _suggest(name: str, options) -> str:
+def check_fields(settings: Any, section: str | None = None) -> None:
+    """The declared choices and ranges of every field of the dataclass `settings`; a failure names the
+    key as `section.key`, or without a section as the command-line option (`--max-new-tokens`)."""
+    for f in dataclasses.fields(settings):
+        key = f"{section}.{f.name}" if section else option_name(f.name)
+        value, meta = getattr(settings, f.name), f.metadata
+        choices = meta.get("choices")
+        if choices is not None and value not in choices:
+            shown = ", ".join(str(c) for c in choices if c is not None)
+            raise ConfigError(f"{key} must be one of {shown}; got {value!r}"
+                              f"{did_you_mean(str(value), [str(c) for c in choices])}")
+        if value is None or isinstance(value, (str, list, bool)):
+            continue
+        lo, hi = meta.get("min"), meta.get("max")
+        if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
+            relation = ">" if meta.get("min_exclusive") else ">="
+            raise ConfigError(f"{key} must be {relation} {_num(lo)}; got {_num(value)}")
+        if hi is not None and value > hi:
+            raise ConfigError(f"{key} must be <= {_num(hi)}; got {_num(value)}")
+
+
+def did_you_mean(name: str, options) -> str:
     match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else ""
-
-
-def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
-    """Check `value` against the annotation `hint`; accept ints for floats and numeric strings like '1e-5'."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, key, source)
-            except ConfigError as e:
-                errors.append(e)
-        raise errors[0]
-    if origin is list:
-        (item,) = args
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, list):
-            raise ConfigError(f"{source}: {key} must be a list, got {_typename(value)} {value!r}")
-        return [_coerce(v, item, key, source) for v in value]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{source}: {key} must be true or false, got {_typename(value)} {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{source}: {key} must be an integer, got {_typename(value)} {value!r}")
-    if hint is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                number = float(value)  # YAML reads 1e-5 (no dot) as a string
-        if number is None:
-            raise ConfigError(f"{source}: {key} must be a number, got {_typename(value)} {value!r}")
-        if not math.isfinite(number):  # nan passes every range check; inf is never meant
-            raise ConfigError(f"{source}: {key} must be a finite number, got {value!r}")
-        return number
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{source}: {key} must be a string, got {_typename(value)} {value!r}")
-    raise TypeError(f"unsupported config type {hint} for {key}")  # a bug in this module, not user input
-
-
-def _takes_string(dotted: str) -> bool:
-    """Whether the key `section.key` is declared as a string (optionally None)."""
-    section, _, key = dotted.partition(".")
-    cls = SECTIONS.get(section)
-    hint = typing.get_type_hints(cls).get(key) if cls is not None else None
-    return hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType) and str in typing.get_args(hint))
-
-
-def _yaml_error(where: str, e: yaml.YAMLError, *, lines: bool = True) -> str:
-    """One line for a YAML error: where it is and what is wrong, without PyYAML's multi-line excerpt."""
-    mark = getattr(e, "problem_mark", None)
-    place = f"{where}:{mark.line + 1}" if lines and mark is not None else where
-    problem = getattr(e, "problem", None) or _first_line(e)
-    tag = re.search(r"constructor for the tag '([^']*)'", problem)
-    if isinstance(e, yaml.constructor.ConstructorError) and tag:
-        shown = tag.group(1).replace("tag:yaml.org,2002:", "!!")
-        return f"{place}: the YAML tag '{shown}' is not allowed (config values are plain data, never code)"
-    return f"{place}: not valid YAML: {problem}"
-
-
-def _first_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
-def _typename(value: Any) -> str:
-    return {type(None): "null", bool: "boolean", int: "integer", float: "number", str: "string",
-            list: "list", dict: "mapping"}.get(type(value), type(value).__name__)
-
-
-def _check_field(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
-    choices = meta.get("choices")
-    if choices is not None and value not in choices:
-        shown = ", ".join(str(c) for c in choices if c is not None)
-        raise ConfigError(f"{key} must be one of {shown}; got {value!r}{_suggest(str(value), [str(c) for c in choices])}")
-    if value is None or isinstance(value, (str, list, bool)):
-        return
-    lo, hi = meta.get("min"), meta.get("max")
-    if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
-        raise ConfigError(f"{key} must be {'>' if meta.get('min_exclusive') else '>='} {_num(lo)}; got {_num(value)}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{key} must be <= {_num(hi)}; got {_num(value)}")
 
 
 def _num(x: float) -> str:
@@ -437,21 +293,41 @@ def _num(x: float) -> str:
     return text.removesuffix(".0")
 
 
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+# ------------------------------------------------------------------------------------------ command lines
 
 
-def looks_like_path(value: str) -> bool:
-    return value.startswith((".", "/", "~")) or value.endswith(FILE_SUFFIXES + (".gguf",))
+def option_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
-def _check_data_source(key: str, value: str | None) -> None:
-    if value is None:
-        return
-    p = Path(value).expanduser()
-    if looks_like_path(value) and not p.exists():
-        raise ConfigError(f"{key}: file not found: {value}")
+def choices_of(cls: type, name: str) -> tuple | None:
+    return next(f.metadata["choices"] for f in dataclasses.fields(cls) if f.name == name)
 
 
-def _check_model_source(key: str, value: str) -> None:
-    if looks_like_path(value) and not Path(value).expanduser().exists():
-        raise ConfigError(f"{key}: not found: {value}")
+def add_arguments(parser: argparse.ArgumentParser, cls: type, names: Sequence[str] | None = None, *,
+                  defaults: dict[str, Any] | None = None) -> None:
+    """A command-line option per field of the settings dataclass `cls` (those in `names`, in that order):
+    its type, choices and default (or the one in `defaults`) and its help, followed by the default. argparse
+    checks the type and the choices; `check_fields` on the settings built from them checks the rest."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for name in names or fields:
+        f = fields[name]
+        default = (defaults or {}).get(name, default_of(f))
+        parser.add_argument(option_name(name), type=hints[name], choices=f.metadata["choices"], default=default,
+                            help=f"{f.metadata['help']} (default {_shown(default)})")
+
+
+def from_arguments(cls: type, args: argparse.Namespace) -> Any:
+    """The settings `cls` from parsed options (`add_arguments`); fields without an option keep their default."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
+def as_arguments(settings: Any, names: Sequence[str] | None = None) -> list[str]:
+    """The options that give the fields of `settings` (those in `names`) their values: `add_arguments` backwards."""
+    names = names or [f.name for f in dataclasses.fields(settings)]
+    return [item for name in names for item in (option_name(name), _shown(getattr(settings, name)))]
+
+
+def _shown(value: Any) -> str:
+    return _num(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)

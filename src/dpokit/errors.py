@@ -1,4 +1,5 @@
-"""Errors that reach the user as one clear line (the CLI prints them without a traceback)."""
+"""Errors that reach the user as one clear line (the CLI prints them without a traceback), and the
+helpers that word such lines."""
 
 
 class DpokitError(Exception):
@@ -33,3 +34,20 @@ class StorageError(DpokitError):
 
 class RunLockedError(DpokitError):
     """Another process holds the run directory."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-blank line of an exception's message (another library's detail), else its type name."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+# how a message names a value's type: YAML's words for config values, JSON's (with an article) for data rows
+_TYPE_NAMES = {type(None): ("null", "null"), bool: ("boolean", "a boolean"), int: ("integer", "a number"),
+               float: ("number", "a number"), str: ("string", "a string"), list: ("list", "a list"),
+               dict: ("mapping", "an object")}
+
+
+def type_name(value: object, *, json: bool = False) -> str:
+    names = _TYPE_NAMES.get(type(value))
+    return names[json] if names else type(value).__name__

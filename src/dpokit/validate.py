@@ -236,9 +236,8 @@ def _render_lengths(lengths: dict) -> list[str]:
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def add_commands(sub) -> None:
-    """Add `validate` to the `dpokit` subcommands."""
-    from dpokit.config import DataSection, ModelSection
+def add_validate(sub) -> argparse.ArgumentParser:
+    from dpokit.config import DataSection, ModelSection, choices_of
 
     data, model = DataSection(), ModelSection()
     p = sub.add_parser(
@@ -256,15 +255,15 @@ def add_commands(sub) -> None:
     p.add_argument("--max-length", type=int, default=data.max_length, help="data.max_length (default: %(default)s)")
     p.add_argument("--max-prompt-length", type=int, default=data.max_prompt_length,
                    help="data.max_prompt_length (default: %(default)s)")
-    p.add_argument("--truncation-mode", default=data.truncation_mode, choices=("keep_end", "keep_start", "error"),
+    p.add_argument("--truncation-mode", default=data.truncation_mode, choices=choices_of(DataSection, "truncation_mode"),
                    help="data.truncation_mode (default: %(default)s)")
     p.add_argument("--skip-invalid", action="store_true", help="data.skip_invalid=true: invalid rows would be skipped")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--show", type=int, default=10, help="invalid rows listed one by one (default: %(default)s)")
-    p.set_defaults(func=_validate_command)
+    return p
 
 
-def _validate_command(args: argparse.Namespace) -> int:
+def validate_command(args: argparse.Namespace) -> int:
     from dpokit import models
     from dpokit.config import Config
     from dpokit.data.dataset import settings_of

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from dpokit.errors import DataError, SourceError
+from dpokit.errors import DataError, SourceError, first_line, type_name
 
 ROLES = ("system", "user", "assistant", "tool")
 FIELDS = ("prompt", "chosen", "rejected")
@@ -98,7 +98,8 @@ def parse_row(row: Any, where: str, problems: Problems) -> PreferenceRecord | No
     if row is _UNPARSABLE:
         return None
     if not isinstance(row, dict):
-        problems.add(where, "not_an_object", f"expected an object with chosen/rejected, got {_kind(row)}")
+        problems.add(where, "not_an_object",
+                     f"expected an object with chosen/rejected, got {type_name(row, json=True)}")
         return None
     for key in ("chosen", "rejected"):
         if key not in row:
@@ -120,7 +121,8 @@ def parse_row(row: Any, where: str, problems: Problems) -> PreferenceRecord | No
                 return None
             values[key] = [{"role": m["role"], "content": m["content"]} for m in value]
         else:
-            problems.add(where, "wrong_type", f"'{key}' must be a string or a list of messages, got {_kind(value)}")
+            problems.add(where, "wrong_type",
+                         f"'{key}' must be a string or a list of messages, got {type_name(value, json=True)}")
             return None
     kinds = {k: isinstance(v, list) for k, v in values.items()}
     if len(set(kinds.values())) > 1:
@@ -180,14 +182,14 @@ def _check_messages(messages: list, key: str) -> tuple[str, str] | None:
         return ("empty_prompt" if key == "prompt" else "empty_completion"), "empty message list"
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            return "bad_message", f"message {i} must be an object with role and content, got {_kind(m)}"
+            return "bad_message", f"message {i} must be an object with role and content, got {type_name(m, json=True)}"
         for key in ("role", "content"):
             if key not in m:
                 return "bad_message", f"message {i} has no '{key}'"
         if not isinstance(m["role"], str) or m["role"] not in ROLES:
             return "unknown_role", f"message {i} has role {m['role']!r}; expected one of {', '.join(ROLES)}"
         if not isinstance(m["content"], str):
-            return "bad_message", f"message {i} content must be a string, got {_kind(m['content'])}"
+            return "bad_message", f"message {i} content must be a string, got {type_name(m['content'], json=True)}"
     return None
 
 
@@ -197,14 +199,17 @@ def _is_empty(value: Text) -> bool:
     return not value or all(not m["content"].strip() for m in value)
 
 
-def _kind(value: Any) -> str:
-    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
-            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
-
-
 # --------------------------------------------------------------------------------------------- sources
 
 _UNPARSABLE = object()  # a row that could not be read; its problem is already reported
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def missing_file(source: str) -> bool:
+    """Whether `source` names a file (by its suffix, or a leading `.`, `/` or `~`) that does not exist.
+    Any other name that is not there is read as a hub dataset."""
+    named_file = source.endswith(FILE_SUFFIXES) or source.startswith((".", "/", "~"))
+    return named_file and not Path(source).expanduser().exists()
 
 
 def _iter_rows(source: str, split: str, problems: Problems):
@@ -212,9 +217,9 @@ def _iter_rows(source: str, split: str, problems: Problems):
     if path.is_dir():
         yield from _iter_dataset_dir(path, split)
         return
+    if missing_file(source):
+        raise SourceError(f"{source}: file not found")
     if not path.exists():
-        if source.endswith((".jsonl", ".json", ".parquet", ".csv")) or source.startswith((".", "/", "~")):
-            raise SourceError(f"{source}: file not found")
         yield from _iter_hub_dataset(source, split)
         return
     suffix = path.suffix.lower()
@@ -254,7 +259,7 @@ def _iter_jsonl(name: str, data: bytes, problems: Problems):
 
 
 def _iter_json(name: str, data: bytes, problems: Problems):
-    text = _decode_whole(name, data)
+    text = _decode_whole(data)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
@@ -265,7 +270,8 @@ def _iter_json(name: str, data: bytes, problems: Problems):
     except RecursionError:
         raise DataError(f"{name}: invalid JSON: nested too deeply") from None
     if not isinstance(value, list):
-        raise DataError(f"{name}: expected a JSON array of objects (or one object per line), got {_kind(value)}")
+        raise DataError(f"{name}: expected a JSON array of objects (or one object per line), "
+                        f"got {type_name(value, json=True)}")
     # walk the array again to learn the line each element starts on
     decoder = json.JSONDecoder()
     idx = text.index("[") + 1
@@ -283,7 +289,7 @@ def _iter_json(name: str, data: bytes, problems: Problems):
 
 
 def _iter_csv(name: str, data: bytes, problems: Problems):
-    text = _decode_whole(name, data)
+    text = _decode_whole(data)
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # default 128 KiB: long completions exist
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
@@ -293,16 +299,16 @@ def _iter_csv(name: str, data: bytes, problems: Problems):
     if fieldnames is None:
         raise DataError(f"{name}: the file is empty")
     _check_columns(name + ":1", "header", fieldnames)
-    first_line = reader.line_num + 1
+    row_line = reader.line_num + 1
     while True:
         try:
             row = next(reader)
         except StopIteration:
             return
         except csv.Error as e:
-            raise DataError(f"{name}:{first_line}: not valid CSV: {e}") from None
-        where = f"{name}:{first_line}"
-        first_line = reader.line_num + 1
+            raise DataError(f"{name}:{row_line}: not valid CSV: {e}") from None
+        where = f"{name}:{row_line}"
+        row_line = reader.line_num + 1
         if None in row or any(v is None for v in row.values()):
             problems.add(where, "unparsable", "row does not have as many cells as the header")
             yield where, _UNPARSABLE
@@ -323,7 +329,7 @@ def _iter_parquet(name: str, data: bytes, problems: Problems):
     try:
         table = pq.read_table(pa.BufferReader(data))
     except Exception as e:  # pyarrow raises several types for corrupt files
-        raise DataError(f"{name}: not a readable Parquet file ({type(e).__name__}: {_first_line(e)})") from None
+        raise DataError(f"{name}: not a readable Parquet file ({type(e).__name__}: {first_line(e)})") from None
     _check_columns(name, "file", table.column_names)
     for i, row in enumerate(table.to_pylist(), start=1):
         yield f"{name}:row {i}", row
@@ -338,16 +344,16 @@ def _iter_dataset_dir(path: Path, split: str):
         try:
             ds = datasets.load_from_disk(name)
         except Exception as e:
-            raise SourceError(f"{name}: not a readable datasets directory ({_first_line(e)})") from None
+            raise SourceError(f"{name}: not a readable datasets directory ({first_line(e)})") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise SourceError(f"{name}: no split '{split}' (splits: {', '.join(ds)})")
             ds, label = ds[split], f"{name}[{split}]"
-    elif any(p.suffix in (".jsonl", ".json", ".parquet", ".csv") for p in path.iterdir()):
+    elif any(p.suffix in FILE_SUFFIXES for p in path.iterdir()):
         try:
             ds = datasets.load_dataset(name, split=split)
         except Exception as e:
-            raise SourceError(f"{name}: cannot load as a dataset ({_first_line(e)})") from None
+            raise SourceError(f"{name}: cannot load as a dataset ({first_line(e)})") from None
         label = f"{name}[{split}]"
     else:
         raise SourceError(f"{name}: is a directory, not a preference file or a datasets dataset")
@@ -369,18 +375,13 @@ def _iter_hub_dataset(name: str, split: str):
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:
-        raise SourceError(f"{name}: not a file, directory or loadable hub dataset ({_first_line(e)})") from None
+        raise SourceError(f"{name}: not a file, directory or loadable hub dataset ({first_line(e)})") from None
     _check_columns(f"{name}[{split}]", "dataset", ds.column_names)
     for i, row in enumerate(ds, start=1):
         yield f"{name}[{split}]:row {i}", row
 
 
-def _first_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
-def _decode_whole(name: str, data: bytes) -> str:
+def _decode_whole(data: bytes) -> str:
     # undecodable bytes become lone surrogates, so the row that holds them can be named and skipped
     return data.decode("utf-8", errors="surrogateescape")
 

@@ -1,8 +1,8 @@
 """`make demo`: the DPO paper's controlled-sentiment experiment (Rafailov et al. 2023, §6.1, Figure 2) end
 to end, on the embedded SmolLM2-135M-Instruct and a CPU, in about ten minutes.
 
-Each step is the `dpokit` command shown before it runs, so the same pipeline runs by hand on other
-prompts, models and judges:
+Each step calls what the `dpokit` command shown before it calls, so the same pipeline runs by hand on
+other prompts, models and judges:
 
     1  sample    the starting model continues each training opening 4 times (temperature 1)
     2  sample    the reference's completions of the held-out openings, drawn once and reused
@@ -14,8 +14,13 @@ prompts, models and judges:
     6  frontier  every checkpoint and the final policy against the reference on the held-out openings:
                  mean reward, win rate, KL(π‖π_ref); frontier.csv and frontier.png
 
-The openings are data/sentiment/ (see make_prompts.py there). Finished samples are kept: rerunning
-resumes sampling where it stopped; `--fresh` starts over.
+`make demo` gives it the repository's openings (data/sentiment/, see make_prompts.py there) and
+training config (configs/sentiment.yaml):
+
+    python -m dpokit.pipeline.demo --config configs/sentiment.yaml \
+        --train-prompts data/sentiment/prompts_train.jsonl --heldout-prompts data/sentiment/prompts_heldout.jsonl
+
+Finished samples are kept: rerunning resumes sampling where it stopped; `--fresh` starts over.
 """
 
 from __future__ import annotations
@@ -26,46 +31,118 @@ import shlex
 import shutil
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
-DATA = Path("data/sentiment")
+from dpokit import models
+from dpokit.config import as_arguments
+from dpokit.pipeline import commands
+from dpokit.pipeline.pairs import PairingSettings
+from dpokit.pipeline.sample import SamplingSettings
+
+JUDGE = "sentiment"
+
+
+@dataclass(frozen=True)
+class Step:
+    title: str
+    command: list[str]  # the `dpokit` command that does the same, printed before the step runs
+    run: Callable[[], int]  # returns the command's exit status
 
 
 def steps(out: Path, config: str, *, model: str, train_prompts: Path, heldout_prompts: Path,
-          max_new_tokens: int, eval_samples: int, batch_size: int, margin: float) -> list[tuple[str, list[str]]]:
-    gen = ["--max-new-tokens", str(max_new_tokens), "--template", "none", "--batch-size", str(batch_size)]
-    judge = ["--judge", "sentiment"]
+          max_new_tokens: int, eval_samples: int, batch_size: int, margin: float) -> list[Step]:
+    sampling = SamplingSettings(n=4, max_new_tokens=max_new_tokens, template="none", batch_size=batch_size)
+    evaluation = replace(sampling, n=eval_samples, seed=2)
+    samples_train, samples_heldout = out / "samples_train.jsonl", out / "samples_heldout.jsonl"
+    pairs_train, pairs_heldout = out / "pairs_train.jsonl", out / "pairs_heldout.jsonl"
+    overrides = [f"model.name={model}", f"data.train={pairs_train}", f"data.eval={pairs_heldout}",
+                 f"output.dir={out / 'dpo'}", "output.overwrite=true"]
     return [
-        ("sample the starting model on the training openings",
-         ["sample", str(train_prompts), "--model", model, "--n", "4", "--seed", "0", *gen,
-          "--out", str(out / "samples_train.jsonl")]),
-        ("sample the reference on the held-out openings (reused by every evaluation)",
-         ["sample", str(heldout_prompts), "--model", model, "--n", "4", "--seed", "1", *gen,
-          "--out", str(out / "samples_heldout.jsonl")]),
-        ("label the training samples: all pairs, those whose scores differ by less than the margin dropped",
-         ["label", str(out / "samples_train.jsonl"), *judge, "--mode", "all-pairs", "--margin", f"{margin:g}",
-          "--out", str(out / "pairs_train.jsonl"), "--scored-out", str(out / "scored_train.jsonl")]),
-        ("label the held-out samples: best vs worst",
-         ["label", str(out / "samples_heldout.jsonl"), *judge, "--mode", "best-vs-worst",
-          "--out", str(out / "pairs_heldout.jsonl")]),
-        ("train DPO",
-         ["train", config, f"model.name={model}", f"data.train={out / 'pairs_train.jsonl'}",
-          f"data.eval={out / 'pairs_heldout.jsonl'}", f"output.dir={out / 'dpo'}", "output.overwrite=true"]),
-        ("evaluate every checkpoint against the reference: the reward-KL frontier",
-         ["frontier", str(out / "dpo"), "--checkpoints", "--reference-samples", str(out / "samples_heldout.jsonl"),
-          "--pairs", str(out / "pairs_heldout.jsonl"), *judge, "--n", str(eval_samples), "--seed", "2",
-          "--batch-size", str(batch_size), "--out", str(out / "frontier")]),
+        sample_step("sample the starting model on the training openings",
+                    train_prompts, samples_train, model, replace(sampling, seed=0)),
+        sample_step("sample the reference on the held-out openings (reused by every evaluation)",
+                    heldout_prompts, samples_heldout, model, replace(sampling, seed=1)),
+        label_step("label the training samples: all pairs, those whose scores differ by less than the margin dropped",
+                   samples_train, pairs_train, PairingSettings("all-pairs", margin),
+                   scored_out=out / "scored_train.jsonl"),
+        label_step("label the held-out samples: best vs worst", samples_heldout, pairs_heldout,
+                   PairingSettings("best-vs-worst")),
+        Step("train DPO", ["train", config, *overrides], partial(train, config, overrides)),
+        Step("evaluate every checkpoint against the reference: the reward-KL frontier",
+             ["frontier", str(out / "dpo"), "--checkpoints", "--reference-samples", str(samples_heldout),
+              "--pairs", str(pairs_heldout), "--judge", JUDGE, *as_arguments(evaluation, commands.GENERATION),
+              "--out", str(out / "frontier")],
+             partial(frontier, out / "dpo", model, evaluation, samples_heldout, pairs_heldout, out / "frontier")),
     ]
+
+
+def sample_step(title: str, prompts: Path, out: Path, model: str, settings: SamplingSettings) -> Step:
+    command = ["sample", str(prompts), "--model", model, *as_arguments(settings), "--out", str(out)]
+    return Step(title, command, partial(sample, prompts, out, model, settings))
+
+
+def sample(prompts: Path, out: Path, model: str, settings: SamplingSettings) -> int:
+    drop_stale_samples(prompts, out, model, settings)
+    return commands.sample(prompts, out, settings, model=model)
+
+
+def drop_stale_samples(prompts: Path, out: Path, model: str, settings: SamplingSettings) -> None:
+    """Samples kept from an earlier demo with other settings (a changed default, say) are not resumed
+    but drawn again; `dpokit sample` itself refuses to mix them."""
+    from dpokit.pipeline.jsonl import read_meta
+    from dpokit.pipeline.prompts import read_prompts
+    from dpokit.pipeline.sample import sample_meta
+
+    saved = read_meta(out) if out.exists() else None
+    if saved is not None and saved != sample_meta(model, read_prompts(prompts), settings):
+        print(f"{out} holds samples drawn with other settings: sampling again", flush=True)
+        out.unlink()
+
+
+def label_step(title: str, samples: Path, out: Path, pairing: PairingSettings, *,
+               scored_out: Path | None = None) -> Step:
+    command = ["label", str(samples), "--judge", JUDGE, *as_arguments(pairing), "--out", str(out)]
+    if scored_out is not None:
+        command += ["--scored-out", str(scored_out)]
+    return Step(title, command, partial(label, samples, out, pairing, scored_out))
+
+
+def label(samples: Path, out: Path, pairing: PairingSettings, scored_out: Path | None) -> int:
+    from dpokit.pipeline.judges import build_judge
+
+    return commands.label(samples, out, build_judge(JUDGE), pairing, scored_out=scored_out)
+
+
+def train(config: str, overrides: list[str]) -> int:
+    from dpokit.cli import train_and_report
+    from dpokit.config import Config
+
+    return train_and_report(Config.load(config, overrides))
+
+
+def frontier(run_dir: Path, reference: str, settings: SamplingSettings, reference_samples: Path, pairs: Path,
+             out: Path) -> int:
+    from dpokit.pipeline.evaluate import Evaluator
+    from dpokit.pipeline.frontier import expand_targets
+    from dpokit.pipeline.judges import build_judge
+
+    targets = expand_targets([str(run_dir)], checkpoints=True)
+    evaluator = Evaluator(reference, build_judge(JUDGE), settings, reference_samples=reference_samples, pairs=pairs)
+    return commands.frontier(targets, evaluator, out)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dpokit.pipeline.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="DPO training config (configs/sentiment.yaml)")
+    parser.add_argument("--train-prompts", required=True, help="training openings (data/sentiment/prompts_train.jsonl)")
+    parser.add_argument("--heldout-prompts", required=True,
+                        help="held-out openings (data/sentiment/prompts_heldout.jsonl)")
     parser.add_argument("--out", default="runs/sentiment", help="experiment directory (default runs/sentiment)")
-    parser.add_argument("--config", default="configs/sentiment.yaml", help="DPO training config")
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="starting model (and reference)")
-    parser.add_argument("--train-prompts", default=str(DATA / "prompts_train.jsonl"))
-    parser.add_argument("--heldout-prompts", default=str(DATA / "prompts_heldout.jsonl"))
+    parser.add_argument("--model", default=models.DEFAULT_MODEL, help="starting model (and reference)")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="tokens per completion (default 16)")
     parser.add_argument("--eval-samples", type=int, default=2, help="policy samples per held-out opening (default 2)")
     parser.add_argument("--batch-size", type=int, default=128, help="sequences per generation batch (default 128)")
@@ -74,8 +151,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="delete the experiment directory first")
     args = parser.parse_args(argv)
 
-    from dpokit.cli import main as dpokit
-
     out = Path(args.out)
     if args.fresh:
         shutil.rmtree(out, ignore_errors=True)
@@ -83,42 +158,25 @@ def main(argv: list[str] | None = None) -> int:
     plan = steps(out, args.config, model=args.model, train_prompts=Path(args.train_prompts),
                  heldout_prompts=Path(args.heldout_prompts), max_new_tokens=args.max_new_tokens,
                  eval_samples=args.eval_samples, batch_size=args.batch_size, margin=args.margin)
+    return run(plan, out)
+
+
+def run(plan: list[Step], out: Path) -> int:
+    """Each step after the command it equals; stops at the first that fails (its error as `dpokit` prints it)."""
+    from dpokit.cli import run as run_command
+
     start = time.perf_counter()
     timings = []
-    for k, (title, command) in enumerate(plan, 1):
-        print(f"\n[{k}/{len(plan)}] {title}\n$ dpokit {shlex.join(command)}", flush=True)
-        if command[0] == "sample":
-            drop_stale_samples(command)
+    for k, step in enumerate(plan, 1):
+        print(f"\n[{k}/{len(plan)}] {step.title}\n$ dpokit {shlex.join(step.command)}", flush=True)
         t0 = time.perf_counter()
-        code = dpokit(command)
-        timings.append((command[0], time.perf_counter() - t0))
+        code = run_command(step.run)
+        timings.append((step.command[0], time.perf_counter() - t0))
         if code != 0:
             print(f"demo stopped: step {k} exited with {code}", file=sys.stderr)
             return code
-    total = time.perf_counter() - start
-    report(out, timings, total)
+    report(out, timings, time.perf_counter() - start)
     return 0
-
-
-def drop_stale_samples(command: list[str]) -> None:
-    """Samples kept from an earlier demo with other settings (a changed default, say) are not resumed
-    but drawn again; `dpokit sample` itself refuses to mix them."""
-    from dpokit.pipeline.commands import DEFAULT_MODEL
-    from dpokit.pipeline.jsonl import read_meta
-    from dpokit.pipeline.prompts import read_prompts
-    from dpokit.pipeline.sample import SamplingSettings, sample_meta
-
-    opts = dict(zip(command[2::2], command[3::2]))
-    out = Path(opts["--out"])
-    saved = read_meta(out) if out.exists() else None
-    if saved is None:
-        return
-    settings = SamplingSettings(n=int(opts["--n"]), max_new_tokens=int(opts["--max-new-tokens"]),
-                                seed=int(opts["--seed"]), batch_size=int(opts["--batch-size"]),
-                                template=opts["--template"])
-    if saved != sample_meta(opts.get("--model", DEFAULT_MODEL), read_prompts(command[1]), settings):
-        print(f"{out} holds samples drawn with other settings: sampling again", flush=True)
-        out.unlink()
 
 
 def report(out: Path, timings: list[tuple[str, float]], total: float) -> None:

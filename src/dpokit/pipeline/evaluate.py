@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -30,7 +30,7 @@ from dpokit.data.records import Problems, read_preferences
 from dpokit.data.tokenize import TokenizedPair, TokenizeSettings, tokenize_records
 from dpokit.errors import ConfigError, DataError
 from dpokit.logps import CompletionLogProbs
-from dpokit.pipeline.jsonl import read_jsonl, read_meta, write_jsonl
+from dpokit.pipeline.jsonl import meta_path, read_jsonl, read_meta, write_jsonl
 from dpokit.pipeline.judges import Judge, score_rows
 from dpokit.pipeline.prompts import Prompt
 from dpokit.pipeline.runs import default_reference
@@ -86,20 +86,6 @@ def preference_accuracy(policy_chosen, policy_rejected, reference_chosen, refere
 
 
 @dataclass
-class EvalSettings:
-    n: int = 4  # policy samples per prompt (and reference samples, unless given as a file)
-    max_new_tokens: int = 32
-    seed: int = 1234
-    batch_size: int = 32
-    template: str = "auto"
-
-    def sampling(self) -> SamplingSettings:
-        """Temperature 1 and no top-p: the KL estimate needs samples of π itself."""
-        return SamplingSettings(n=self.n, temperature=1.0, top_p=1.0, max_new_tokens=self.max_new_tokens,
-                                seed=self.seed, batch_size=self.batch_size, template=self.template).check()
-
-
-@dataclass
 class EvalResult:
     policy: str
     reference: str
@@ -138,17 +124,20 @@ class Evaluator:
     prompts and their scores, and its log-probs on the held-out pairs. `evaluate(policy)` then costs one
     round of policy sampling, one reference pass over those samples and the policy's pass over the pairs."""
 
-    def __init__(self, reference: str, judge: Judge, settings: EvalSettings, *, prompts: Sequence[Prompt] | None = None,
-                 reference_samples: str | Path | None = None, pairs: str | Path | None = None,
-                 device: str = "auto", dtype: str = "float32", progress: bool = True):
-        self.reference_name, self.judge, self.settings = reference, judge, settings
+    def __init__(self, reference: str, judge: Judge, settings: SamplingSettings, *,
+                 prompts: Sequence[Prompt] | None = None, reference_samples: str | Path | None = None,
+                 pairs: str | Path | None = None, device: str = "auto", dtype: str = "float32", progress: bool = True):
+        if (settings.temperature, settings.top_p) != (1.0, 1.0):
+            raise ConfigError(f"evaluation samples at temperature 1 without top-p (the KL estimate needs samples of "
+                              f"π itself), not at temperature {settings.temperature}, top-p {settings.top_p}")
+        self.reference_name, self.judge, self.settings = reference, judge, settings.check()
         self.device, self.dtype, self.progress = resolve_device(device), dtype, progress
         ref_rows = None
         if reference_samples is not None:
             ref_rows = self._read_reference_samples(reference_samples)
         elif prompts is None:
             raise ConfigError("evaluate needs held-out prompts (--prompts) or reference samples (--reference-samples)")
-        self.reference = Sampler.load(reference, settings.sampling(), device=str(self.device), dtype=dtype)
+        self.reference = Sampler.load(reference, self.settings, device=str(self.device), dtype=dtype)
         self.tokenizer = self.reference.tokenizer
         if ref_rows is None:
             self.echo(f"sampling the reference {reference} on {len(prompts)} prompts")
@@ -170,7 +159,7 @@ class Evaluator:
     def _read_reference_samples(self, path: str | Path) -> list[dict]:
         meta = read_meta(path)
         if meta is None:
-            raise DataError(f"{path}: no {Path(path).name}.meta.json beside it; reference samples must come from "
+            raise DataError(f"{path}: no {meta_path(path).name} beside it; reference samples must come from "
                             "`dpokit sample`")
         if meta.get("temperature") != 1.0 or meta.get("top_p") != 1.0:
             raise DataError(f"{path} was sampled at temperature {meta.get('temperature')}, top-p {meta.get('top_p')}; "
@@ -183,7 +172,7 @@ class Evaluator:
                             "`dpokit sample` with the same arguments to finish it")
         rows.sort(key=lambda r: r["index"])
         # the policy's samples are drawn the same way as the reference's
-        self.settings.max_new_tokens, self.settings.template = meta["max_new_tokens"], meta["template"]
+        self.settings = replace(self.settings, max_new_tokens=meta["max_new_tokens"], template=meta["template"])
         return rows
 
     def echo(self, text: str) -> None:
@@ -193,7 +182,7 @@ class Evaluator:
     def evaluate(self, policy: str, *, samples_out: str | Path | None = None) -> EvalResult:
         s = self.settings
         model = models.load_model(policy, dtype=models.DTYPES[self.dtype]).to(self.device).eval()
-        sampler = Sampler(model, self.tokenizer, s.sampling())
+        sampler = Sampler(model, self.tokenizer, s)
         drawn = self._draw(sampler)
         policy_scores = score_rows(self.judge, [d.row(i) for i, d in enumerate(drawn)])
         flat_prompts = [d.prompt_ids for d in drawn for _ in d.completions]

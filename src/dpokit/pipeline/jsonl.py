@@ -60,16 +60,16 @@ class ResumableJsonl:
 
     def __init__(self, path: str | Path, meta: dict[str, Any], *, overwrite: bool = False):
         self.path = Path(path)
-        self.meta_path = self.path.with_name(self.path.name + ".meta.json")
         self.done: list[dict] = []
         if overwrite or not self.path.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text("", encoding="utf-8")
-            self.meta_path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+            write_meta(self.path, meta)
         else:
             saved = read_meta(self.path)
             if saved is None:
-                raise DataError(f"{self.path} exists but has no {self.meta_path.name}: pass --overwrite to replace it")
+                raise DataError(f"{self.path} exists but has no {meta_path(self.path).name}: pass --overwrite to "
+                                "replace it")
             changed = sorted(k for k in set(saved) | set(meta) if saved.get(k) != meta.get(k))
             if changed:
                 raise DataError(f"{self.path} was written with different settings ({', '.join(changed)} changed): "
@@ -93,6 +93,15 @@ class ResumableJsonl:
         self.close()
 
 
+def meta_path(path: str | Path) -> Path:
+    """The sidecar `<file>.meta.json` that records what produced the file `path`."""
+    return Path(path).with_name(Path(path).name + ".meta.json")
+
+
+def write_meta(path: str | Path, meta: dict[str, Any]) -> None:
+    meta_path(path).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
 def read_meta(path: str | Path) -> dict | None:
-    meta = Path(path).with_name(Path(path).name + ".meta.json")
+    meta = meta_path(path)
     return json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else None

@@ -14,15 +14,26 @@ has two, labelling stops with an error instead of writing an empty file.
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dpokit.errors import ConfigError, DataError
-from dpokit.pipeline.jsonl import read_jsonl, write_jsonl
+from dpokit.config import check_fields, opt
+from dpokit.errors import DataError
+from dpokit.pipeline.jsonl import read_jsonl, write_jsonl, write_meta
 
 MODES = ("all-pairs", "best-vs-worst")
+
+
+@dataclass(frozen=True)
+class PairingSettings:
+    mode: str = opt("all-pairs", "all-pairs: every two completions of a prompt (4 → 6 pairs); best-vs-worst: one pair",
+                    choices=MODES)
+    margin: float = opt(0.0, "drop pairs whose scores differ by less than this; ties are always dropped", min=0.0)
+
+    def check(self) -> PairingSettings:
+        check_fields(self)
+        return self
 
 
 @dataclass
@@ -55,10 +66,7 @@ class PairCounts:
 def preference_pairs(scores: Sequence[float], *, mode: str = "all-pairs", margin: float = 0.0,
                      texts: Sequence[str] | None = None) -> tuple[list[tuple[int, int]], PairCounts]:
     """(chosen, rejected) index pairs from one prompt's completion scores, and what was dropped and why."""
-    if mode not in MODES:
-        raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-    if margin < 0:
-        raise ConfigError(f"margin must be >= 0; got {margin}")
+    PairingSettings(mode, margin).check()
     n = len(scores)
     if mode == "all-pairs":
         candidates = list(itertools.combinations(range(n), 2))
@@ -113,7 +121,6 @@ def label_rows(rows: Sequence[dict], scores: Sequence[Sequence[float]], *, mode:
 @dataclass
 class LabelSummary:
     pairs_path: Path
-    scored_path: Path | None
     counts: PairCounts
     mean_score: float
 
@@ -144,9 +151,9 @@ def label_file(samples: str | Path, out: str | Path, judge=None, *, mode: str = 
     write_jsonl(out, pairs)
     meta = {"samples": str(samples), "judge": getattr(judge, "name", "scores in the samples"), "mode": mode,
             "margin": margin, "counts": counts.to_json()}
-    Path(out).with_name(Path(out).name + ".meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    write_meta(out, meta)
     if scored_out is not None:
         write_jsonl(scored_out, [{**r, "scores": s, "judge": getattr(judge, "name", r.get("judge"))}
                                  for r, s in zip(rows, scores)])
     flat = [s for row in scores for s in row]
-    return LabelSummary(Path(out), Path(scored_out) if scored_out else None, counts, sum(flat) / max(1, len(flat)))
+    return LabelSummary(Path(out), counts, sum(flat) / max(1, len(flat)))

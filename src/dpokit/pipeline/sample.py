@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from dpokit import models
+from dpokit.config import check_fields, opt
 from dpokit.data.layouts import collate
 from dpokit.data.tokenize import TokenizedPair
-from dpokit.errors import ConfigError
 from dpokit.logps import CompletionLogProbs
 from dpokit.pipeline.jsonl import ResumableJsonl
 from dpokit.pipeline.prompts import TEMPLATES, Prompt, as_model_input, read_prompts
@@ -32,33 +32,18 @@ from dpokit.pipeline.prompts import TEMPLATES, Prompt, as_model_input, read_prom
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    n: int = 4  # completions per prompt
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    max_new_tokens: int = 32
-    seed: int = 0
-    batch_size: int = 32  # sequences per generate call
-    template: str = "auto"  # chat template: auto | chat | none
+    n: int = opt(4, "completions per prompt", min=1)
+    temperature: float = opt(1.0, "sampling temperature, 0 for greedy", min=0.0)
+    top_p: float = opt(1.0, "nucleus sampling mass, 1 for off", min=0.0, min_exclusive=True, max=1.0)
+    max_new_tokens: int = opt(32, "most tokens per completion", min=1)
+    seed: int = opt(0, "sampling seed")
+    batch_size: int = opt(32, "sequences per generation batch", min=1)
+    template: str = opt("auto", "chat template: auto applies it to conversations, and to string prompts when the "
+                        "model has one; none continues strings as plain text", choices=TEMPLATES)
 
     def check(self) -> SamplingSettings:
-        if self.n < 1:
-            raise ConfigError(f"--n must be >= 1; got {self.n}")
-        if self.temperature < 0:
-            raise ConfigError(f"--temperature must be >= 0; got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"--top-p must be in (0, 1]; got {self.top_p}")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"--max-new-tokens must be >= 1; got {self.max_new_tokens}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1; got {self.batch_size}")
-        if self.template not in TEMPLATES:
-            raise ConfigError(f"--template must be one of {', '.join(TEMPLATES)}; got {self.template!r}")
+        check_fields(self)
         return self
-
-    @property
-    def exact(self) -> bool:
-        """Samples from the model's own distribution (what a KL estimate needs)."""
-        return self.temperature == 1.0 and self.top_p == 1.0
 
 
 @dataclass
