@@ -244,13 +244,13 @@ def dpokit_trainer(cfg, device: str) -> SimpleNamespace:
     """dpokit's trainer for `cfg`. EVERY use of dpokit's trainer internals is in this function, so that a change
     of dpokit.train is followed here and nowhere else. It uses:
 
-    - `dpokit.train.compute_table`, wrapped to time the one-time reference pass (reference.strategy=precomputed)
-      where the trainer runs it, while the trainer is built;
-    - `dpokit.train.Trainer(cfg, runtime)` and its `precision`, `strategy` (the resolved reference strategy) and
-      `data.train` (the tokenized training pairs, in file order);
+    - `dpokit.reference.logps_table`, wrapped to time the one-time reference pass (reference.strategy=precomputed)
+      where the reference is built, while the trainer is built;
+    - `dpokit.train.Trainer(cfg, runtime)` and its `precision`, `method.reference.name` (the resolved reference
+      strategy) and `method.train_set` (the tokenized training pairs, in file order);
     - `trainer.train_step(pair_ids)`: one optimizer update over those pairs (the benchmark picks them: update k is
       pairs [k*B, (k+1)*B)), returning its metrics row; then `trainer.step += 1`, as the trainer's own loop does;
-    - `trainer.writer.close()` at the end.
+    - `trainer.close()` at the end.
 
     Returns setup_seconds (building the trainer, the reference pass included), precision, reference, pairs,
     precompute ({seconds, pairs} of the reference pass), step(pair_ids) -> (metrics row, wall seconds) and close().
@@ -260,10 +260,11 @@ def dpokit_trainer(cfg, device: str) -> SimpleNamespace:
     from dpokit.distributed import init_runtime
 
     dtrain = importlib.import_module("dpokit.train")  # the module (the package exports a function `train`)
+    dreference = importlib.import_module("dpokit.reference")
     precompute = {"seconds": 0.0, "pairs": 0}
-    original = dtrain.compute_table
+    original = dreference.logps_table
 
-    def timed_compute_table(module, pairs, **kwargs):
+    def timed_logps_table(module, pairs, **kwargs):
         start = time.perf_counter()
         table = original(module, pairs, **kwargs)
         sync(device)
@@ -271,7 +272,7 @@ def dpokit_trainer(cfg, device: str) -> SimpleNamespace:
         precompute["pairs"] += len(pairs)
         return table
 
-    dtrain.compute_table = timed_compute_table
+    dreference.logps_table = timed_logps_table
     start = time.perf_counter()
     trainer = dtrain.Trainer(cfg, init_runtime())
     setup_seconds = time.perf_counter() - start
@@ -284,8 +285,9 @@ def dpokit_trainer(cfg, device: str) -> SimpleNamespace:
         trainer.step += 1
         return row, seconds
 
-    return SimpleNamespace(setup_seconds=setup_seconds, precision=trainer.precision, reference=trainer.strategy,
-                           pairs=trainer.data.train, precompute=precompute, step=step, close=trainer.writer.close)
+    return SimpleNamespace(setup_seconds=setup_seconds, precision=trainer.precision,
+                           reference=trainer.method.reference.name, pairs=trainer.method.train_set,
+                           precompute=precompute, step=step, close=trainer.close)
 
 
 def micro_batch(batch: int) -> int:

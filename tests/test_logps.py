@@ -110,3 +110,24 @@ def test_selective_head_never_builds_full_logits(monkeypatch):
     n_targets = sum(len(p.chosen) + len(p.rejected) for p in pairs)
     assert sum(s[0] for s in shapes) == n_targets < batch.input_ids.numel()
     assert max(s[0] for s in shapes) <= 4
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "prefix_shared"])
+def test_a_pair_with_an_empty_rejected_side_scores_its_chosen_completion_alone(layout):
+    from dpokit.logps import logps_table
+
+    model = tiny_llama(vocab_size=100)
+    models.use_layout(model, layout)
+    pairs = random_pairs(3)
+    singles = [TokenizedPair(p.prompt, p.chosen, (), p.source) for p in pairs]
+    mixed = [singles[0], pairs[1], singles[2]]
+    module = CompletionLogProbs(model)
+    table = logps_table(module, mixed, pad_id=0, batch_pairs=3, layout=layout)
+    for i, p in enumerate(mixed):
+        assert table[i, 0].item() == pytest.approx(brute_force(model, list(p.prompt), list(p.chosen)), abs=1e-4)
+    assert table[0, 1].item() == 0.0 and table[2, 1].item() == 0.0
+    assert table[1, 1].item() == pytest.approx(brute_force(model, list(pairs[1].prompt), list(pairs[1].rejected)),
+                                               abs=1e-4)
+    with torch.no_grad():
+        lengths = module(collate(mixed, range(3), layout, 0)).rejected_lengths
+    assert lengths.tolist() == [0, len(pairs[1].rejected), 0]

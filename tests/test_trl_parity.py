@@ -14,7 +14,7 @@ from dpokit.data.records import PreferenceRecord, Problems
 from dpokit.data.tokenize import TokenizeSettings, tokenize_records
 from dpokit.distributed import Runtime
 from dpokit.logps import CompletionLogProbs
-from dpokit.metrics import PairMetrics
+from dpokit.metrics import PAIR_SUMS, MeanMetrics, MicroBatch, pair_sums
 from dpokit.objectives import build_objective
 
 from .conftest import PAIRS, tiny_llama
@@ -46,9 +46,9 @@ def test_step0_matches_trl(trl_loss, ours, trl_extra, tokenizer, tmp_path):
         pol = CompletionLogProbs(policy)(batch)
         ref = CompletionLogProbs(reference)(batch)
     out = objective(pol, ref)
-    stats = PairMetrics("cpu")
-    stats.add(out, pol, batch.num_tokens)
-    mine = stats.result(Runtime())
+    stats = MeanMetrics(PAIR_SUMS, "cpu")
+    stats.add(MicroBatch(out.losses, pair_sums(out, pol), batch.num_tokens))
+    mine = stats.result(Runtime(), "pairs")
 
     # TRL
     args = DPOConfig(output_dir=str(tmp_path), beta=beta, loss_type=[trl_loss], bf16=False, report_to=[],

@@ -23,7 +23,6 @@ import yaml
 from dpokit import models
 from dpokit.data.records import missing_file
 from dpokit.errors import ConfigError
-from dpokit.objectives import NEEDS_REFERENCE
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
@@ -67,6 +66,11 @@ class DataSection:
     truncation_mode: str = opt("keep_end", "which end of an over-long prompt to keep, or `error` to reject such rows",
                                choices=("keep_end", "keep_start", "error"))
     skip_invalid: bool = opt(False, "skip invalid rows (counted by reason and listed in the run directory) instead of stopping")
+
+
+# objective.loss: each objective, and whether it compares the policy against a reference model. The one place
+# that says so: objectives.py and the reference strategies read it from here.
+NEEDS_REFERENCE = {"sigmoid": True, "ipo": True, "hinge": True, "robust": True, "simpo": False}
 
 
 @dataclass

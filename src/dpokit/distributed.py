@@ -20,7 +20,6 @@ from torch import nn
 class Runtime:
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
     strategy: str = "ddp"
     owns_group: bool = False  # this runtime started the process group, so it ends it
@@ -37,14 +36,6 @@ class Runtime:
         if self.distributed:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
-
-    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
-        """Gather same-shaped tensors from every rank, in rank order."""
-        if not self.distributed:
-            return [t]
-        out = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(out, t.contiguous())
-        return out
 
     def broadcast(self, t: torch.Tensor) -> torch.Tensor:
         """Rank 0's values of `t`, in place on every rank."""
@@ -106,8 +97,7 @@ def shard_module(module: nn.Module, layer_classes: tuple[type, ...]) -> nn.Modul
 def init_runtime(strategy: str = "ddp", backend: str = "auto") -> Runtime:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        return Runtime(device=device, strategy=strategy)
+        return Runtime(device=pick_device(), strategy=strategy)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and backend != "gloo"
     if use_cuda:
@@ -120,7 +110,14 @@ def init_runtime(strategy: str = "ddp", backend: str = "auto") -> Runtime:
     owns = not dist.is_initialized()
     if owns:
         dist.init_process_group(backend=backend, device_id=device if use_cuda else None)
-    return Runtime(rank=rank, world=world, local_rank=local_rank, device=device, strategy=strategy, owns_group=owns)
+    return Runtime(rank=rank, world=world, device=device, strategy=strategy, owns_group=owns)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto`: the GPU where there is one, else the CPU; any other name as torch spells it (cuda:1)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def decoder_layer_classes(model: nn.Module) -> tuple[type, ...]:

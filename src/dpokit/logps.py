@@ -9,6 +9,8 @@ comparison.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +19,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dpokit import attention
-from dpokit.data.layouts import Batch
+from dpokit.data.layouts import Batch, collate
+from dpokit.data.tokenize import TokenizedPair
 
 
 @dataclass
@@ -89,6 +92,32 @@ class CompletionLogProbs(nn.Module):
         if not chunks:
             return hidden.new_zeros(0, dtype=torch.float32)
         return torch.cat(chunks)
+
+
+@torch.no_grad()
+def logps_table(module: CompletionLogProbs, pairs: Sequence[TokenizedPair], *, pad_id: int, batch_pairs: int,
+                layout: str = "padded", runtime=None,
+                autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> torch.Tensor:
+    """[pairs, 2] float32: the summed completion log-probs of each pair's chosen and rejected sequence
+    under `module`, in eval mode. A pair with an empty rejected side scores its chosen completion alone
+    (its second column is 0). Under several processes (`runtime`) each rank computes its share of the
+    pairs and every rank ends with the whole table."""
+    was_training = module.training
+    module.eval()
+    device = next(module.parameters()).device
+    everything = list(range(len(pairs)))
+    mine = runtime.shard(everything) if runtime is not None else everything
+    out = torch.zeros(len(pairs), 2)
+    for start in range(0, len(mine), batch_pairs):
+        ids = mine[start:start + batch_pairs]
+        batch = collate([pairs[i] for i in ids], ids, layout, pad_id).to(device)
+        with autocast():
+            lp = module(batch)
+        out[ids, 0], out[ids, 1] = lp.chosen.float().cpu(), lp.rejected.float().cpu()
+    module.train(was_training)
+    if runtime is not None and runtime.distributed:  # each rank filled its own rows, the others are zero
+        out = runtime.all_reduce_sum(out.to(runtime.device)).cpu()
+    return out
 
 
 def _head_logps(hidden, weight, bias, targets, scale: float, softcap: float | None):

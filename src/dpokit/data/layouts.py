@@ -10,6 +10,9 @@
 Whatever the layout, a batch says which output position predicts which completion token
 (`target_index`, `target_ids`) and which sequence that token belongs to (`target_seq`: chosen i is
 sequence i, rejected i is sequence B + i). Only this module and `logps.py` know about layouts.
+
+A pair whose rejected side is empty scores its chosen completion alone (SFT data, samples to score):
+the empty sequence is not computed in any layout, and its log-prob sums to 0 over 0 tokens.
 """
 
 from __future__ import annotations
@@ -80,28 +83,28 @@ def collate(pairs: Sequence[TokenizedPair], pair_ids: Sequence[int], layout: str
 
 
 def collate_padded(pairs: Sequence[TokenizedPair], pair_ids: Sequence[int], pad_id: int) -> Batch:
-    b = len(pairs)
-    rows = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
-    width = max(len(pr) + len(c) for pr, c in rows)
-    input_ids = torch.full((2 * b, width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((2 * b, width), dtype=torch.long)
+    rows = [(s, prompt, completion) for s, (prompt, completion) in enumerate(_sequences(pairs)) if completion]
+    width = max(len(pr) + len(c) for _, pr, c in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     index, targets, seq = [], [], []
-    for r, (prompt, completion) in enumerate(rows):
+    for r, (s, prompt, completion) in enumerate(rows):
         n = len(prompt) + len(completion)
         input_ids[r, :n] = torch.tensor(prompt + completion)
         attention_mask[r, :n] = 1
         start = r * width + len(prompt) - 1  # the last prompt position predicts the first completion token
         index.extend(range(start, start + len(completion)))
         targets.extend(completion)
-        seq.extend([r] * len(completion))
-    position_ids = torch.arange(width).expand(2 * b, width).contiguous()
+        seq.extend([s] * len(completion))
+    position_ids = torch.arange(width).expand(len(rows), width).contiguous()
     return _batch(input_ids, position_ids, attention_mask, None, index, targets, seq, pairs, pair_ids)
 
 
 def collate_packed(pairs: Sequence[TokenizedPair], pair_ids: Sequence[int]) -> Batch:
-    sequences = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
     ids, positions, index, targets, seq, cu = [], [], [], [], [], [0]
-    for s, (prompt, completion) in enumerate(sequences):
+    for s, (prompt, completion) in enumerate(_sequences(pairs)):
+        if not completion:
+            continue
         offset = len(ids)
         ids.extend(prompt + completion)
         positions.extend(range(len(prompt) + len(completion)))
@@ -128,22 +131,29 @@ def collate_prefix_shared(pairs: Sequence[TokenizedPair], pair_ids: Sequence[int
         index.extend(range(o + lp - 1, o + lp - 1 + lc))
         targets.extend(p.chosen)
         seq.extend([i] * lc)
+        # attention: [prompt][chosen] causal over itself; [rejected] over the prompt and itself
+        keys.extend(range(o, o + lp + lc))
+        cu_q.append(o + lp + lc)
+        cu_k.append(len(keys))
+        if not lr:
+            continue
         # rejected: its first token is predicted from the prompt's last position too
         r0 = o + lp + lc
         index.append(o + lp - 1)
         index.extend(range(r0, r0 + lr - 1))
         targets.extend(p.rejected)
         seq.extend([b + i] * lr)
-        # attention: [prompt][chosen] causal over itself; [rejected] over the prompt and itself
-        keys.extend(range(o, o + lp + lc))
-        cu_q.append(o + lp + lc)
-        cu_k.append(len(keys))
         keys.extend(range(o, o + lp))
         keys.extend(range(r0, r0 + lr))
         cu_q.append(r0 + lr)
         cu_k.append(len(keys))
     segments = Segments(cu_q=cu_q, cu_k=cu_k, key_index=torch.tensor(keys))
     return _batch(torch.tensor([ids]), torch.tensor([positions]), None, segments, index, targets, seq, pairs, pair_ids)
+
+
+def _sequences(pairs: Sequence[TokenizedPair]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(prompt, completion) of every sequence in `target_seq` order: the chosen ones, then the rejected."""
+    return [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
 
 
 def _batch(input_ids, position_ids, attention_mask, segments, index, targets, seq, pairs, pair_ids) -> Batch:

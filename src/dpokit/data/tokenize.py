@@ -28,7 +28,6 @@ class TokenizedPair:
 
 @dataclass
 class TruncationStats:
-    pairs: int = 0
     truncated_prompt: int = 0
     truncated_completion: int = 0
     truncated_rows: list[str] = field(default_factory=list)
@@ -124,7 +123,6 @@ def truncate_pairs(pairs: list[TokenizedPair], settings: TokenizeSettings,
             stats.truncated_rows.append(pair.source)
             pair = TokenizedPair(tuple(prompt), tuple(chosen), tuple(rejected), pair.source)
         kept.append(pair)
-    stats.pairs = len(kept)
     return kept, stats
 
 

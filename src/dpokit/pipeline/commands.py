@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dpokit import models
-from dpokit.config import add_arguments, from_arguments, opt
+from dpokit.config import add_arguments, from_arguments
 from dpokit.errors import ConfigError
-from dpokit.pipeline.pairs import PairingSettings
-from dpokit.pipeline.sample import SamplingSettings
+from dpokit.pipeline.settings import PairingSettings, Placement, SamplingSettings
 
 if TYPE_CHECKING:
     from dpokit.pipeline.evaluate import Evaluator
@@ -28,14 +26,6 @@ if TYPE_CHECKING:
 # the sampling options of evaluate and frontier (sample has temperature and top-p besides), and their seed
 GENERATION = ("n", "max_new_tokens", "seed", "batch_size", "template")
 EVAL_SEED = 1234
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where the models run, and in which precision."""
-
-    device: str = opt("auto", "cpu, cuda, cuda:1, ...; auto: cuda when available")
-    dtype: str = opt("float32", "model weights dtype; float32 on CPUs without fast bf16", choices=tuple(models.DTYPES))
 
 
 # ------------------------------------------------------------------------------------------ judge options

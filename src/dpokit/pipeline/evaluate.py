@@ -25,16 +25,16 @@ from pathlib import Path
 import torch
 
 from dpokit import models
-from dpokit.data.layouts import collate
 from dpokit.data.records import Problems, read_preferences
 from dpokit.data.tokenize import TokenizedPair, TokenizeSettings, tokenize_records
+from dpokit.distributed import pick_device
 from dpokit.errors import ConfigError, DataError
-from dpokit.logps import CompletionLogProbs
+from dpokit.logps import CompletionLogProbs, logps_table
 from dpokit.pipeline.jsonl import meta_path, read_jsonl, read_meta, write_jsonl
 from dpokit.pipeline.judges import Judge, score_rows
 from dpokit.pipeline.prompts import Prompt
 from dpokit.pipeline.runs import default_reference
-from dpokit.pipeline.sample import PromptSamples, Sampler, SamplingSettings, resolve_device
+from dpokit.pipeline.sample import PromptSamples, Sampler, SamplingSettings
 
 # ------------------------------------------------------------------------------------------ estimators
 
@@ -131,7 +131,7 @@ class Evaluator:
             raise ConfigError(f"evaluation samples at temperature 1 without top-p (the KL estimate needs samples of "
                               f"π itself), not at temperature {settings.temperature}, top-p {settings.top_p}")
         self.reference_name, self.judge, self.settings = reference, judge, settings.check()
-        self.device, self.dtype, self.progress = resolve_device(device), dtype, progress
+        self.device, self.dtype, self.progress = pick_device(device), dtype, progress
         ref_rows = None
         if reference_samples is not None:
             ref_rows = self._read_reference_samples(reference_samples)
@@ -181,7 +181,7 @@ class Evaluator:
 
     def evaluate(self, policy: str, *, samples_out: str | Path | None = None) -> EvalResult:
         s = self.settings
-        model = models.load_model(policy, dtype=models.DTYPES[self.dtype]).to(self.device).eval()
+        model = models.load_model(policy, dtype=self.dtype).to(self.device).eval()
         sampler = Sampler(model, self.tokenizer, s)
         drawn = self._draw(sampler)
         policy_scores = score_rows(self.judge, [d.row(i) for i, d in enumerate(drawn)])
@@ -228,20 +228,11 @@ def read_pairs(path: str | Path, tokenizer) -> list[TokenizedPair]:
     return pairs
 
 
-@torch.no_grad()
 def pair_logps(scorer: CompletionLogProbs, pairs: Sequence[TokenizedPair], pad_id: int,
                batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of every pair's chosen and rejected completion (padded batches)."""
-    scorer.eval()
-    device = next(scorer.parameters()).device
-    chosen, rejected = [], []
-    per_batch = max(1, batch_size // 2)
-    for start in range(0, len(pairs), per_batch):
-        chunk = list(pairs[start:start + per_batch])
-        out = scorer(collate(chunk, list(range(len(chunk))), "padded", pad_id).to(device))
-        chosen.append(out.chosen.float().cpu())
-        rejected.append(out.rejected.float().cpu())
-    return torch.cat(chosen), torch.cat(rejected)
+    table = logps_table(scorer, pairs, pad_id=pad_id, batch_pairs=max(1, batch_size // 2))
+    return table[:, 0], table[:, 1]
 
 
 def resolve_reference(policy: str, reference: str | None) -> str:

@@ -81,8 +81,8 @@ class SequenceClassifier:
                  device: str = "auto", on: str = "text", revision: str | None = None):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from dpokit.distributed import pick_device
         from dpokit.models import local_files_only, resolve
-        from dpokit.pipeline.sample import resolve_device
 
         src = resolve(model)
         if src.kind not in ("hub", "dir"):
@@ -98,7 +98,7 @@ class SequenceClassifier:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model.to(resolve_device(device)).eval()
+        self.model.to(pick_device(device)).eval()
         self.label = self._label_index(label)
         self.batch_size, self.max_length, self.on = batch_size, max_length, on
         judged_text("", "", on)

@@ -18,22 +18,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dpokit.config import check_fields, opt
 from dpokit.errors import DataError
 from dpokit.pipeline.jsonl import read_jsonl, write_jsonl, write_meta
-
-MODES = ("all-pairs", "best-vs-worst")
-
-
-@dataclass(frozen=True)
-class PairingSettings:
-    mode: str = opt("all-pairs", "all-pairs: every two completions of a prompt (4 → 6 pairs); best-vs-worst: one pair",
-                    choices=MODES)
-    margin: float = opt(0.0, "drop pairs whose scores differ by less than this; ties are always dropped", min=0.0)
-
-    def check(self) -> PairingSettings:
-        check_fields(self)
-        return self
+from dpokit.pipeline.settings import PairingSettings
 
 
 @dataclass

@@ -22,28 +22,12 @@ from pathlib import Path
 import torch
 
 from dpokit import models
-from dpokit.config import check_fields, opt
-from dpokit.data.layouts import collate
 from dpokit.data.tokenize import TokenizedPair
-from dpokit.logps import CompletionLogProbs
+from dpokit.distributed import pick_device
+from dpokit.logps import CompletionLogProbs, logps_table
 from dpokit.pipeline.jsonl import ResumableJsonl
-from dpokit.pipeline.prompts import TEMPLATES, Prompt, as_model_input, read_prompts
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    n: int = opt(4, "completions per prompt", min=1)
-    temperature: float = opt(1.0, "sampling temperature, 0 for greedy", min=0.0)
-    top_p: float = opt(1.0, "nucleus sampling mass, 1 for off", min=0.0, min_exclusive=True, max=1.0)
-    max_new_tokens: int = opt(32, "most tokens per completion", min=1)
-    seed: int = opt(0, "sampling seed")
-    batch_size: int = opt(32, "sequences per generation batch", min=1)
-    template: str = opt("auto", "chat template: auto applies it to conversations, and to string prompts when the "
-                        "model has one; none continues strings as plain text", choices=TEMPLATES)
-
-    def check(self) -> SamplingSettings:
-        check_fields(self)
-        return self
+from dpokit.pipeline.prompts import Prompt, as_model_input, read_prompts
+from dpokit.pipeline.settings import SamplingSettings
 
 
 @dataclass
@@ -59,12 +43,6 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     extra = getattr(gen, "eos_token_id", None)
     ids += extra if isinstance(extra, list) else [extra]
     return sorted({i for i in ids if i is not None})
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @torch.no_grad()
@@ -101,18 +79,15 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, 
     return completions
 
 
-@torch.no_grad()
 def completion_logps(model, prompt_ids: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,
                      pad_id: int, batch_size: int = 32) -> list[float]:
     """log π(y_i | x_i) summed over the completion's tokens, for each (prompt_ids[i], completions[i]).
 
-    Runs `CompletionLogProbs` on padded batches; consecutive items with the same prompt go into one
-    `TokenizedPair` as its chosen and rejected sequences, so no sequence is computed twice."""
+    Consecutive completions of the same prompt share one padded pair (the prompt tokenized once per
+    two completions); a completion left over scores alone."""
     if not isinstance(model, CompletionLogProbs):
         model = CompletionLogProbs(model)
-    model.eval()
-    device = next(model.parameters()).device
-    units: list[tuple[int, int | None]] = []  # (item, second item with the same prompt or None)
+    units: list[tuple[int, int | None]] = []  # (item, next item with the same prompt, or None)
     i = 0
     while i < len(completions):
         if i + 1 < len(completions) and tuple(prompt_ids[i]) == tuple(prompt_ids[i + 1]):
@@ -121,17 +96,14 @@ def completion_logps(model, prompt_ids: Sequence[Sequence[int]], completions: Se
         else:
             units.append((i, None))
             i += 1
+    pairs = [TokenizedPair(tuple(prompt_ids[a]), tuple(completions[a]), () if b is None else tuple(completions[b]), "")
+             for a, b in units]
+    table = logps_table(model, pairs, pad_id=pad_id, batch_pairs=max(1, batch_size // 2))
     out = [math.nan] * len(completions)
-    per_batch = max(1, batch_size // 2)
-    for start in range(0, len(units), per_batch):
-        chunk = units[start:start + per_batch]
-        pairs = [TokenizedPair(tuple(prompt_ids[a]), tuple(completions[a]),
-                               tuple(completions[a if b is None else b]), "") for a, b in chunk]
-        logps = model(collate(pairs, list(range(len(pairs))), "padded", pad_id).to(device))
-        for (a, b), chosen, rejected in zip(chunk, logps.chosen.tolist(), logps.rejected.tolist()):
-            out[a] = chosen
-            if b is not None:
-                out[b] = rejected
+    for (a, b), (first, second) in zip(units, table.tolist()):
+        out[a] = first
+        if b is not None:
+            out[b] = second
     return out
 
 
@@ -150,7 +122,7 @@ class Sampler:
         from dpokit.pipeline.runs import load_tokenizer_for
 
         tokenizer = load_tokenizer_for(name, fallback=tokenizer_from)
-        model = models.load_model(name, dtype=models.DTYPES[dtype]).to(resolve_device(device)).eval()
+        model = models.load_model(name, dtype=dtype).to(pick_device(device)).eval()
         return cls(model, tokenizer, settings)
 
     def encode(self, prompt: Prompt) -> tuple[Prompt, list[int]]:

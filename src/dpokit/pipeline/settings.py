@@ -1,0 +1,49 @@
+"""The pipeline commands' settings, typed like the config sections: each option's default, range or
+choices is a field here, checked by `dpokit.config.check_fields`, and `dpokit.config.add_arguments`
+turns the fields into command-line options. Light on imports: `dpokit --help` reads them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dpokit import models
+from dpokit.config import check_fields, opt
+from dpokit.pipeline.prompts import TEMPLATES
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    n: int = opt(4, "completions per prompt", min=1)
+    temperature: float = opt(1.0, "sampling temperature, 0 for greedy", min=0.0)
+    top_p: float = opt(1.0, "nucleus sampling mass, 1 for off", min=0.0, min_exclusive=True, max=1.0)
+    max_new_tokens: int = opt(32, "most tokens per completion", min=1)
+    seed: int = opt(0, "sampling seed")
+    batch_size: int = opt(32, "sequences per generation batch", min=1)
+    template: str = opt("auto", "chat template: auto applies it to conversations, and to string prompts when the "
+                        "model has one; none continues strings as plain text", choices=TEMPLATES)
+
+    def check(self) -> SamplingSettings:
+        check_fields(self)
+        return self
+
+
+MODES = ("all-pairs", "best-vs-worst")
+
+
+@dataclass(frozen=True)
+class PairingSettings:
+    mode: str = opt("all-pairs", "all-pairs: every two completions of a prompt (4 → 6 pairs); best-vs-worst: one pair",
+                    choices=MODES)
+    margin: float = opt(0.0, "drop pairs whose scores differ by less than this; ties are always dropped", min=0.0)
+
+    def check(self) -> PairingSettings:
+        check_fields(self)
+        return self
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the models run, and in which precision."""
+
+    device: str = opt("auto", "cpu, cuda, cuda:1, ...; auto: cuda when available")
+    dtype: str = opt("float32", "model weights dtype; float32 on CPUs without fast bf16", choices=tuple(models.DTYPES))
