@@ -9,20 +9,27 @@ import traceback
 
 from dpokit.errors import DpokitError, first_line
 
+# the training commands, each a method on the shared loop: command → (method class, one-line help)
+TRAINERS = {
+    "train": ("dpokit.methods.dpo:DPO", "train a policy with DPO or another objective of its family"),
+}
 
-def add_train(sub) -> argparse.ArgumentParser:
+
+def add_trainer(sub, name: str) -> argparse.ArgumentParser:
     from dpokit.config import describe
 
+    _, help = TRAINERS[name]
     p = sub.add_parser(
-        "train",
-        help="train a policy with DPO",
-        description="Train with DPO. CONFIG is a YAML file of sections; any key can be overridden as "
+        name,
+        help=help,
+        description=f"{help[0].upper()}{help[1:]}. CONFIG is a YAML file of sections; any key can be overridden as "
                     "section.key=value. Keys, defaults and descriptions:\n\n" + describe(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", nargs="?", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.add_argument("--resume", action="store_true", help="continue the run in output.dir from its last checkpoint")
+    p.set_defaults(trainer=name)
     return p
 
 
@@ -32,18 +39,27 @@ def train_command(args: argparse.Namespace) -> int:
     config, overrides = args.config, args.overrides
     if config and "=" in config:  # `dpokit train key=value` without a file: the first positional is an override
         config, overrides = None, [config, *overrides]
-    return train_and_report(Config.load(config, overrides), resume=args.resume)
+    return train_and_report(Config.load(config, overrides), resume=args.resume, method=method_class(args.trainer))
 
 
-def train_and_report(cfg, *, resume: bool = False) -> int:
+def method_class(trainer: str) -> type:
+    import importlib
+
+    module, _, name = TRAINERS[trainer][0].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def train_and_report(cfg, *, resume: bool = False, method: type | None = None) -> int:
     """Train as `cfg` says and print the held-out metrics before and after; 130 when a signal stopped it."""
     from dpokit.train import train
 
-    result = train(cfg, resume=resume)
+    method = method or method_class("train")
+    result = train(cfg, resume=resume, method=method)
     if result.stopped_by_signal:
         return 130
     if result.eval_before and result.eval_after:
-        print_before_after(result.eval_before, result.eval_after, title=f"held-out pairs ({result.eval_after['pairs']})")
+        count = result.eval_after[method.unit]
+        print_before_after(result.eval_before, result.eval_after, title=f"held-out {method.unit} ({count})")
     return 0
 
 
@@ -69,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="dpokit", description="Direct Preference Optimization for causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add, command in ((add_train, train_command),
-                         (validate.add_validate, validate.validate_command),
+    for name in TRAINERS:
+        add_trainer(sub, name).set_defaults(func=train_command)
+    for add, command in ((validate.add_validate, validate.validate_command),
                          (pipeline.add_sample, pipeline.sample_command),
                          (pipeline.add_label, pipeline.label_command),
                          (pipeline.add_evaluate, pipeline.evaluate_command),
