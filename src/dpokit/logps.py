@@ -54,6 +54,15 @@ class CompletionLogProbs(nn.Module):
         self._scale, self._softcap = _logit_transform(causal_lm(model).config)
 
     def forward(self, batch: Batch) -> SequenceLogps:
+        token_logps = self.token_logps(batch)
+        n = 2 * batch.num_pairs
+        sums = torch.zeros(n, dtype=torch.float32, device=token_logps.device).index_add(0, batch.target_seq, token_logps)
+        lengths = torch.bincount(batch.target_seq, minlength=n)
+        return SequenceLogps(sums[: n // 2], sums[n // 2:], lengths[: n // 2], lengths[n // 2:])
+
+    def token_logps(self, batch: Batch) -> torch.Tensor:
+        """log π(y_t | x, y_<t) of every completion token, in the batch's target order (`batch.target_seq`
+        says whose token each one is): what per-token objectives and PPO need."""
         kwargs = {"position_ids": batch.position_ids, "use_cache": False}
         if batch.segments is not None:
             if causal_lm(self.model).config._attn_implementation != attention.NAME:
@@ -63,17 +72,12 @@ class CompletionLogProbs(nn.Module):
             kwargs["attention_mask"] = batch.attention_mask
         if self.lm_head == "full":
             logits = self.model(input_ids=batch.input_ids, **kwargs).logits
-            token_logps = _gather_logps(logits.flatten(0, 1)[batch.target_index].float(), batch.target_ids)
-        else:
-            lm = causal_lm(self.model)
-            hidden = lm.base_model(input_ids=batch.input_ids, **kwargs).last_hidden_state
-            hidden = hidden.flatten(0, 1).index_select(0, batch.target_index)
-            head = lm.get_output_embeddings()
-            token_logps = self._chunked_logps(hidden, head.weight, head.bias, batch.target_ids)
-        n = 2 * batch.num_pairs
-        sums = torch.zeros(n, dtype=torch.float32, device=token_logps.device).index_add(0, batch.target_seq, token_logps)
-        lengths = torch.bincount(batch.target_seq, minlength=n)
-        return SequenceLogps(sums[: n // 2], sums[n // 2:], lengths[: n // 2], lengths[n // 2:])
+            return _gather_logps(logits.flatten(0, 1)[batch.target_index].float(), batch.target_ids)
+        lm = causal_lm(self.model)
+        hidden = lm.base_model(input_ids=batch.input_ids, **kwargs).last_hidden_state
+        hidden = hidden.flatten(0, 1).index_select(0, batch.target_index)
+        head = lm.get_output_embeddings()
+        return self._chunked_logps(hidden, head.weight, head.bias, batch.target_ids)
 
     def _chunked_logps(self, hidden, weight, bias, targets):
         if hasattr(weight, "full_tensor"):  # FSDP2 DTensor: the root's parameters are already gathered in forward
