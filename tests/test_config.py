@@ -82,7 +82,7 @@ OVERRIDE_ERRORS = [
     (["objective.loss=simpo", "reference.strategy=copy"],
      "objective.loss=simpo is reference-free; reference.strategy=copy does not apply"),
     (["reference.strategy=none"],
-     "objective.loss=sigmoid needs a reference model; reference.strategy=none only fits simpo"),
+     "objective.loss=sigmoid needs a reference model; reference.strategy=none only fits simpo or unlikelihood"),
     # missing files and values
     (["data.train=missing.jsonl"], "data.train: file not found: missing.jsonl"),
     (["data.eval=./held_out.jsonl"], "data.eval: file not found: ./held_out.jsonl"),

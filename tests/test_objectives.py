@@ -113,3 +113,36 @@ def test_dpo_gradient_weights_wrongly_ranked_pairs_more():
     expected = -0.5 * torch.sigmoid(torch.tensor([0.5 * (-4.0) - 0.0, 0.5 * 4.0]))
     assert torch.allclose(pc.grad, expected)
     assert abs(pc.grad[1]) > abs(pc.grad[0])  # the pair ranked wrongly pulls harder
+
+
+def test_unlikelihood_is_token_mean_nll_plus_alpha_token_mean_unlikelihood():
+    ur = -0.8  # Σ_t log(1 - p_t) over the 8 rejected tokens
+    out = obj.unlikelihood(t(PC), t(PR), t(LC), t(LR), t(ur), alpha=0.5)
+    assert out.losses.item() == pytest.approx(10 / 5 + 0.5 * 0.8 / 8)  # 2.05
+    assert out.chosen_rewards.item() == pytest.approx(-2.0) and out.rejected_rewards.item() == pytest.approx(-1.75)
+    pc, ur_ = t(PC).requires_grad_(), t(ur).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: obj.unlikelihood(a, t(PR), t(LC), t(LR), b, alpha=0.5).losses,
+                                    (pc, ur_), eps=1e-6, atol=1e-6)
+
+
+def test_unlikelihood_term_comes_from_the_rejected_tokens():
+    """Σ_t log(1 - p_t) of the rejected completion, from the same forward pass as its log-prob."""
+    from dpokit.data.layouts import collate
+    from dpokit.data.tokenize import TokenizedPair
+    from dpokit.logps import CompletionLogProbs
+
+    from .conftest import tiny_llama
+
+    model = tiny_llama(vocab_size=50)
+    pair = TokenizedPair((3, 4, 5), (6, 7), (8, 9, 10), "x")
+    scorer = CompletionLogProbs(model, unlikelihood=True)
+    with torch.no_grad():
+        out = scorer(collate([pair], [0], "padded", 0))
+        logp = model(input_ids=torch.tensor([[3, 4, 5, 8, 9, 10]])).logits[0].log_softmax(-1)
+    p = [logp[2 + j, tok].exp().item() for j, tok in enumerate((8, 9, 10))]
+    assert out.rejected_unlikely.item() == pytest.approx(sum(math.log(1 - x) for x in p), abs=1e-5)
+    cfg = ObjectiveSection(loss="unlikelihood", unlikelihood_alpha=0.1)
+    built = obj.build_objective(cfg)
+    assert not built.needs_reference
+    expected = -out.chosen / 2 - 0.1 * out.rejected_unlikely / 3
+    assert built(out, None).losses.item() == pytest.approx(expected.item())

@@ -12,6 +12,7 @@ from dpokit.errors import DpokitError, first_line
 # the training commands, each a method on the shared loop: command → (method class, one-line help)
 TRAINERS = {
     "train": ("dpokit.methods.dpo:DPO", "train a policy with DPO or another objective of its family"),
+    "sft": ("dpokit.methods.sft:SFT", "supervised fine-tuning on completion tokens (or the chosen side of pairs)"),
 }
 
 

@@ -66,11 +66,15 @@ class DataSection:
     truncation_mode: str = opt("keep_end", "which end of an over-long prompt to keep, or `error` to reject such rows",
                                choices=("keep_end", "keep_start", "error"))
     skip_invalid: bool = opt(False, "skip invalid rows (counted by reason and listed in the run directory) instead of stopping")
+    use: str = opt("auto", "what the rows are: pairs (prompt/chosen/rejected), chosen (the chosen side of pairs, "
+                   "for sft: Preferred-FT), completion (prompt/completion or messages rows, for sft); auto: pairs "
+                   "for train, completion for sft", choices=("auto", "pairs", "chosen", "completion"))
 
 
 # objective.loss: each objective, and whether it compares the policy against a reference model. The one place
 # that says so: objectives.py and the reference strategies read it from here.
-NEEDS_REFERENCE = {"sigmoid": True, "ipo": True, "hinge": True, "robust": True, "simpo": False}
+NEEDS_REFERENCE = {"sigmoid": True, "ipo": True, "hinge": True, "robust": True, "simpo": False,
+                   "unlikelihood": False}
 
 
 @dataclass
@@ -82,6 +86,8 @@ class ObjectiveSection:
                         choices=("length_normalized", "summed"))
     simpo_gamma: float = opt(0.5, "γ: target reward margin of SimPO", min=0.0)
     nll_weight: float = opt(0.0, "weight of the chosen completion's token-mean NLL added to the loss (RPO)", min=0.0)
+    unlikelihood_alpha: float = opt(1.0, "α: weight of the rejected completion's token unlikelihood term "
+                                    "(objective.loss=unlikelihood; the DPO paper tried 0.05 to 1)", min=0.0)
 
 
 @dataclass

@@ -31,6 +31,8 @@ class SequenceLogps:
     rejected: torch.Tensor
     chosen_lengths: torch.Tensor
     rejected_lengths: torch.Tensor
+    # Σ_t log(1 - π(y_t | x, y_<t)) of the rejected completions, for the unlikelihood objective (when asked)
+    rejected_unlikely: torch.Tensor | None = None
 
     def detach(self) -> SequenceLogps:
         return SequenceLogps(self.chosen.detach(), self.rejected.detach(), self.chosen_lengths, self.rejected_lengths)
@@ -44,13 +46,15 @@ def causal_lm(model: nn.Module) -> nn.Module:
 class CompletionLogProbs(nn.Module):
     """Wraps a causal LM so that `forward(batch)` returns completion log-probs: the module DDP or FSDP wrap."""
 
-    def __init__(self, model: nn.Module, *, lm_head: str = "selective", chunk_tokens: int = 512):
+    def __init__(self, model: nn.Module, *, lm_head: str = "selective", chunk_tokens: int = 512,
+                 unlikelihood: bool = False):
         super().__init__()
         if lm_head not in ("selective", "full"):
             raise ValueError(f"lm_head must be selective or full, got {lm_head!r}")
         self.model = model
         self.lm_head = lm_head
         self.chunk_tokens = chunk_tokens
+        self.unlikelihood = unlikelihood  # also sum log(1 - p) over the rejected tokens
         self._scale, self._softcap = _logit_transform(causal_lm(model).config)
 
     def forward(self, batch: Batch) -> SequenceLogps:
@@ -58,7 +62,12 @@ class CompletionLogProbs(nn.Module):
         n = 2 * batch.num_pairs
         sums = torch.zeros(n, dtype=torch.float32, device=token_logps.device).index_add(0, batch.target_seq, token_logps)
         lengths = torch.bincount(batch.target_seq, minlength=n)
-        return SequenceLogps(sums[: n // 2], sums[n // 2:], lengths[: n // 2], lengths[n // 2:])
+        out = SequenceLogps(sums[: n // 2], sums[n // 2:], lengths[: n // 2], lengths[n // 2:])
+        if self.unlikelihood:
+            # log(1 - p), with p kept below 1 so a certain token costs a large but finite penalty
+            unlikely = torch.log1p(-token_logps.exp().clamp(max=1 - 1e-5))
+            out.rejected_unlikely = torch.zeros_like(sums).index_add(0, batch.target_seq, unlikely)[n // 2:]
+        return out
 
     def token_logps(self, batch: Batch) -> torch.Tensor:
         """log π(y_t | x, y_<t) of every completion token, in the batch's target order (`batch.target_seq`

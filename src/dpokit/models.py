@@ -222,13 +222,14 @@ def apply_lora(model, lora_cfg):
     return get_peft_model(model, config)
 
 
-def build_policy(cfg, *, precision: str, runtime, resume_from: Path | None = None):
+def build_policy(cfg, *, precision: str, runtime, resume_from: Path | None = None, with_start: bool = True):
     """The policy to train, and the module that holds the starting weights π_ref is made of.
 
     Both wrap their model in `CompletionLogProbs` on the runtime's device. Full fine-tuning starts
     from `model.name` (π_ref's weights) or, resuming, from the checkpoint's model, the start then
     loaded beside it; with LoRA the policy is the start with adapters (new, or the checkpoint's), and
-    the start is the policy itself (its adapters disabled)."""
+    the start is the policy itself (its adapters disabled). Without `with_start` (a method with no
+    reference) the start is None whenever it would take a separate model."""
     from dpokit.logps import CompletionLogProbs
 
     t = cfg.train
@@ -243,6 +244,8 @@ def build_policy(cfg, *, precision: str, runtime, resume_from: Path | None = Non
     def on_device(model):
         return CompletionLogProbs(model, lm_head=t.lm_head, chunk_tokens=t.logps_chunk_tokens).to(runtime.device)
 
+    if resume_from is not None and not cfg.lora.enabled and not with_start:
+        return on_device(prepared(load_model(str(resume_from), **load))), None
     with runtime.main_first():  # the first load may convert the GGUF default model
         base = prepared(load_model(cfg.model.name, **load))
     if cfg.lora.enabled:

@@ -79,6 +79,17 @@ def simpo(pc: Tensor, pr: Tensor, len_c: Tensor, len_r: Tensor, *, beta: float, 
     return ObjectiveOutput(losses, chosen.detach(), rejected.detach())
 
 
+def unlikelihood(pc: Tensor, pr: Tensor, len_c: Tensor, len_r: Tensor, ur: Tensor, *, alpha: float) -> ObjectiveOutput:
+    """Unlikelihood, the DPO paper's §6 baseline: raise the chosen completion's likelihood, lower the
+    rejected one's through Welleck et al. (2019)'s token-level unlikelihood term; reference-free.
+    Implemented with token means, `ur` = Σ_t log(1 - π(y_l,t | x, y_l,<t)):
+        loss = -(1/|y_w|) Σ_t log π(y_w,t | x, y_w,<t) - α (1/|y_l|) Σ_t log(1 - π(y_l,t | x, y_l,<t)).
+    Rewards (for metrics only) are the token-mean log-probs of each completion."""
+    chosen = pc / len_c.clamp(min=1)
+    losses = -chosen - alpha * ur / len_r.clamp(min=1)
+    return ObjectiveOutput(losses, chosen.detach(), (pr / len_r.clamp(min=1)).detach())
+
+
 def nll(pc: Tensor, len_c: Tensor) -> Tensor:
     """Token-mean negative log-likelihood of the chosen completion (the RPO term, Pang et al. 2024)."""
     return -pc / len_c.clamp(min=1)
@@ -111,5 +122,7 @@ def build_objective(cfg) -> Objective:
         "robust": lambda p, r: robust(p.chosen, p.rejected, r.chosen, r.rejected, beta=b, label_smoothing=eps),
         "simpo": lambda p, r: simpo(p.chosen, p.rejected, p.chosen_lengths, p.rejected_lengths, beta=b,
                                     gamma=cfg.simpo_gamma),
+        "unlikelihood": lambda p, r: unlikelihood(p.chosen, p.rejected, p.chosen_lengths, p.rejected_lengths,
+                                                  p.rejected_unlikely, alpha=cfg.unlikelihood_alpha),
     }
     return Objective(cfg.loss, NEEDS_REFERENCE[cfg.loss], fns[cfg.loss], cfg.nll_weight)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -354,3 +355,41 @@ def test_implicit_string_prompt_through_a_file(tmp_path):
 def test_an_empty_prompt_string_is_allowed(tmp_path):
     (record,) = read_preferences(_write(tmp_path, "jsonl", [{"prompt": "", "chosen": "a", "rejected": "b"}])).records
     assert (record.prompt, record.chosen, record.rejected) == ("", "a", "b")
+
+
+def test_completion_rows_read_as_records_with_an_empty_rejected_side(tmp_path):
+    rows = [{"prompt": "Say hi.", "completion": " Hi!"},
+            {"prompt": [{"role": "user", "content": "Name a color."}],
+             "completion": [{"role": "assistant", "content": "Blue."}]},
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                          {"role": "assistant", "content": "4."}]}]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = read_preferences(str(path), use="completion").records
+    assert [(r.prompt, r.chosen, r.rejected) for r in records] == [
+        ("Say hi.", " Hi!", ""),
+        ([{"role": "user", "content": "Name a color."}], [{"role": "assistant", "content": "Blue."}], []),
+        ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
+         [{"role": "assistant", "content": "4."}], []),
+    ]
+    assert [r.source for r in records] == [f"{path}:1", f"{path}:2", f"{path}:3"]
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"prompt": "p"}, "missing field 'completion'"),
+    ({"prompt": "p", "completion": "  "}, "'completion' is empty"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "must end with an assistant turn"),
+    ({"prompt": "p", "completion": [{"role": "assistant", "content": "x"}]}, "mix formats"),
+])
+def test_bad_completion_rows_name_file_and_line(tmp_path, row, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "ok", "completion": " fine"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=rf"bad\.jsonl:2: .*{re.escape(message)}"):
+        read_preferences(str(path), use="completion")
+
+
+def test_chosen_use_keeps_the_chosen_side_of_pairs(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "Q", "chosen": " good", "rejected": " bad"}) + "\n")
+    (record,) = read_preferences(str(path), use="chosen").records
+    assert (record.prompt, record.chosen, record.rejected) == ("Q", " good", "")

@@ -52,15 +52,17 @@ def settings_of(data_cfg) -> TokenizeSettings:
     return TokenizeSettings(data_cfg.max_length, data_cfg.max_prompt_length, data_cfg.truncation_mode)
 
 
-def prepare_data(data_cfg, tokenizer, *, seed: int = 0) -> PreparedData:
+def prepare_data(data_cfg, tokenizer, *, seed: int = 0, use: str = "pairs") -> PreparedData:
+    """`use`: what the rows are read as (records.USES): pairs, or single completions (a pair's chosen side,
+    or completion rows) as pairs with an empty rejected side."""
     problems = Problems("collect" if data_cfg.skip_invalid else "raise")
     settings = settings_of(data_cfg)
-    read = read_preferences(data_cfg.train, split=data_cfg.train_split, problems=problems)
+    read = read_preferences(data_cfg.train, split=data_cfg.train_split, problems=problems, use=use)
     rows = read.rows_read
     train, stats = tokenize_records(read.records, tokenizer, settings, problems)
     evals: list[TokenizedPair] = []
     if data_cfg.eval is not None:
-        read_eval = read_preferences(data_cfg.eval, split=data_cfg.eval_split, problems=problems)
+        read_eval = read_preferences(data_cfg.eval, split=data_cfg.eval_split, problems=problems, use=use)
         rows += read_eval.rows_read
         evals, eval_stats = tokenize_records(read_eval.records, tokenizer, settings, problems)
         stats.truncated_prompt += eval_stats.truncated_prompt

@@ -26,8 +26,15 @@ FIELDS = ("prompt", "chosen", "rejected")
 Text = str | list[dict[str, str]]
 
 
+# what a file's rows are read as (`data.use`): preference pairs; their chosen side alone; or single
+# completions (`prompt` + `completion`, or a `messages` conversation whose last turn is the completion)
+USES = ("pairs", "chosen", "completion")
+
+
 @dataclass(frozen=True)
 class PreferenceRecord:
+    """A preference pair; with an empty `rejected` side ("" or []), a single completion to imitate (SFT)."""
+
     prompt: Text
     chosen: Text
     rejected: Text
@@ -75,14 +82,19 @@ class ReadResult:
     name: str
 
 
-def read_preferences(source: str, *, split: str = "train", problems: Problems | None = None) -> ReadResult:
-    """Read and validate every row of `source`. Rows with problems go to `problems` (default: raise)."""
+def read_preferences(source: str, *, split: str = "train", problems: Problems | None = None,
+                     use: str = "pairs") -> ReadResult:
+    """Read and validate every row of `source` as `use` says (see USES). Rows with problems go to
+    `problems` (default: raise)."""
     problems = problems if problems is not None else Problems()
+    parse = parse_completion_row if use == "completion" else parse_row
     records: list[PreferenceRecord] = []
     n = 0
     for where, row in _iter_rows(source, split, problems):
         n += 1
-        record = parse_row(row, where, problems)
+        record = parse(row, where, problems)
+        if record is not None and use == "chosen":
+            record = PreferenceRecord(record.prompt, record.chosen, _empty_like(record.chosen), record.source)
         if record is not None:
             records.append(record)
     if n == 0:
@@ -158,6 +170,68 @@ def parse_row(row: Any, where: str, problems: Problems) -> PreferenceRecord | No
                                             "messages to take as the prompt")
         return None
     return PreferenceRecord(prompt, chosen, rejected, where)
+
+
+def parse_completion_row(row: Any, where: str, problems: Problems) -> PreferenceRecord | None:
+    """A single-completion row → a record with an empty rejected side: `prompt` + `completion` (strings, or
+    message lists), or `messages`, a conversation whose last turn (the assistant's) is the completion."""
+    if row is _UNPARSABLE:
+        return None
+    if not isinstance(row, dict):
+        problems.add(where, "not_an_object",
+                     f"expected an object with prompt/completion or messages, got {type_name(row, json=True)}")
+        return None
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list):
+            problems.add(where, "wrong_type", f"'messages' must be a list of messages, got {type_name(messages, json=True)}")
+            return None
+        error = _check_messages(messages, "messages")
+        if error:
+            problems.add(where, error[0], f"'messages': {error[1]}")
+            return None
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if len(messages) < 2 or messages[-1]["role"] != "assistant":
+            problems.add(where, "wrong_role", "'messages' must end with an assistant turn after at least one other "
+                                              "message: that turn is the completion")
+            return None
+        values = {"prompt": messages[:-1], "completion": messages[-1:]}
+    else:
+        for key in ("prompt", "completion"):
+            if key not in row:
+                problems.add(where, "missing_field", f"missing field '{key}' (a completion row has prompt and "
+                                                     "completion, or messages)")
+                return None
+        values = {}
+        for key in ("prompt", "completion"):
+            value = row[key]
+            if isinstance(value, list):
+                error = _check_messages(value, key)
+                if error:
+                    problems.add(where, error[0], f"'{key}': {error[1]}")
+                    return None
+                value = [{"role": m["role"], "content": m["content"]} for m in value]
+            elif not isinstance(value, str):
+                problems.add(where, "wrong_type",
+                             f"'{key}' must be a string or a list of messages, got {type_name(value, json=True)}")
+                return None
+            values[key] = value
+        if isinstance(values["prompt"], list) != isinstance(values["completion"], list):
+            problems.add(where, "mixed_format", "prompt and completion mix formats; use strings or message lists")
+            return None
+    completion = values["completion"]
+    if _is_empty(completion):
+        problems.add(where, "empty_completion", "'completion' is empty")
+        return None
+    if isinstance(completion, list) and completion[0]["role"] != "assistant":
+        problems.add(where, "wrong_role", f"'completion' must start with an assistant message, got role "
+                                          f"'{completion[0]['role']}'")
+        return None
+    return PreferenceRecord(values["prompt"], completion, _empty_like(completion), where)
+
+
+def _empty_like(value: Text) -> Text:
+    return [] if isinstance(value, list) else ""
 
 
 def split_implicit_prompt(chosen: Text, rejected: Text) -> tuple[Text, Text, Text]:

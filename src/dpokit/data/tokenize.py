@@ -23,7 +23,8 @@ class TokenizedPair:
 
     @property
     def num_tokens(self) -> int:
-        return 2 * len(self.prompt) + len(self.chosen) + len(self.rejected)
+        """Tokens of its sequences: the prompt counts once per non-empty completion."""
+        return (1 + bool(self.rejected)) * len(self.prompt) + len(self.chosen) + len(self.rejected)
 
 
 @dataclass
@@ -53,6 +54,9 @@ def render(record: PreferenceRecord, tokenizer) -> tuple[str, str, str]:
     prompt = tokenizer.apply_chat_template(record.prompt, tokenize=False, add_generation_prompt=True)
     completions = []
     for completion in (record.chosen, record.rejected):
+        if not completion:  # the empty rejected side of a single completion
+            completions.append("")
+            continue
         full = tokenizer.apply_chat_template(record.prompt + completion, tokenize=False)
         if full.startswith(prompt):
             text = full[len(prompt):]
@@ -98,8 +102,8 @@ def encode_records(records: list[PreferenceRecord], tokenizer) -> list[Tokenized
     for i, record in enumerate(records):
         prompt = list(prompt_ids[i]) or [start]  # the first completion token needs a position to be predicted from
         chosen, rejected = (list(completions[2 * i]), list(completions[2 * i + 1]))
-        for ids in (chosen, rejected):
-            if not ids or ids[-1] != eos:
+        for ids, text in ((chosen, record.chosen), (rejected, record.rejected)):
+            if text and (not ids or ids[-1] != eos):  # an empty rejected side stays empty: one completion
                 ids.append(eos)
         pairs.append(TokenizedPair(tuple(prompt), tuple(chosen), tuple(rejected), record.source))
     return pairs

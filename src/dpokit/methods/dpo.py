@@ -9,7 +9,7 @@ from dpokit.config import Config
 from dpokit.data.dataset import prepare_data
 from dpokit.data.layouts import collate
 from dpokit.distributed import Runtime
-from dpokit.errors import DataError
+from dpokit.errors import ConfigError, DataError
 from dpokit.logps import CompletionLogProbs
 from dpokit.metrics import PAIR_SUMS, MicroBatch, pair_sums
 from dpokit.objectives import build_objective
@@ -22,7 +22,10 @@ class DPO:
 
     def __init__(self, cfg: Config, runtime: Runtime, tokenizer):
         self.cfg, self.rt, self.tokenizer = cfg, runtime, tokenizer
-        self.data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
+        if cfg.data.use not in ("auto", "pairs"):
+            raise ConfigError(f"data.use={cfg.data.use} reads single completions, which `dpokit sft` trains on; "
+                              "preference objectives need data.use=pairs")
+        self.data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed, use="pairs")
         if not self.data.train:
             raise DataError(f"{cfg.data.train}: no valid training pairs ({self.data.summary()})")
         self.train_set, self.eval_set = self.data.train, self.data.eval
@@ -31,10 +34,12 @@ class DPO:
 
     def build(self, *, precision: str, autocast, resume_from: Path | None, echo) -> CompletionLogProbs:
         """The policy to train; the reference is built beside it, from the same starting weights."""
-        policy, start = models.build_policy(self.cfg, precision=precision, runtime=self.rt, resume_from=resume_from)
+        policy, start = models.build_policy(self.cfg, precision=precision, runtime=self.rt, resume_from=resume_from,
+                                            with_start=self.objective.needs_reference)
         self.reference = reference.build(self.cfg, policy, start, needs_reference=self.objective.needs_reference,
                                          runtime=self.rt, data=self.data, pad_id=self.tokenizer.pad_token_id,
                                          precision=precision, autocast=autocast, echo=echo)
+        policy.unlikelihood = self.cfg.objective.loss == "unlikelihood"  # its token-level term on the rejected side
         models.enable_training_features(policy.model, self.cfg.train)
         return policy
 
