@@ -18,6 +18,7 @@ class PreparedData:
     rows_read: int = 0
     problems: Problems = field(default_factory=Problems)
     truncation: TruncationStats = field(default_factory=TruncationStats)
+    noun: str = "pairs"  # what a row became: "pairs", or "completions" for single completions
 
     def report(self) -> dict:
         return {
@@ -39,7 +40,7 @@ class PreparedData:
 
     def summary(self) -> str:
         r = self.report()
-        text = f"data: {r['rows_read']} rows read, {r['train_pairs']} train / {r['eval_pairs']} eval pairs"
+        text = f"data: {r['rows_read']} rows read, {r['train_pairs']} train / {r['eval_pairs']} eval {self.noun}"
         if r["skipped"]:
             reasons = ", ".join(f"{k}: {v}" for k, v in sorted(r["skipped_by_reason"].items()))
             text += f", {r['skipped']} skipped ({reasons})"
@@ -75,4 +76,4 @@ def prepare_data(data_cfg, tokenizer, *, seed: int = 0, use: str = "pairs") -> P
         held = set(order[:n_eval])
         evals = [p for i, p in enumerate(train) if i in held]
         train = [p for i, p in enumerate(train) if i not in held]
-    return PreparedData(train, evals, rows, problems, stats)
+    return PreparedData(train, evals, rows, problems, stats, "pairs" if use == "pairs" else "completions")
