@@ -189,3 +189,15 @@ def test_bad_data_in_an_existing_empty_directory_writes_nothing(tiny_config, tmp
     with pytest.raises(Exception, match="bad.jsonl"):
         train(tiny_config(f"data.train={tmp_path / 'bad.jsonl'}", f"output.dir={tmp_path / 'r'}"))
     assert [p.name for p in (tmp_path / "r").iterdir()] == [".lock"]
+
+
+def test_a_run_continues_only_with_the_method_that_began_it(tiny_config):
+    from dpokit.methods.sft import SFT
+    from dpokit.pipeline.runs import run_model
+
+    cfg = tiny_config("train.max_steps=2", "checkpoint.every=1", "data.use=chosen")
+    run = train(cfg, method=SFT).run_dir
+    assert RunDir(run).method() == "sft"
+    assert run_model(run).method == "Preferred-FT"  # the frontier's series for SFT on the chosen side
+    with pytest.raises(ConfigError, match=r"holds a sft run; continue it with `dpokit sft --resume`"):
+        train(tiny_config("train.max_steps=3", "checkpoint.every=1"), resume=True)

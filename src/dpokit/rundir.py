@@ -25,7 +25,8 @@ CONFIG = "config.yaml"
 MODEL = "model"
 METRICS = "metrics.jsonl"
 FINAL_METRICS = "dpokit_metrics.json"  # in model/: the exported model's metrics, its `step` among them
-RUN_FILES = ("checkpoints", "tensorboard", MODEL, METRICS, CONFIG, "data_report.json")
+RUN_INFO = "run.json"  # {"method": ...}: which trainer made the run (dpo, sft, ...)
+RUN_FILES = ("checkpoints", "tensorboard", MODEL, METRICS, CONFIG, RUN_INFO, "data_report.json")
 
 
 @dataclass
@@ -91,6 +92,13 @@ class RunDir:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
+    def method(self) -> str | None:
+        """The method that made the run; None for a new directory (or one from before it was recorded)."""
+        try:
+            return json.loads((self.path / RUN_INFO).read_text())["method"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def saved_config(self) -> dict | None:
         path = self.path / CONFIG
         return yaml.safe_load(path.read_text()) if path.is_file() else None
@@ -118,7 +126,15 @@ class RunDir:
         raise TrainingError(f"cannot resume {self.path}: {why} (checkpoint.every=0 writes none until a signal). "
                             "Set output.overwrite=true to start over")
 
-    def start(self, start: Start, config: dict) -> None:
+    def check_method(self, method: str) -> None:
+        """A run continues with the method that began it (`dpokit sft --resume` on a DPO run is a mistake)."""
+        began = self.method()
+        if began is not None and began != method:
+            raise ConfigError(f"{self.path} holds a {began} run; continue it with `dpokit "
+                              f"{'train' if began == 'dpo' else began} --resume`, or set output.overwrite=true to "
+                              f"start a {method} run there")
+
+    def start(self, start: Start, config: dict, method: str) -> None:
         """Write the run's config; a fresh start first clears what an earlier run left (only reached when
         the directory was empty or output.overwrite=true)."""
         if start.fresh:
@@ -131,3 +147,4 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         with disk_errors(self.path / CONFIG):
             (self.path / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+            (self.path / RUN_INFO).write_text(json.dumps({"method": method}) + "\n")

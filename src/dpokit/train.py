@@ -93,6 +93,8 @@ class Trainer:
         total = t.epochs * self.steps_per_epoch
         self.total_steps = min(total, t.max_steps) if t.max_steps else total
         self.start = self._plan_start(resume)
+        if not self.start.fresh:
+            self.output.check_method(self.method.name)
         saved = None if self.start.fresh else self.output.saved_config()
         if saved is not None:
             _check_resumable(Config.from_dict(saved), cfg)
@@ -112,7 +114,7 @@ class Trainer:
             self._restore(ckpt)
         # the model and data loaded: from here on the run directory is written
         if runtime.is_main:
-            self.output.start(self.start, cfg.to_dict())
+            self.output.start(self.start, cfg.to_dict(), self.method.name)
             self.method.write_report(self.run_dir)
         runtime.barrier()
         self.writer = MetricsWriter(self.run_dir, enabled=runtime.is_main, tensorboard=cfg.output.tensorboard,

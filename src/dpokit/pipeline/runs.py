@@ -12,9 +12,11 @@ import yaml
 
 from dpokit import checkpoint, models
 from dpokit.errors import DpokitError, ModelError
+from dpokit.rundir import RunDir
 
-# series names for the frontier plot, by `objective.loss`
-METHOD_NAMES = {"sigmoid": "DPO", "ipo": "IPO", "hinge": "SLiC (hinge)", "robust": "rDPO", "simpo": "SimPO"}
+# series names for the frontier plot: a DPO-family run by its `objective.loss`, another by its method
+METHOD_NAMES = {"sigmoid": "DPO", "ipo": "IPO", "hinge": "SLiC (hinge)", "robust": "rDPO", "simpo": "SimPO",
+                "unlikelihood": "Unlikelihood", "sft": "SFT", "sft-chosen": "Preferred-FT", "ppo": "PPO"}
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,7 @@ class RunModel:
     path: Path  # what load_model reads: <run>/model or <run>/checkpoints/checkpoint-N
     run_dir: Path
     base_model: str  # the run's model.name: its reference
-    loss: str
+    loss: str  # objective.loss for a DPO-family run, else its method (sft-chosen: Preferred-FT)
     beta: float
     step: int | None
     final: bool
@@ -52,12 +54,16 @@ def run_model(path: str | Path) -> RunModel | None:
             continue
         cfg = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
         obj = cfg.get("objective", {})
+        method = RunDir(run_dir).method() or "dpo"
+        kind = obj.get("loss", "sigmoid") if method == "dpo" else method
+        if method == "sft" and cfg.get("data", {}).get("use") == "chosen":
+            kind = "sft-chosen"
         if ckpt is not None:
             step = int(ckpt.name[len(checkpoint.PREFIX):])
         else:
             metrics = model_path / "dpokit_metrics.json"
             step = json.loads(metrics.read_text()).get("step") if metrics.is_file() else None
-        return RunModel(model_path, run_dir, cfg.get("model", {}).get("name", ""), obj.get("loss", "sigmoid"),
+        return RunModel(model_path, run_dir, cfg.get("model", {}).get("name", ""), kind,
                         float(obj.get("beta", 0.0)), step, ckpt is None)
     return None
 
