@@ -118,3 +118,74 @@ def test_preference_accuracy_uses_implicit_reward_margins():
     # margins: (0 - 0) - (-1 - 0) = 1 > 0; (1 - 0) - (2 - 0) = -1; a tie counts as wrong, as in training
     acc = preference_accuracy([0.0, 1.0, 0.5], [-1.0, 2.0, 0.5], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0])
     assert acc == pytest.approx(1 / 3)
+
+
+# ------------------------------------------------------------------------------------------ best-of-N
+
+HELDOUT = ["We watched this comedy", "The soundtrack of the biopic", "I remember this film", "So, this western"]
+
+
+def test_best_of_n_kl_is_the_analytic_bound():
+    from dpokit.pipeline.evaluate import best_of_n_kl
+
+    assert best_of_n_kl(1) == 0.0
+    assert best_of_n_kl(4) == pytest.approx(math.log(4) - 0.75)
+    assert best_of_n_kl(16) == pytest.approx(math.log(16) - 15 / 16)
+    assert best_of_n_kl(2) < best_of_n_kl(4) < math.log(4)  # grows with N, below log N
+    with pytest.raises(Exception, match="N >= 1"):
+        best_of_n_kl(0)
+
+
+def test_best_index_is_the_first_of_the_highest_scores():
+    from dpokit.pipeline.evaluate import best_index
+
+    assert best_index([0.1, 0.7, 0.3]) == 1
+    assert best_index([2.0, 5.0, 5.0, 1.0]) == 1
+    assert best_index([-1.0]) == 0
+
+
+@pytest.fixture(scope="module")
+def best_of_evaluator(tiny_model_dir):
+    from dpokit.pipeline.evaluate import Evaluator
+    from dpokit.pipeline.judges import build_judge
+    from dpokit.pipeline.settings import SamplingSettings
+
+    settings = SamplingSettings(n=2, max_new_tokens=6, template="none", batch_size=16, seed=3)
+    judge = build_judge("length", options={"unit": "chars"})  # deterministic: characters of the completion
+    return Evaluator(tiny_model_dir, judge, settings, prompts=HELDOUT, device="cpu", progress=False)
+
+
+def test_best_of_n_keeps_the_judges_argmax_of_its_candidates(best_of_evaluator, tmp_path):
+    from dpokit.pipeline.jsonl import read_jsonl
+
+    ev = best_of_evaluator
+    result = ev.evaluate_best_of(4, samples_out=tmp_path / "bon.jsonl")
+    rows = read_jsonl(tmp_path / "bon.jsonl")
+    rounds = ev.candidates(4)
+    assert len(rows) == len(HELDOUT) and result.samples_per_prompt == 2 and result.best_of == 4
+    for i, row in enumerate(rows):
+        for s, (text, score, j) in enumerate(zip(row["completions"], row["scores"], row["picked_round"])):
+            candidates = [r.texts[i][s] for r in rounds]
+            scores = [len(c) for c in candidates]  # the judge recomputed by hand
+            assert row["candidate_scores"][s] == scores
+            assert score == max(scores) and j == scores.index(max(scores)) and text == candidates[j]
+    # the candidates are fresh draws, not the reference samples the win rate compares with
+    assert [r.texts[i] for r in rounds[:1] for i in range(len(HELDOUT))] != [r["completions"] for r in ev.reference_rows]
+
+
+def test_best_of_n_reward_is_at_least_the_reward_of_its_candidates(best_of_evaluator):
+    ev = best_of_evaluator
+    one, four = ev.evaluate_best_of(1), ev.evaluate_best_of(4)
+    assert one.kl.mean == 0.0 and one.kl_kind == "bound" and four.kl.mean == pytest.approx(math.log(4) - 0.75)
+    # best-of-1 is a plain reference sample: its reward is that of its candidates
+    assert one.reward_policy.mean == pytest.approx(one.reward_candidates.mean)
+    # on the same draws (rounds 0..3), the best of 4 scores at least their mean, prompt by prompt
+    rounds = ev.candidates(4)
+    for i in range(len(HELDOUT)):
+        for s in range(2):
+            assert max(r.scores[i][s] for r in rounds) >= rounds[0].scores[i][s]
+    assert four.reward_policy.mean >= four.reward_candidates.mean
+    assert four.reward_policy.mean >= one.reward_policy.mean  # best-of-4's candidates include best-of-1's
+    assert four.reward_policy.mean > four.reward_reference.mean  # lengths vary: picking the longest pays
+    assert 0.5 < four.win_rate.mean <= 1.0
+    assert len(ev.rounds) == 4  # rounds are drawn once and shared between N

@@ -150,13 +150,42 @@ def _evaluator(args: argparse.Namespace, reference: str) -> Evaluator:
                      pairs=args.pairs, device=placement.device, dtype=placement.dtype)
 
 
+BEST_OF_HELP = ("the reference's Best-of-N as a policy: each of the --n samples per prompt is the judge's best of N "
+                "fresh reference samples; its KL is the analytic bound log N − (N−1)/N, not an estimate. Costs "
+                "N × --n reference samples per prompt (N times a policy's sampling)")
+
+
+def _best_of(values: list[int]) -> list[int]:
+    bad = [n for n in values if n < 1]
+    if bad:
+        raise ConfigError(f"--best-of must be >= 1; got {bad[0]}")
+    return values
+
+
+def _best_of_reference(args: argparse.Namespace) -> str:
+    """Best-of-N's reference: --reference, else the model of --reference-samples."""
+    from dpokit.pipeline.jsonl import read_meta
+
+    if args.reference is not None:
+        return args.reference
+    meta = read_meta(args.reference_samples) if args.reference_samples else None
+    if meta is None or not meta.get("model"):
+        raise ConfigError("--best-of samples the reference: name it with --reference")
+    return meta["model"]
+
+
 def add_evaluate(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("evaluate", help="reward, win rate and KL of a policy against its reference",
+    p = sub.add_parser("evaluate", help="reward, win rate and KL of a policy (or the reference's best-of-N) against "
+                                        "its reference",
                        description="Sample the policy and the reference on held-out prompts (temperature 1, no top-p) "
                                    "and report the mean judge reward of each, the policy's win rate over the reference, "
                                    "the sequence-level KL(π‖π_ref) on the policy's samples and, given held-out pairs, "
-                                   "the preference accuracy.")
-    p.add_argument("policy", help="policy: dpokit run directory, checkpoint, local dir or hub id")
+                                   "the preference accuracy. With --best-of N and no policy: the same report for the "
+                                   "reference's Best-of-N, with the analytic KL bound log N − (N−1)/N.")
+    p.add_argument("policy", nargs="?", default=None,
+                   help="policy: dpokit run directory, checkpoint, local dir or hub id (leave out with --best-of)")
+    p.add_argument("--best-of", type=int, default=None, metavar="N",
+                   help=BEST_OF_HELP + "; needs --reference (or --reference-samples), not --pairs")
     _add_evaluation(p)
     p.add_argument("--out", default=None, help="write the result as JSON here")
     p.add_argument("--samples-out", default=None, help="write the policy's scored samples to this JSONL")
@@ -167,9 +196,18 @@ def evaluate_command(args: argparse.Namespace) -> int:
     from dpokit.pipeline.evaluate import print_result, resolve_reference, write_result
     from dpokit.pipeline.runs import check_model
 
-    check_model(args.policy)  # a missing policy path is the error, not the reference it would imply
-    evaluator = _evaluator(args, resolve_reference(args.policy, args.reference))
-    result = evaluator.evaluate(args.policy, samples_out=args.samples_out)
+    if (args.policy is None) == (args.best_of is None):
+        raise ConfigError("name a policy to evaluate, or --best-of N for the reference's best-of-N (not both)")
+    if args.best_of is not None:
+        _best_of([args.best_of])
+        if args.pairs is not None:
+            raise ConfigError("--pairs: best-of-N has no log-probs for a preference accuracy; leave --pairs out")
+        evaluator = _evaluator(args, _best_of_reference(args))
+        result = evaluator.evaluate_best_of(args.best_of, samples_out=args.samples_out)
+    else:
+        check_model(args.policy)  # a missing policy path is the error, not the reference it would imply
+        evaluator = _evaluator(args, resolve_reference(args.policy, args.reference))
+        result = evaluator.evaluate(args.policy, samples_out=args.samples_out)
     print_result(result)
     if args.out:
         print(f"result written to {write_result(result, args.out)}")
@@ -186,27 +224,34 @@ def add_frontier(sub) -> argparse.ArgumentParser:
                        description="Evaluate several runs and/or checkpoints against one reference and write the "
                                    "(KL, reward) points as CSV and a PNG plot, one series per method (DPO paper, "
                                    "Figure 2).")
-    p.add_argument("targets", nargs="+", metavar="[SERIES=]PATH",
+    p.add_argument("targets", nargs="*", metavar="[SERIES=]PATH",
                    help="dpokit run directory, checkpoint or model; SERIES= names its series (default: the run's "
                         "method, e.g. DPO)")
     p.add_argument("--checkpoints", action="store_true", help="also evaluate every checkpoint of each run directory")
+    p.add_argument("--best-of", type=int, action="append", default=[], metavar="N",
+                   help="repeatable: add a 'Best-of-N' series, a point per N, " + BEST_OF_HELP[0].lower()
+                        + BEST_OF_HELP[1:] + "; candidates are shared: --best-of 4 --best-of 16 samples 16 × --n")
     _add_evaluation(p)
     p.add_argument("--out", required=True, help="output directory: frontier.csv, frontier.png, points/*.json")
     return p
 
 
 def frontier_command(args: argparse.Namespace) -> int:
-    from dpokit.pipeline.frontier import expand_targets
+    from dpokit.pipeline.frontier import best_of_targets, expand_targets
     from dpokit.pipeline.runs import run_model
 
+    best_of = _best_of(args.best_of)
+    if not args.targets and not best_of:
+        raise ConfigError("name runs or models to evaluate, or --best-of N")
     targets = expand_targets(args.targets, checkpoints=args.checkpoints)
-    reference = args.reference
+    reference = args.reference if targets else _best_of_reference(args)
     if reference is None:
         bases = {info.base_model for t in targets if (info := run_model(t.model)) is not None}
         if len(bases) != 1:
             raise ConfigError("name the reference with --reference: the targets "
                               + ("are not dpokit runs" if not bases else f"start from different models: {sorted(bases)}"))
         reference = bases.pop()
+    targets += best_of_targets(best_of, reference)
     return frontier(targets, _evaluator(args, reference), args.out)
 
 
@@ -226,8 +271,8 @@ def frontier(targets: list[Target], evaluator: Evaluator, out: str | Path) -> in
         table.add_row("reference", "π_ref", "0", f"{ref.mean:.3f}", "0.500")
     for pt in points:
         r = pt.result
-        table.add_row(pt.target.series, pt.target.label, f"{r.kl.mean:.2f}", f"{r.reward_policy.mean:.3f}",
-                      f"{r.win_rate.mean:.3f}")
+        kl = f"{r.kl.mean:.2f}" + (" (bound)" if r.kl_kind == "bound" else "")
+        table.add_row(pt.target.series, pt.target.label, kl, f"{r.reward_policy.mean:.3f}", f"{r.win_rate.mean:.3f}")
     Console().print(table)
     print(f"written: {Path(out) / 'frontier.csv'}, {Path(out) / 'frontier.png'}")
     return 0

@@ -12,6 +12,20 @@ and the judge scores every completion. Reported, with standard errors over promp
     accuracy    on held-out preference pairs, when given: the share with a larger implicit reward for the
                 chosen completion, (log π − log π_ref)(y_w) > (log π − log π_ref)(y_l), as `dpokit train`
                 reports it (rewards/accuracies)
+
+Best-of-N (`Evaluator.evaluate_best_of`) is the policy made of the reference and the judge: each of its
+`n` samples per prompt is the judge's best of N fresh reference samples (the first on ties). It is
+reported like a policy (same reward, win-rate and standard-error estimators, against the same reference
+samples), except its KL, which is the analytic value (Stiennon et al. 2020, App. G; Gao et al. 2023)
+
+    KL(π_BoN ‖ π_ref) = log N − (N − 1)/N
+
+not an estimate: π_BoN's probabilities are not available to score samples with. It is an upper bound on
+the true KL, approached when no single completion carries noticeable probability (Beirami et al. 2024).
+The candidates are drawn in N rounds of `n` samples per prompt, round j seeded with `seed + BEST_OF_SEED
++ j`, so they are independent of the reference samples they are compared with (a candidate that is also
+a comparison sample would bias the win rate up), best-of-N for a smaller N uses the first rounds of a
+larger one, and a round drawn once serves every N.
 """
 
 from __future__ import annotations
@@ -34,7 +48,7 @@ from dpokit.pipeline.jsonl import meta_path, read_jsonl, read_meta, write_jsonl
 from dpokit.pipeline.judges import Judge, score_rows
 from dpokit.pipeline.prompts import Prompt
 from dpokit.pipeline.runs import default_reference
-from dpokit.pipeline.sample import PromptSamples, Sampler, SamplingSettings
+from dpokit.pipeline.sample import Completion, PromptSamples, Sampler, SamplingSettings
 
 # ------------------------------------------------------------------------------------------ estimators
 
@@ -82,6 +96,31 @@ def preference_accuracy(policy_chosen, policy_rejected, reference_chosen, refere
     return float((margin > 0).double().mean()) if margin.numel() else math.nan
 
 
+def best_of_n_kl(n: int) -> float:
+    """KL(π_BoN‖π_ref) = log N − (N − 1)/N: the analytic value for the judge's best of N reference samples
+    (0 for N = 1), an upper bound on the true KL."""
+    if n < 1:
+        raise ConfigError(f"best-of-N needs N >= 1; got {n}")
+    return math.log(n) - (n - 1) / n
+
+
+def best_index(scores: Sequence[float]) -> int:
+    """The judge's best candidate: the index of the highest score, the first of equal ones."""
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
+BEST_OF_SEED = 1_000_000  # round j of best-of-N candidates is sampled with seed + BEST_OF_SEED + j
+
+
+@dataclass
+class CandidateRound:
+    """One round of best-of-N candidates: `n` reference samples per held-out prompt and their scores."""
+
+    completions: list[list[Completion]]
+    texts: list[list[str]]
+    scores: list[list[float]]
+
+
 # ------------------------------------------------------------------------------------------ evaluation
 
 
@@ -100,6 +139,9 @@ class EvalResult:
     pairs: int = 0
     tokens_policy: float = math.nan  # mean completion length in tokens
     tokens_reference: float = math.nan
+    kl_kind: str = "estimate"  # estimate: sequence log-ratios on the policy's samples; bound: best-of-N's log N − (N−1)/N
+    best_of: int | None = None  # N when the policy is the reference's best-of-N
+    reward_candidates: Estimate | None = None  # best-of-N: mean reward of all its candidates (reference samples)
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -150,6 +192,7 @@ class Evaluator:
         self.prompts = [r["prompt"] for r in ref_rows]
         self.reference_rows = ref_rows
         self.reference_scores = score_rows(judge, ref_rows)
+        self.rounds: list[CandidateRound] = []  # best-of-N candidates, drawn on demand
         self.pairs: list[TokenizedPair] = []
         if pairs is not None:
             self.pairs = read_pairs(pairs, self.tokenizer)
@@ -221,6 +264,64 @@ class Evaluator:
         return drawn
 
 
+    def evaluate_best_of(self, n: int, *, samples_out: str | Path | None = None) -> EvalResult:
+        """The reference's best-of-`n` as a policy: each of `settings.n` samples per prompt is the judge's
+        best of `n` candidates (rounds 0..n-1, see the module docstring), scored against the reference's
+        samples like a policy; the KL is the analytic `best_of_n_kl(n)`."""
+        kl = best_of_n_kl(n)
+        rounds = self.candidates(n)
+        k = self.settings.n
+        picks = [[best_index([r.scores[i][s] for r in rounds]) for s in range(k)] for i in range(len(self.prompts))]
+        scores = [[rounds[j].scores[i][s] for s, j in enumerate(row)] for i, row in enumerate(picks)]
+        chosen = [[rounds[j].completions[i][s] for s, j in enumerate(row)] for i, row in enumerate(picks)]
+        result = EvalResult(
+            policy=f"best-of-{n}", reference=self.reference_name, judge=self.judge.name, prompts=len(self.prompts),
+            samples_per_prompt=k,
+            reward_policy=mean_over_prompts(scores), reward_reference=mean_over_prompts(self.reference_scores),
+            win_rate=win_rate(scores, self.reference_scores),
+            kl=Estimate(kl, math.nan, len(self.prompts)),
+            tokens_policy=_mean(len(c.ids) for cs in chosen for c in cs),
+            tokens_reference=_mean(t for r in self.reference_rows for t in r["num_tokens"]),
+            kl_kind="bound", best_of=n,
+            reward_candidates=mean_over_prompts([[sc for r in rounds for sc in r.scores[i]]
+                                                 for i in range(len(self.prompts))]),
+        )
+        if samples_out is not None:
+            write_jsonl(samples_out, [
+                {"index": i, "prompt": self.prompts[i], "best_of": n,
+                 "completions": [rounds[j].texts[i][s] for s, j in enumerate(row)], "scores": scores[i],
+                 "num_tokens": [len(c.ids) for c in chosen[i]], "finished": [c.finished for c in chosen[i]],
+                 "picked_round": row, "candidate_scores": [[r.scores[i][s] for r in rounds] for s in range(k)]}
+                for i, row in enumerate(picks)])
+        return result
+
+    def candidates(self, rounds: int) -> list[CandidateRound]:
+        """Rounds 0..rounds-1 of best-of-N candidates, drawing the ones not drawn yet: round j samples `n`
+        completions per prompt from the reference with seed `seed + BEST_OF_SEED + j`, in generation batches
+        of `batch_size` sequences, and the judge scores them. Costs `n` reference samples per prompt a round."""
+        from tqdm.auto import tqdm
+
+        todo = range(len(self.rounds), rounds)
+        if not todo:
+            return self.rounds[:rounds]
+        s = self.settings
+        prompt_ids = [self.reference.encode(p)[1] for p in self.prompts]
+        per_call = max(1, s.batch_size // s.n)
+        self.echo(f"sampling {len(todo)} rounds of best-of-N candidates from the reference ({s.n} per prompt each)")
+        with tqdm(total=len(todo) * len(prompt_ids), desc="best-of-N", unit="prompt", disable=not self.progress,
+                  dynamic_ncols=True, leave=False) as bar:
+            for j in todo:
+                sampler = Sampler(self.reference.model, self.tokenizer, replace(s, seed=s.seed + BEST_OF_SEED + j))
+                drawn: list[list[Completion]] = []
+                for start in range(0, len(prompt_ids), per_call):
+                    drawn += sampler.sample_ids(prompt_ids[start:start + per_call], first_index=start)
+                    bar.update(min(per_call, len(prompt_ids) - start))
+                texts = [[sampler.decode(c.ids) for c in cs] for cs in drawn]
+                scores = score_rows(self.judge, [{"prompt": p, "completions": t} for p, t in zip(self.prompts, texts)])
+                self.rounds.append(CandidateRound(drawn, texts, scores))
+        return self.rounds[:rounds]
+
+
 def read_pairs(path: str | Path, tokenizer) -> list[TokenizedPair]:
     """Held-out preference pairs tokenized exactly as `dpokit train` does (default length limits)."""
     read = read_preferences(str(path), problems=Problems("raise"))
@@ -252,14 +353,27 @@ def result_table(result: EvalResult, *, title: str | None = None):
     """reference | policy columns: mean reward, win rate, KL, held-out accuracy, completion length."""
     from rich.table import Table
 
-    table = Table(title=title or f"policy vs reference on {result.prompts} held-out prompts "
-                                 f"({result.samples_per_prompt} samples each, judge: {result.judge})")
+    bon = result.best_of
+    if bon is None:
+        title = title or (f"policy vs reference on {result.prompts} held-out prompts "
+                          f"({result.samples_per_prompt} samples each, judge: {result.judge})")
+    else:
+        title = title or (f"best-of-{bon} of the reference vs the reference on {result.prompts} held-out prompts "
+                          f"({result.samples_per_prompt} samples each, each the judge's best of {bon}; judge: "
+                          f"{result.judge})")
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("reference (before)", justify="right")
-    table.add_column("policy (after)", justify="right")
+    table.add_column("policy (after)" if bon is None else f"best-of-{bon}", justify="right")
     table.add_row("mean reward", format_estimate(result.reward_reference), format_estimate(result.reward_policy))
+    if result.reward_candidates is not None:
+        table.add_row(f"mean reward of the {bon}×{result.samples_per_prompt} candidates per prompt",
+                      format_estimate(result.reward_candidates), "—")
     table.add_row("win rate vs reference", "0.500", format_estimate(result.win_rate))
-    table.add_row("KL(π‖π_ref), nats", "0", format_estimate(result.kl, 2))
+    if result.kl_kind == "bound":
+        table.add_row("KL(π‖π_ref), nats: analytic bound log N − (N−1)/N", "0", f"{result.kl.mean:.2f}")
+    else:
+        table.add_row("KL(π‖π_ref), nats", "0", format_estimate(result.kl, 2))
     if result.preference_accuracy is not None:
         table.add_row(f"held-out preference accuracy ({result.pairs} pairs)", "—", f"{result.preference_accuracy:.3f}")
     table.add_row("completion tokens", f"{result.tokens_reference:.1f}", f"{result.tokens_policy:.1f}")

@@ -4,6 +4,10 @@ against KL(π‖π_ref), one series per method, as in the DPO paper's Figure 2.
 Targets are `[SERIES=]PATH`: a dpokit run directory (its final model; with `checkpoints`, every checkpoint
 too), a checkpoint, or any model. A run's series is its method (`objective.loss`: DPO, IPO, ...), so a β
 sweep of one method forms one series; give `SERIES=` to name it otherwise.
+
+`best_of_targets([4, 16], reference)` adds the reference's Best-of-N (`Evaluator.evaluate_best_of`) as the
+series "Best-of-N", a point per N, whose KL is the analytic bound log N − (N−1)/N (column `kl_kind`:
+`bound`; the other points' KL is `estimate`d from samples).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from dpokit.pipeline.evaluate import EvalResult, Evaluator, write_result
 from dpokit.pipeline.runs import run_model, run_models
 
 CSV_FIELDS = ("series", "label", "model", "beta", "step", "kl", "kl_se", "reward", "reward_se", "win_rate",
-              "win_rate_se", "preference_accuracy", "tokens")
+              "win_rate_se", "preference_accuracy", "tokens", "best_of", "kl_kind")
+BEST_OF_SERIES = "Best-of-N"
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,12 @@ class Target:
     model: str
     beta: float | None = None
     step: int | None = None
+    best_of: int | None = None  # the reference's best-of-N (`model` is then the reference)
+
+
+def best_of_targets(ns: list[int], reference: str) -> list[Target]:
+    """One "Best-of-N" point per distinct N, in increasing N."""
+    return [Target(BEST_OF_SERIES, f"N={n}", reference, best_of=n) for n in sorted(set(ns))]
 
 
 def expand_targets(specs: list[str], *, checkpoints: bool = False) -> list[Target]:
@@ -66,7 +77,8 @@ class FrontierPoint:
         return {"series": self.target.series, "label": self.target.label, "model": self.target.model,
                 "beta": self.target.beta, "step": self.target.step, "kl": r.kl.mean, "kl_se": r.kl.se,
                 "reward": r.reward_policy.mean, "reward_se": r.reward_policy.se, "win_rate": r.win_rate.mean,
-                "win_rate_se": r.win_rate.se, "preference_accuracy": r.preference_accuracy, "tokens": r.tokens_policy}
+                "win_rate_se": r.win_rate.se, "preference_accuracy": r.preference_accuracy, "tokens": r.tokens_policy,
+                "best_of": self.target.best_of, "kl_kind": r.kl_kind}
 
 
 def run_frontier(evaluator: Evaluator, targets: list[Target], out_dir: str | Path) -> list[FrontierPoint]:
@@ -76,11 +88,15 @@ def run_frontier(evaluator: Evaluator, targets: list[Target], out_dir: str | Pat
     points = []
     for k, target in enumerate(targets):
         evaluator.echo(f"[{k + 1}/{len(targets)}] {target.series} {target.label}: {target.model}")
-        result = evaluator.evaluate(target.model)
+        if target.best_of is not None:
+            result = evaluator.evaluate_best_of(target.best_of)
+        else:
+            result = evaluator.evaluate(target.model)
         result.extra = {"series": target.series, "label": target.label}
         write_result(result, out / "points" / f"{k:03d}.json")
         points.append(FrontierPoint(target, result))
-        evaluator.echo(f"    KL {result.kl.mean:.2f}  reward {result.reward_policy.mean:.3f} "
+        bound = " (analytic bound)" if result.kl_kind == "bound" else ""
+        evaluator.echo(f"    KL {result.kl.mean:.2f}{bound}  reward {result.reward_policy.mean:.3f} "
                         f"(reference {result.reward_reference.mean:.3f})  win rate {result.win_rate.mean:.3f}")
     reference = evaluator_reference_row(evaluator, points)
     write_csv(points, reference, out / "frontier.csv")
@@ -96,7 +112,7 @@ def evaluator_reference_row(evaluator: Evaluator, points: list[FrontierPoint]) -
     return {"series": "reference", "label": "π_ref", "model": evaluator.reference_name, "beta": None, "step": 0,
             "kl": 0.0, "kl_se": 0.0, "reward": ref.mean if ref else math.nan, "reward_se": ref.se if ref else math.nan,
             "win_rate": 0.5, "win_rate_se": 0.0, "preference_accuracy": None,
-            "tokens": points[0].result.tokens_reference if points else math.nan}
+            "tokens": points[0].result.tokens_reference if points else math.nan, "best_of": None, "kl_kind": None}
 
 
 def write_csv(points: list[FrontierPoint], reference: dict, path: str | Path) -> Path:
@@ -128,17 +144,17 @@ def plot_frontier(points: list[FrontierPoint], reference: dict, path: str | Path
         ys = [p.result.reward_policy.mean for p in members]
         ax.errorbar(xs, ys, xerr=[_zero_nan(p.result.kl.se) for p in members],
                     yerr=[_zero_nan(p.result.reward_policy.se) for p in members], fmt="o", color=color,
-                    label=name, capsize=2, markersize=5, elinewidth=0.8)
+                    label=f"{name} (KL: bound)" if name == BEST_OF_SERIES else name, capsize=2, markersize=5, elinewidth=0.8)
         if len(points) <= 16:
             for p, x, y in zip(members, xs, ys):
                 ax.annotate(p.target.label, (x, y), xytext=(5, -11), textcoords="offset points", fontsize=7,
                             color=color)
         runs: dict[str, list[FrontierPoint]] = {}
-        for p in members:  # one line per run (β), through its checkpoints
-            runs.setdefault(str(run_key(p.target.model)), []).append(p)
+        for p in members:  # one line per run (β), through its checkpoints; one through the best-of-N points
+            runs.setdefault("best-of" if p.target.best_of else str(run_key(p.target.model)), []).append(p)
         for run_points in runs.values():
             if len(run_points) > 1:
-                run_points = sorted(run_points, key=lambda p: p.target.step or 0)
+                run_points = sorted(run_points, key=lambda p: p.target.step or p.target.best_of or 0)
                 ax.plot([0.0] + [p.result.kl.mean for p in run_points],
                         [reference["reward"]] + [p.result.reward_policy.mean for p in run_points],
                         color=color, alpha=0.35, linewidth=1)
