@@ -24,7 +24,7 @@ def test_evaluate_best_of_writes_a_policy_shaped_result(prompts, tiny_model_dir,
     assert main(["evaluate", "--best-of", "4", "--reference", tiny_model_dir, "--prompts", str(prompts), *GEN, *JUDGE,
                  "--out", str(out), "--samples-out", str(tmp_path / "bon.jsonl")]) == 0
     printed = capsys.readouterr().out
-    assert "best-of-4" in printed and "analytic bound" in printed
+    assert "best-of-4" in printed and "bound log N" in printed
     result = json.loads(out.read_text())
     assert result["policy"] == "best-of-4" and result["best_of"] == 4 and result["kl_kind"] == "bound"
     assert result["prompts"] == len(HELDOUT) and result["samples_per_prompt"] == 2
@@ -32,6 +32,7 @@ def test_evaluate_best_of_writes_a_policy_shaped_result(prompts, tiny_model_dir,
         assert set(result[key]) == {"mean", "se", "n"}
     assert result["kl"]["mean"] == pytest.approx(math.log(4) - 0.75)
     assert result["reward_policy"]["mean"] >= result["reward_candidates"]["mean"]
+    assert result["seconds_candidates"] > 0
     assert 0 <= result["win_rate"]["mean"] <= 1
     rows = [json.loads(line) for line in (tmp_path / "bon.jsonl").read_text().splitlines()]
     assert [len(r["candidate_scores"][0]) for r in rows] == [4] * len(HELDOUT)

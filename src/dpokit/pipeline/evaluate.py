@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -119,6 +120,7 @@ class CandidateRound:
     completions: list[list[Completion]]
     texts: list[list[str]]
     scores: list[list[float]]
+    seconds: float  # wall-clock of sampling and scoring the round
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -142,6 +144,7 @@ class EvalResult:
     kl_kind: str = "estimate"  # estimate: sequence log-ratios on the policy's samples; bound: best-of-N's log N − (N−1)/N
     best_of: int | None = None  # N when the policy is the reference's best-of-N
     reward_candidates: Estimate | None = None  # best-of-N: mean reward of all its candidates (reference samples)
+    seconds_candidates: float | None = None  # best-of-N: wall-clock of sampling and judging its N rounds
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -279,12 +282,13 @@ class Evaluator:
             samples_per_prompt=k,
             reward_policy=mean_over_prompts(scores), reward_reference=mean_over_prompts(self.reference_scores),
             win_rate=win_rate(scores, self.reference_scores),
-            kl=Estimate(kl, math.nan, len(self.prompts)),
+            kl=Estimate(kl, 0.0, len(self.prompts)),  # analytic: no sampling error
             tokens_policy=_mean(len(c.ids) for cs in chosen for c in cs),
             tokens_reference=_mean(t for r in self.reference_rows for t in r["num_tokens"]),
             kl_kind="bound", best_of=n,
             reward_candidates=mean_over_prompts([[sc for r in rounds for sc in r.scores[i]]
                                                  for i in range(len(self.prompts))]),
+            seconds_candidates=sum(r.seconds for r in rounds),
         )
         if samples_out is not None:
             write_jsonl(samples_out, [
@@ -311,6 +315,7 @@ class Evaluator:
         with tqdm(total=len(todo) * len(prompt_ids), desc="best-of-N", unit="prompt", disable=not self.progress,
                   dynamic_ncols=True, leave=False) as bar:
             for j in todo:
+                started = time.perf_counter()
                 sampler = Sampler(self.reference.model, self.tokenizer, replace(s, seed=s.seed + BEST_OF_SEED + j))
                 drawn: list[list[Completion]] = []
                 for start in range(0, len(prompt_ids), per_call):
@@ -318,7 +323,7 @@ class Evaluator:
                     bar.update(min(per_call, len(prompt_ids) - start))
                 texts = [[sampler.decode(c.ids) for c in cs] for cs in drawn]
                 scores = score_rows(self.judge, [{"prompt": p, "completions": t} for p, t in zip(self.prompts, texts)])
-                self.rounds.append(CandidateRound(drawn, texts, scores))
+                self.rounds.append(CandidateRound(drawn, texts, scores, time.perf_counter() - started))
         return self.rounds[:rounds]
 
 
@@ -367,11 +372,13 @@ def result_table(result: EvalResult, *, title: str | None = None):
     table.add_column("policy (after)" if bon is None else f"best-of-{bon}", justify="right")
     table.add_row("mean reward", format_estimate(result.reward_reference), format_estimate(result.reward_policy))
     if result.reward_candidates is not None:
-        table.add_row(f"mean reward of the {bon}×{result.samples_per_prompt} candidates per prompt",
+        table.add_row(f"mean reward of the candidates ({bon * result.samples_per_prompt} per prompt)",
                       format_estimate(result.reward_candidates), "—")
     table.add_row("win rate vs reference", "0.500", format_estimate(result.win_rate))
     if result.kl_kind == "bound":
-        table.add_row("KL(π‖π_ref), nats: analytic bound log N − (N−1)/N", "0", f"{result.kl.mean:.2f}")
+        table.add_row("KL, nats: bound log N − (N−1)/N", "0", f"{result.kl.mean:.2f}")
+        if result.seconds_candidates is not None:
+            table.add_row("seconds to sample and judge them", "—", f"{result.seconds_candidates:.1f}")
     else:
         table.add_row("KL(π‖π_ref), nats", "0", format_estimate(result.kl, 2))
     if result.preference_accuracy is not None:
