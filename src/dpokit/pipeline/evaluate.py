@@ -16,7 +16,7 @@ and the judge scores every completion. Reported, with standard errors over promp
 Best-of-N (`Evaluator.evaluate_best_of`) is the policy made of the reference and the judge: each of its
 `n` samples per prompt is the judge's best of N fresh reference samples (the first on ties). It is
 reported like a policy (same reward, win-rate and standard-error estimators, against the same reference
-samples), except its KL, which is the analytic value (Stiennon et al. 2020, App. G; Gao et al. 2023)
+samples), except its KL, which is the analytic value (Stiennon et al. 2020; Gao et al. 2023)
 
     KL(π_BoN ‖ π_ref) = log N − (N − 1)/N
 
