@@ -13,6 +13,7 @@ from dpokit.errors import DpokitError, first_line
 TRAINERS = {
     "train": ("dpokit.methods.dpo:DPO", "train a policy with DPO or another objective of its family"),
     "sft": ("dpokit.methods.sft:SFT", "supervised fine-tuning on completion tokens (or the chosen side of pairs)"),
+    "reward": ("dpokit.methods.reward:RewardModel", "train a Bradley–Terry reward model on preference pairs"),
 }
 
 

@@ -99,6 +99,15 @@ class ReferenceSection:
 
 
 @dataclass
+class RewardSection:
+    center_coefficient: float = opt(0.0, "dpokit reward: c, weight of the reward-centering term c·(r_w + r_l)² "
+                                    "(TRL's center_rewards_coefficient; 0.01 is the value it suggests)", min=0.0)
+    margin_field: str | None = opt("margin", "dpokit reward: the row field holding a per-pair margin m, "
+                                   "loss −log σ(r_w − r_l − m) (TRL's margin column); used when the rows have it, "
+                                   "null to ignore it")
+
+
+@dataclass
 class TrainSection:
     epochs: int = opt(1, "passes over the training pairs", min=1)
     max_steps: int = opt(0, "stop after this many optimizer steps (0: run all epochs)", min=0)
@@ -156,6 +165,7 @@ SECTIONS: dict[str, type] = {
     "data": DataSection,
     "objective": ObjectiveSection,
     "reference": ReferenceSection,
+    "reward": RewardSection,
     "train": TrainSection,
     "checkpoint": CheckpointSection,
     "output": OutputSection,
@@ -170,6 +180,7 @@ class Config:
     data: DataSection = field(default_factory=DataSection)
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     reference: ReferenceSection = field(default_factory=ReferenceSection)
+    reward: RewardSection = field(default_factory=RewardSection)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     output: OutputSection = field(default_factory=OutputSection)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -151,6 +152,57 @@ def load_model(name: str, *, dtype: str = "float32", revision: str | None = None
     if getattr(model, "hf_quantizer", None) is not None:
         raise ModelError(f"{name}: the model is quantized and cannot be trained; load a float checkpoint")
     return model
+
+
+def load_reward_model(name: str, *, pad_token_id: int, seed: int = 0, dtype: str = "float32",
+                      revision: str | None = None, trust_remote_code: bool = False,
+                      attn_implementation: str = "sdpa"):
+    """A trainable `AutoModelForSequenceClassification` with one label (a scalar reward) from any model
+    `load_model` reads: a causal LM's trunk gets a new head, initialised N(0, 1/(d+1)) as in Stiennon et
+    al. 2020's reward models (seeded by `seed`); a reward model keeps its head. `pad_token_id` goes into
+    its config, so transformers' pooling (the last token that is not padding) finds the same token in
+    training and wherever the exported model is loaded. Returns (model, whether the head is new)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    src = _loadable(resolve(name))
+    kwargs = dict(dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+                  num_labels=1, pad_token_id=pad_token_id)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the new head's "newly initialized" warning: this function reports it
+    try:
+        if src.kind == "adapter":  # a LoRA run's adapter on the trunk of its base, merged
+            from peft import PeftModel
+
+            base, _ = load_reward_model(_adapter_base(src.path), pad_token_id=pad_token_id, seed=seed, dtype=dtype,
+                                        trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+            model, info = PeftModel.from_pretrained(base, src.path).merge_and_unload(), {"missing_keys": ["score"]}
+        else:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                src.path, revision=revision, local_files_only=local_files_only(src, revision), use_safetensors=True,
+                output_loading_info=True, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model {name!r} as a reward model: {str(e).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if getattr(model, "hf_quantizer", None) is not None:
+        raise ModelError(f"{name}: the model is quantized and cannot be trained; load a float checkpoint")
+    head = getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
+        raise ModelError(f"{name}: {type(model).__name__} has no one-output `score` head; dpokit reward supports "
+                         "decoder models whose sequence-classification class scores with `score` (Llama, Qwen, "
+                         "Mistral, Gemma, GPT-2, ...)")
+    new_head = any(k.split(".")[0] == "score" for k in info.get("missing_keys", []))
+    if new_head:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            std = 1.0 / math.sqrt(head.in_features + 1)
+            head.weight.copy_(torch.randn(head.weight.shape, generator=g) * std)
+            if head.bias is not None:
+                head.bias.zero_()
+    model.config.pad_token_id = pad_token_id
+    return model, new_head
 
 
 def torch_dtype(name: str):

@@ -95,6 +95,26 @@ def nll(pc: Tensor, len_c: Tensor) -> Tensor:
     return -pc / len_c.clamp(min=1)
 
 
+def bradley_terry(r_chosen: Tensor, r_rejected: Tensor, margin: Tensor | None = None, *,
+                  center_coefficient: float = 0.0) -> Tensor:
+    """Per-pair loss of a Bradley–Terry reward model, whose scalar rewards r_w, r_l are read off the
+    model itself (not implicit, as in DPO):
+        loss = -log σ(r_w - r_l - m) + c (r_w + r_l)²
+    The first term is the negative log-likelihood of the preference under Bradley & Terry (1952), as
+    reward models are trained in Christiano et al. 2017, Stiennon et al. 2020 (eq. 1) and Ouyang et al.
+    2022. m, a per-pair margin (0 when None), asks for a gap of at least about m (Llama 2, Touvron et al.
+    2023 §3.2.2; TRL RewardTrainer's `margin` column). c > 0 pulls each pair's rewards toward a zero sum,
+    so that rewards are centred (Eisenstein et al. 2023, "Helping or Herding?"; TRL's
+    `center_rewards_coefficient`, whose batch mean of (r_w + r_l)² is the mean of this per-pair term)."""
+    h = r_chosen - r_rejected
+    if margin is not None:
+        h = h - margin
+    losses = -F.logsigmoid(h)
+    if center_coefficient:
+        losses = losses + center_coefficient * (r_chosen + r_rejected) ** 2
+    return losses
+
+
 @dataclass(frozen=True)
 class Objective:
     """A configured objective: `needs_reference` tells the trainer whether to build a reference model."""

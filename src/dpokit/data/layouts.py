@@ -63,6 +63,10 @@ class Batch:
     num_pairs: int
     num_tokens: int  # 2·prompt + chosen + rejected summed over pairs: the same count in every layout
     sources: list[str] = field(default_factory=list)  # file:line of each pair
+    # [2·num_pairs] flat position of each sequence's last token (its EOS), in `target_seq` order; -1 for an
+    # empty sequence. With `target_index` of a sequence's first target (the prompt's last position) it places
+    # every token: in every layout a sequence's prompt and its completion are each contiguous.
+    last_index: torch.Tensor | None = None
 
     def to(self, device) -> Batch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -87,21 +91,23 @@ def collate_padded(pairs: Sequence[TokenizedPair], pair_ids: Sequence[int], pad_
     width = max(len(pr) + len(c) for _, pr, c in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    index, targets, seq = [], [], []
+    index, targets, seq, last = [], [], [], [-1] * (2 * len(pairs))
     for r, (s, prompt, completion) in enumerate(rows):
         n = len(prompt) + len(completion)
         input_ids[r, :n] = torch.tensor(prompt + completion)
         attention_mask[r, :n] = 1
+        last[s] = r * width + n - 1
         start = r * width + len(prompt) - 1  # the last prompt position predicts the first completion token
         index.extend(range(start, start + len(completion)))
         targets.extend(completion)
         seq.extend([s] * len(completion))
     position_ids = torch.arange(width).expand(len(rows), width).contiguous()
-    return _batch(input_ids, position_ids, attention_mask, None, index, targets, seq, pairs, pair_ids)
+    return _batch(input_ids, position_ids, attention_mask, None, index, targets, seq, pairs, pair_ids, last)
 
 
 def collate_packed(pairs: Sequence[TokenizedPair], pair_ids: Sequence[int]) -> Batch:
     ids, positions, index, targets, seq, cu = [], [], [], [], [], [0]
+    last = [-1] * (2 * len(pairs))
     for s, (prompt, completion) in enumerate(_sequences(pairs)):
         if not completion:
             continue
@@ -113,14 +119,16 @@ def collate_packed(pairs: Sequence[TokenizedPair], pair_ids: Sequence[int]) -> B
         targets.extend(completion)
         seq.extend([s] * len(completion))
         cu.append(len(ids))
+        last[s] = len(ids) - 1
     segments = Segments(cu_q=cu, cu_k=list(cu), key_index=None)
-    return _batch(torch.tensor([ids]), torch.tensor([positions]), None, segments, index, targets, seq, pairs, pair_ids)
+    return _batch(torch.tensor([ids]), torch.tensor([positions]), None, segments, index, targets, seq, pairs, pair_ids,
+                  last)
 
 
 def collate_prefix_shared(pairs: Sequence[TokenizedPair], pair_ids: Sequence[int]) -> Batch:
     b = len(pairs)
     ids, positions, index, targets, seq = [], [], [], [], []
-    cu_q, cu_k, keys = [0], [0], []
+    cu_q, cu_k, keys, last = [0], [0], [], [-1] * (2 * b)
     for i, p in enumerate(pairs):
         o = len(ids)
         lp, lc, lr = len(p.prompt), len(p.chosen), len(p.rejected)
@@ -135,6 +143,7 @@ def collate_prefix_shared(pairs: Sequence[TokenizedPair], pair_ids: Sequence[int
         keys.extend(range(o, o + lp + lc))
         cu_q.append(o + lp + lc)
         cu_k.append(len(keys))
+        last[i] = o + lp + lc - 1
         if not lr:
             continue
         # rejected: its first token is predicted from the prompt's last position too
@@ -147,8 +156,10 @@ def collate_prefix_shared(pairs: Sequence[TokenizedPair], pair_ids: Sequence[int
         keys.extend(range(r0, r0 + lr))
         cu_q.append(r0 + lr)
         cu_k.append(len(keys))
+        last[b + i] = r0 + lr - 1
     segments = Segments(cu_q=cu_q, cu_k=cu_k, key_index=torch.tensor(keys))
-    return _batch(torch.tensor([ids]), torch.tensor([positions]), None, segments, index, targets, seq, pairs, pair_ids)
+    return _batch(torch.tensor([ids]), torch.tensor([positions]), None, segments, index, targets, seq, pairs, pair_ids,
+                  last)
 
 
 def _sequences(pairs: Sequence[TokenizedPair]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -156,7 +167,7 @@ def _sequences(pairs: Sequence[TokenizedPair]) -> list[tuple[tuple[int, ...], tu
     return [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
 
 
-def _batch(input_ids, position_ids, attention_mask, segments, index, targets, seq, pairs, pair_ids) -> Batch:
+def _batch(input_ids, position_ids, attention_mask, segments, index, targets, seq, pairs, pair_ids, last) -> Batch:
     return Batch(
         input_ids=input_ids,
         position_ids=position_ids,
@@ -169,4 +180,29 @@ def _batch(input_ids, position_ids, attention_mask, segments, index, targets, se
         num_pairs=len(pairs),
         num_tokens=sum(p.num_tokens for p in pairs),
         sources=[p.source for p in pairs],
+        last_index=torch.tensor(last, dtype=torch.long),
     )
+
+
+def last_non_pad_index(batch: Batch, pairs: Sequence[TokenizedPair], pad_id: int | None) -> torch.Tensor:
+    """[2·num_pairs] flat position of each sequence's last token that is not `pad_id`, in `target_seq`
+    order: where transformers' sequence-classification models pool (position 0 when every token is
+    padding; the last token when `pad_id` is None). Every sequence must be non-empty. In every layout a
+    sequence's completion is contiguous and ends at `last_index`, and its prompt is contiguous and ends
+    at the position that predicts the first completion token."""
+    first: dict[int, int] = {}
+    for index, s in zip(batch.target_index.tolist(), batch.target_seq.tolist()):
+        first.setdefault(s, index)
+    last = batch.last_index.tolist()
+    n = len(pairs)
+    out = []
+    for s in range(2 * n):
+        pair = pairs[s % n]
+        completion = pair.chosen if s < n else pair.rejected
+        if not completion:
+            raise ValueError(f"{pair.source}: an empty {'chosen' if s < n else 'rejected'} sequence has no last token")
+        tokens = pair.prompt + completion
+        j = next((j for j in range(len(tokens) - 1, -1, -1) if tokens[j] != pad_id), 0)
+        lp, lc = len(pair.prompt), len(completion)
+        out.append(last[s] - (lp + lc - 1 - j) if j >= lp else first[s] - (lp - 1 - j))
+    return torch.tensor(out, dtype=torch.long)

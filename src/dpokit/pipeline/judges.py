@@ -123,7 +123,9 @@ class SequenceClassifier:
         if isinstance(prompt, list):
             messages = prompt + [{"role": "assistant", "content": completion}]
             if getattr(self.tokenizer, "chat_template", None):
-                return self.tokenizer.apply_chat_template(messages, tokenize=False)
+                # ending at the end-of-turn token, as dpokit tokenizes a reply (the template's newline after it is
+                # never generated): a dpokit reward model pools where it was trained, at the reply's last token
+                return self.tokenizer.apply_chat_template(messages, tokenize=False).rstrip()
             return prompt_text(messages) if self.on == "text" else completion
         return judged_text(prompt, completion, self.on)
 

@@ -1,0 +1,164 @@
+"""A Bradley–Terry reward model on the shared loop: preference pairs → a scalar head on the LM → the
+loss −log σ(r_w − r_l − m) + c·(r_w + r_l)² (`objectives.bradley_terry`).
+
+The model is the start model as a Hugging Face `AutoModelForSequenceClassification` with one label: its
+trunk plus a linear `score` head, new for a causal LM (`models.load_reward_model`). A sequence's reward is
+the head applied to the trunk's last hidden state at the sequence's last token that is not padding,
+which is where transformers pools the same model, so the exported directory scores exactly as it was
+trained wherever it is loaded (`--judge reward-model --judge-model DIR`). With the pad token equal to EOS
+(the embedded model's tokenizer; TRL falls back to it too) that is the token before the completion's
+EOS. Every layout applies: the trunk runs on the padded, packed or prefix-shared batch and the head reads
+one position per sequence (`layouts.last_non_pad_index`).
+
+A per-pair margin m comes from the rows' `reward.margin_field` field (TRL's `margin` column) when they
+have one. LoRA is not supported: the judge and PPO load a full model directory, and a reward model of
+the size dpokit trains on one machine is trained whole.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dpokit import attention, models
+from dpokit.config import Config
+from dpokit.data import records
+from dpokit.data.dataset import prepare_data
+from dpokit.data.layouts import Batch, collate, last_non_pad_index
+from dpokit.distributed import Runtime
+from dpokit.errors import ConfigError, DataError
+from dpokit.logps import causal_lm
+from dpokit.metrics import MicroBatch
+from dpokit.objectives import bradley_terry
+
+
+class ScalarRewards(nn.Module):
+    """Wraps a one-label sequence-classification model so that `forward(batch, read_index)` returns the
+    reward of every sequence of the batch ([2·pairs]: chosen, then rejected), read at the flat positions
+    `read_index`: the module DDP or FSDP wrap."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch, read_index: torch.Tensor) -> torch.Tensor:
+        net = causal_lm(self.model)
+        kwargs = {"position_ids": batch.position_ids, "use_cache": False}
+        if batch.segments is not None:
+            if net.config._attn_implementation != attention.NAME:
+                raise RuntimeError("packed layouts need the model's attention set with dpokit.models.use_layout")
+            kwargs["dpokit_segments"] = batch.segments
+        else:
+            kwargs["attention_mask"] = batch.attention_mask
+        hidden = net.base_model(input_ids=batch.input_ids, **kwargs).last_hidden_state
+        hidden = hidden.flatten(0, 1).index_select(0, read_index)
+        return net.score(hidden).squeeze(-1).float()
+
+
+class RewardModel:
+    name = "reward"
+    unit = "pairs"
+    metric_names = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
+
+    def __init__(self, cfg: Config, runtime: Runtime, tokenizer):
+        if cfg.data.use not in ("auto", "pairs"):
+            raise ConfigError(f"data.use={cfg.data.use} reads single completions; dpokit reward trains on "
+                              "preference pairs (data.use=pairs)")
+        if cfg.lora.enabled:
+            raise ConfigError("dpokit reward trains all weights: the judge and PPO load a full model directory; "
+                              "remove lora.enabled=true")
+        self.cfg, self.rt, self.tokenizer = cfg, runtime, tokenizer
+        self.data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed, use="pairs")
+        if not self.data.train:
+            raise DataError(f"{cfg.data.train}: no valid training pairs ({self.data.summary()})")
+        self.train_set, self.eval_set = self.data.train, self.data.eval
+        self.margins = read_margins(cfg, {"train": self.train_set, "eval": self.eval_set})
+        self.new_head: bool | None = True
+
+    def build(self, *, precision: str, autocast, resume_from: Path | None, echo) -> ScalarRewards:
+        cfg = self.cfg
+        load = dict(pad_token_id=self.tokenizer.pad_token_id, seed=cfg.train.seed,
+                    dtype="bfloat16" if precision == "bf16" else "float32", revision=cfg.model.revision,
+                    trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
+        if resume_from is not None:
+            load["revision"] = None
+            model, _ = models.load_reward_model(str(resume_from), **load)
+            self.new_head = None  # the checkpoint's head: whether the run began with a new one is not known here
+        else:
+            with self.rt.main_first():  # the first load may convert the GGUF default model
+                model, self.new_head = models.load_reward_model(cfg.model.name, **load)
+            head = model.score
+            if self.new_head:
+                echo(f"reward head: new linear {head.in_features} → 1, initialised N(0, 1/{head.in_features + 1})")
+        models.disable_dropout(model)
+        models.use_layout(model, cfg.train.layout)
+        module = ScalarRewards(model).to(self.rt.device)
+        models.enable_training_features(module.model, cfg.train)
+        return module
+
+    def forward(self, policy, ids: list[int], split: str) -> MicroBatch:
+        """The Bradley–Terry loss on pairs `ids` of `split` ("train" or "eval"); `policy` may be wrapped."""
+        pairs = [(self.train_set if split == "train" else self.eval_set)[j] for j in ids]
+        batch = collate(pairs, ids, self.cfg.train.layout, self.tokenizer.pad_token_id)
+        read = last_non_pad_index(batch, pairs, self.tokenizer.pad_token_id)
+        batch = batch.to(self.rt.device)
+        rewards = policy(batch, read.to(self.rt.device))
+        n = len(pairs)
+        chosen, rejected = rewards[:n], rewards[n:]
+        margin = None if self.margins is None else self.margins[split][ids].to(rewards.device)
+        losses = bradley_terry(chosen, rejected, margin, center_coefficient=self.cfg.reward.center_coefficient)
+        c, r = chosen.detach().double(), rejected.detach().double()
+        sums = {"loss": losses.detach().double().sum(), "rewards/accuracies": (c > r).double().sum(),
+                "rewards/margins": (c - r).sum(), "rewards/chosen": c.sum(), "rewards/rejected": r.sum()}
+        return MicroBatch(losses, sums, batch.num_tokens)
+
+    def describe(self) -> str:
+        r = self.cfg.reward
+        margin = f"per-pair margins ({r.margin_field})" if self.margins is not None else "no margin"
+        head = {True: "new scalar head", False: "the start model's scalar head", None: "scalar head"}[self.new_head]
+        return f"Bradley–Terry reward model ({head}, {margin}, centering c={r.center_coefficient})"
+
+    def summary(self) -> str:
+        return self.data.summary()
+
+    def write_report(self, run_dir: Path) -> None:
+        self.data.write_report(run_dir)
+
+
+def read_margins(cfg: Config, splits: dict[str, list]) -> dict[str, torch.Tensor] | None:
+    """Each pair's margin from its row's `reward.margin_field` field, per split, in the order of the pairs;
+    None when no row has the field (or it is set to null). A row without it, when others have it, or with
+    a value that is not a finite number, is an error naming the row."""
+    key, d = cfg.reward.margin_field, cfg.data
+    if not key:
+        return None
+    values: dict[str, object] = {}
+    for source, split in ((d.train, d.train_split), (d.eval, d.eval_split)):
+        if source is None:
+            continue
+        # the rows again, as the reader saw them (their sources match the pairs'); problems were reported then
+        for where, row in records._iter_rows(source, split, records.Problems("collect")):
+            if isinstance(row, dict) and key in row:
+                values[where] = row[key]
+    if not values:
+        return None
+    out = {}
+    for split, pairs in splits.items():
+        margins = []
+        for pair in pairs:
+            if pair.source not in values:
+                raise DataError(f"{pair.source}: no '{key}' field, which other rows have: give every row a margin, "
+                                "or set reward.margin_field=null to ignore them")
+            value = values[pair.source]
+            try:  # a number, or its text (CSV)
+                margin = float(value) if not isinstance(value, bool) and isinstance(value, (int, float, str)) else None
+            except ValueError:
+                margin = None
+            if margin is None or not math.isfinite(margin):
+                raise DataError(f"{pair.source}: '{key}' must be a finite number; got {value!r}")
+            margins.append(margin)
+        out[split] = torch.tensor(margins, dtype=torch.float32)
+    return out
