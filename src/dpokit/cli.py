@@ -14,6 +14,7 @@ TRAINERS = {
     "train": ("dpokit.methods.dpo:DPO", "train a policy with DPO or another objective of its family"),
     "sft": ("dpokit.methods.sft:SFT", "supervised fine-tuning on completion tokens (or the chosen side of pairs)"),
     "reward": ("dpokit.methods.reward:RewardModel", "train a Bradley–Terry reward model on preference pairs"),
+    "ppo": ("dpokit.methods.ppo:PPO", "RLHF with PPO against a judge or a reward model"),
 }
 
 

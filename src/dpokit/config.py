@@ -108,6 +108,44 @@ class RewardSection:
 
 
 @dataclass
+class PPOSection:
+    judge: str | None = opt(None, "dpokit ppo: the sequence reward, any judge (sentiment, length, keywords, "
+                            "module:function: PPO-GT) or a trained reward model (reward-model with judge_model DIR)")
+    judge_model: str | None = opt(None, "dpokit ppo: the judge's model (a reward model's directory or hub id)")
+    judge_options: list[str] = opt([], "dpokit ppo: the judge's key=value options (as --judge-option)")
+    template: str = opt("auto", "dpokit ppo: chat template for the prompts (data.train): auto applies it to "
+                        "conversations, and to string prompts when the model has one; none continues plain text",
+                        choices=("auto", "chat", "none"))
+    max_new_tokens: int = opt(53, "dpokit ppo: most tokens per rollout (TRL's response_length, the N+ details' 53)",
+                              min=1)
+    epochs: int = opt(4, "dpokit ppo: passes over each rollout batch (TRL's num_ppo_epochs; the N+ details: 4)", min=1)
+    minibatch_size: int = opt(0, "dpokit ppo: rollouts per optimizer update, a divisor of train.batch_size "
+                              "(0: the whole batch, TRL's num_mini_batches=1)", min=0)
+    clip_range: float = opt(0.2, "dpokit ppo: ε of the clipped policy ratio (TRL's cliprange)", min=0.0,
+                            min_exclusive=True)
+    value_clip_range: float | None = opt(0.2, "dpokit ppo: c of the clipped value loss (TRL's cliprange_value); "
+                                         "null: unclipped", min=0.0)
+    vf_coef: float = opt(0.1, "dpokit ppo: weight of the value loss (TRL's vf_coef)", min=0.0)
+    gamma: float = opt(1.0, "dpokit ppo: γ, discount of GAE (TRL, the N+ details: 1)", min=0.0, max=1.0)
+    lam: float = opt(0.95, "dpokit ppo: λ of GAE (TRL, the N+ details: 0.95)", min=0.0, max=1.0)
+    kl_coef: float = opt(0.05, "dpokit ppo: β of the per-token KL penalty (TRL, the N+ details: 0.05); the start "
+                         "value when target_kl is set", min=0.0)
+    target_kl: float | None = opt(None, "dpokit ppo: sequence KL the adaptive controller steers β toward (Ziegler "
+                                  "et al. 2019: 6 on sentiment; the DPO paper: 3, 6, 9, 12); null: β fixed",
+                                  min=0.0, min_exclusive=True)
+    kl_horizon: int = opt(10000, "dpokit ppo: horizon of the adaptive controller in rollouts (Ziegler et al., TRL: "
+                          "10000)", min=1)
+    missing_eos_penalty: float | None = opt(None, "dpokit ppo: subtracted from the reward of a rollout cut at "
+                                            "max_new_tokens without EOS (the N+ details' EOS trick; TRL's "
+                                            "missing_eos_penalty); null: none", min=0.0)
+    whiten_rewards: bool = opt(False, "dpokit ppo: whiten the KL-shaped per-token rewards of each batch before "
+                               "GAE (TRL's whiten_rewards)")
+    normalize_scores: bool = opt(True, "dpokit ppo: shift and scale the judge's scores to mean 0, std 1 on the "
+                                 "first batch, sampled from the start policy, for the whole run (the N+ details "
+                                 "normalise the reward model so on reference samples); false: scores as given")
+
+
+@dataclass
 class TrainSection:
     epochs: int = opt(1, "passes over the training pairs", min=1)
     max_steps: int = opt(0, "stop after this many optimizer steps (0: run all epochs)", min=0)
@@ -166,6 +204,7 @@ SECTIONS: dict[str, type] = {
     "objective": ObjectiveSection,
     "reference": ReferenceSection,
     "reward": RewardSection,
+    "ppo": PPOSection,
     "train": TrainSection,
     "checkpoint": CheckpointSection,
     "output": OutputSection,
@@ -181,6 +220,7 @@ class Config:
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     reference: ReferenceSection = field(default_factory=ReferenceSection)
     reward: RewardSection = field(default_factory=RewardSection)
+    ppo: PPOSection = field(default_factory=PPOSection)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     output: OutputSection = field(default_factory=OutputSection)
@@ -244,6 +284,9 @@ class Config:
                               f"fits {free}")
         if loss not in ("sigmoid", "robust") and self.objective.label_smoothing:
             raise ConfigError(f"objective.label_smoothing applies to sigmoid (cDPO) and robust, not {loss}")
+        if self.ppo.minibatch_size and t.batch_size % self.ppo.minibatch_size:
+            raise ConfigError(f"ppo.minibatch_size ({self.ppo.minibatch_size}) must divide train.batch_size "
+                              f"({t.batch_size})")
         for key in ("train", "eval"):
             source = getattr(d, key)
             if source is not None and missing_file(source):

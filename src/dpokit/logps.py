@@ -72,6 +72,12 @@ class CompletionLogProbs(nn.Module):
     def token_logps(self, batch: Batch) -> torch.Tensor:
         """log π(y_t | x, y_<t) of every completion token, in the batch's target order (`batch.target_seq`
         says whose token each one is): what per-token objectives and PPO need."""
+        if self.lm_head == "full":
+            logits = self.model(input_ids=batch.input_ids, **self._model_kwargs(batch)).logits
+            return _gather_logps(logits.flatten(0, 1)[batch.target_index].float(), batch.target_ids)
+        return self.head_logps(self.completion_hidden(batch), batch.target_ids)
+
+    def _model_kwargs(self, batch: Batch) -> dict:
         kwargs = {"position_ids": batch.position_ids, "use_cache": False}
         if batch.segments is not None:
             if causal_lm(self.model).config._attn_implementation != attention.NAME:
@@ -79,14 +85,36 @@ class CompletionLogProbs(nn.Module):
             kwargs["dpokit_segments"] = batch.segments
         else:
             kwargs["attention_mask"] = batch.attention_mask
-        if self.lm_head == "full":
-            logits = self.model(input_ids=batch.input_ids, **kwargs).logits
-            return _gather_logps(logits.flatten(0, 1)[batch.target_index].float(), batch.target_ids)
+        return kwargs
+
+    def completion_hidden(self, batch: Batch) -> torch.Tensor:
+        """[n, d] the trunk's last hidden state at every position that predicts a completion token, in
+        target order: the LM head's input (`head_logps`, `head_entropy`), and what a value head reads (PPO)."""
         lm = causal_lm(self.model)
-        hidden = lm.base_model(input_ids=batch.input_ids, **kwargs).last_hidden_state
-        hidden = hidden.flatten(0, 1).index_select(0, batch.target_index)
-        head = lm.get_output_embeddings()
-        return self._chunked_logps(hidden, head.weight, head.bias, batch.target_ids)
+        hidden = lm.base_model(input_ids=batch.input_ids, **self._model_kwargs(batch)).last_hidden_state
+        return hidden.flatten(0, 1).index_select(0, batch.target_index)
+
+    def head_logps(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """[n] log softmax(W h)[y] of `completion_hidden`'s states, the LM head applied in chunks."""
+        head = causal_lm(self.model).get_output_embeddings()
+        return self._chunked_logps(hidden, head.weight, head.bias, targets)
+
+    @torch.no_grad()
+    def head_entropy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n] entropy −Σ_v p_v log p_v of the next-token distribution at each of `completion_hidden`'s
+        states (no gradient: a logged quantity), in chunks of `chunk_tokens`."""
+        head = causal_lm(self.model).get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        if hasattr(weight, "full_tensor"):
+            weight = weight.full_tensor()
+            bias = None if bias is None else bias.full_tensor()
+        out = []
+        for start in range(0, hidden.shape[0], self.chunk_tokens):
+            logits = _transformed_logits(hidden[start:start + self.chunk_tokens], weight, bias, self._scale,
+                                         self._softcap)
+            logp = logits.log_softmax(-1)
+            out.append(-(logp.exp() * logp).sum(-1))
+        return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
     def _chunked_logps(self, hidden, weight, bias, targets):
         if hasattr(weight, "full_tensor"):  # FSDP2 DTensor: the root's parameters are already gathered in forward
@@ -134,12 +162,16 @@ def logps_table(module: CompletionLogProbs, pairs: Sequence[TokenizedPair], *, p
 
 
 def _head_logps(hidden, weight, bias, targets, scale: float, softcap: float | None):
+    return _gather_logps(_transformed_logits(hidden, weight, bias, scale, softcap), targets)
+
+
+def _transformed_logits(hidden, weight, bias, scale: float, softcap: float | None) -> torch.Tensor:
     logits = F.linear(hidden, weight, bias).float()
     if scale != 1.0:
         logits = logits * scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    return _gather_logps(logits, targets)
+    return logits
 
 
 def _gather_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -127,7 +127,8 @@ class MetricsWriter:
 
 
 def _short(row: dict) -> str:
-    keys = (("loss", "loss"), ("rewards/accuracies", "acc"), ("rewards/margins", "margin"), ("grad_norm", "gnorm"))
+    keys = (("loss", "loss"), ("rewards/accuracies", "acc"), ("rewards/margins", "margin"), ("reward", "reward"),
+            ("kl", "kl"), ("grad_norm", "gnorm"))
     rates = [(k, k.replace("_per_s", "/s")) for k in row if k.endswith("_per_s") and k != "tokens_per_s"]
     return " ".join(f"{label}={row[k]:.4g}" for k, label in (*keys, *rates) if isinstance(row.get(k), (int, float)))
 

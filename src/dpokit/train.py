@@ -169,35 +169,60 @@ class Trainer:
         return result
 
     def train_step(self, item_ids: list[int]) -> dict:
-        """One optimizer update over `item_ids` (the global batch): accumulate, clip, step."""
+        """One loop step over `item_ids` (the global batch). A method with a `prepare(policy, item_ids,
+        step)` hook does its own work first (PPO: rollouts, rewards, advantages; its metrics join the row),
+        and one with `updates(item_ids)` makes several optimizer updates of the ids it lists (PPO: epochs
+        × minibatches of the rollouts); otherwise one update over `item_ids`. The scheduler steps once per
+        loop step, so the learning rate is constant within a step. The row's method metrics and
+        `grad_norm` are the mean over the step's updates, its item and token counts their sum."""
         start = time.perf_counter()
         self.wrapped_policy.train()
+        prepare = getattr(self.method, "prepare", None)
+        extra = prepare(self.wrapped_policy, item_ids, self.step) if prepare is not None else {}
+        self.wrapped_policy.train()
+        updates = self.method.updates(item_ids) if hasattr(self.method, "updates") else [item_ids]
+        lr = self.scheduler.get_last_lr()[0]
+        rows, applied = [], False
+        for ids in updates:
+            row, grad_norm, ok = self._update(ids, item_ids)
+            rows.append({**row, "grad_norm": grad_norm})
+            applied = applied or ok
+        if applied:
+            self.scheduler.step()
+        unit = self.method.unit
+        row = rows[0] if len(rows) == 1 else {
+            k: (sum(r[k] for r in rows) if k in (unit, "tokens") else sum(r[k] for r in rows) / len(rows))
+            for k in rows[0]}
+        row.update(extra)
+        seconds = time.perf_counter() - start
+        row.update({"step": self.step + 1, "epoch": (self.step + 1) / self.steps_per_epoch, "lr": lr,
+                    f"{unit}_per_s": row[unit] / seconds, "tokens_per_s": row["tokens"] / seconds,
+                    "nonfinite_steps": self.nonfinite})
+        return row
+
+    def _update(self, ids: list[int], item_ids: list[int]) -> tuple[dict, float, bool]:
+        """One optimizer update over `ids`: accumulate, clip, step (skipped when the loss or the gradient is
+        not finite). Returns the mean metrics, the gradient norm and whether the update was applied."""
         stats = MeanMetrics(self.method.metric_names, self.rt.device)
-        micro_batches = self._micro_batches(item_ids)
-        scale = self.rt.world / len(item_ids)  # DDP/FSDP average over ranks: this makes it a mean over items
-        for i, (ids, weight) in enumerate(micro_batches):
+        micro_batches = self._micro_batches(ids)
+        scale = self.rt.world / len(ids)  # DDP/FSDP average over ranks: this makes it a mean over items
+        for i, (mine, weight) in enumerate(micro_batches):
             with self.rt.no_sync(self.wrapped_policy, i == len(micro_batches) - 1), self.autocast():
-                micro = self.method.forward(self.wrapped_policy, ids, "train")
+                micro = self.method.forward(self.wrapped_policy, mine, "train")
                 (micro.losses.sum() * scale * weight).backward()
             if weight:
                 stats.add(micro)
-        unit = self.method.unit
-        row = stats.result(self.rt, unit)
+        row = stats.result(self.rt, self.method.unit)
         max_norm = self.cfg.train.max_grad_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        lr = self.scheduler.get_last_lr()[0]
-        if math.isfinite(row["loss"]) and math.isfinite(grad_norm):
+        ok = math.isfinite(row["loss"]) and math.isfinite(grad_norm)
+        if ok:
             self.optimizer.step()
-            self.scheduler.step()
         else:
             self._nonfinite(item_ids, row["loss"], grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - start
-        row.update({"step": self.step + 1, "epoch": (self.step + 1) / self.steps_per_epoch, "lr": lr,
-                    "grad_norm": grad_norm, f"{unit}_per_s": row[unit] / seconds,
-                    "tokens_per_s": row["tokens"] / seconds, "nonfinite_steps": self.nonfinite})
-        return row
+        return row, grad_norm, ok
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -271,7 +296,8 @@ class Trainer:
                 self.run_dir, self.step,
                 save_model=functools.partial(save_pretrained, self.policy.model, state_dict=state),
                 optimizer=optimizer, scheduler=self.scheduler.state_dict(),
-                trainer={"step": self.step, "nonfinite": self.nonfinite, "rng": checkpoint.rng_state()},
+                trainer={"step": self.step, "nonfinite": self.nonfinite, "rng": checkpoint.rng_state(),
+                         **({"method": self.method.state_dict()} if hasattr(self.method, "state_dict") else {})},
                 keep=self.cfg.checkpoint.keep, keep_models=self.cfg.checkpoint.keep_models,
             )
         self.rt.barrier()
@@ -286,6 +312,8 @@ class Trainer:
         trainer = state["trainer_state"]
         self.step, self.nonfinite = trainer["step"], trainer["nonfinite"]
         checkpoint.set_rng_state(trainer["rng"])
+        if "method" in trainer:  # what a method keeps beyond the model (PPO: value head, KL coefficient)
+            self.method.load_state_dict(trainer["method"])
         self._echo(f"resumed from {ckpt} at step {self.step}")
 
     def _export(self, metrics: dict) -> Path | None:
