@@ -73,26 +73,14 @@ class CompletionLogProbs(nn.Module):
         """log π(y_t | x, y_<t) of every completion token, in the batch's target order (`batch.target_seq`
         says whose token each one is): what per-token objectives and PPO need."""
         if self.lm_head == "full":
-            logits = self.model(input_ids=batch.input_ids, **self._model_kwargs(batch)).logits
+            logits = self.model(input_ids=batch.input_ids, **layout_inputs(self.model, batch)).logits
             return _gather_logps(logits.flatten(0, 1)[batch.target_index].float(), batch.target_ids)
         return self.head_logps(self.completion_hidden(batch), batch.target_ids)
-
-    def _model_kwargs(self, batch: Batch) -> dict:
-        kwargs = {"position_ids": batch.position_ids, "use_cache": False}
-        if batch.segments is not None:
-            if causal_lm(self.model).config._attn_implementation != attention.NAME:
-                raise RuntimeError("packed layouts need the model's attention set with dpokit.models.use_layout")
-            kwargs["dpokit_segments"] = batch.segments
-        else:
-            kwargs["attention_mask"] = batch.attention_mask
-        return kwargs
 
     def completion_hidden(self, batch: Batch) -> torch.Tensor:
         """[n, d] the trunk's last hidden state at every position that predicts a completion token, in
         target order: the LM head's input (`head_logps`, `head_entropy`), and what a value head reads (PPO)."""
-        lm = causal_lm(self.model)
-        hidden = lm.base_model(input_ids=batch.input_ids, **self._model_kwargs(batch)).last_hidden_state
-        return hidden.flatten(0, 1).index_select(0, batch.target_index)
+        return trunk_states(self.model, batch).index_select(0, batch.target_index)
 
     def head_logps(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """[n] log softmax(W h)[y] of `completion_hidden`'s states, the LM head applied in chunks."""
@@ -133,6 +121,26 @@ class CompletionLogProbs(nn.Module):
         if not chunks:
             return hidden.new_zeros(0, dtype=torch.float32)
         return torch.cat(chunks)
+
+
+def layout_inputs(model: nn.Module, batch: Batch) -> dict:
+    """The keyword arguments of a transformers forward pass on `batch` in its layout: the padding mask, or
+    the packed segments (which need dpokit's attention, `models.use_layout`)."""
+    kwargs = {"position_ids": batch.position_ids, "use_cache": False}
+    if batch.segments is not None:
+        if causal_lm(model).config._attn_implementation != attention.NAME:
+            raise RuntimeError("packed layouts need the model's attention set with dpokit.models.use_layout")
+        kwargs["dpokit_segments"] = batch.segments
+    else:
+        kwargs["attention_mask"] = batch.attention_mask
+    return kwargs
+
+
+def trunk_states(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """[rows · width, d] the last hidden states of the model's trunk (no head) on `batch`, flattened so that
+    the batch's flat indices (`target_index`, `last_index`) select from them."""
+    lm = causal_lm(model)
+    return lm.base_model(input_ids=batch.input_ids, **layout_inputs(model, batch)).last_hidden_state.flatten(0, 1)
 
 
 @torch.no_grad()

@@ -23,14 +23,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dpokit import attention, models
+from dpokit import models
 from dpokit.config import Config
 from dpokit.data import records
 from dpokit.data.dataset import prepare_data
 from dpokit.data.layouts import Batch, collate, last_non_pad_index
 from dpokit.distributed import Runtime
 from dpokit.errors import ConfigError, DataError
-from dpokit.logps import causal_lm
+from dpokit.logps import causal_lm, trunk_states
 from dpokit.metrics import MicroBatch
 from dpokit.objectives import bradley_terry
 
@@ -45,17 +45,8 @@ class ScalarRewards(nn.Module):
         self.model = model
 
     def forward(self, batch: Batch, read_index: torch.Tensor) -> torch.Tensor:
-        net = causal_lm(self.model)
-        kwargs = {"position_ids": batch.position_ids, "use_cache": False}
-        if batch.segments is not None:
-            if net.config._attn_implementation != attention.NAME:
-                raise RuntimeError("packed layouts need the model's attention set with dpokit.models.use_layout")
-            kwargs["dpokit_segments"] = batch.segments
-        else:
-            kwargs["attention_mask"] = batch.attention_mask
-        hidden = net.base_model(input_ids=batch.input_ids, **kwargs).last_hidden_state
-        hidden = hidden.flatten(0, 1).index_select(0, read_index)
-        return net.score(hidden).squeeze(-1).float()
+        hidden = trunk_states(self.model, batch).index_select(0, read_index)
+        return causal_lm(self.model).score(hidden).squeeze(-1).float()
 
 
 class RewardModel:
