@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo quickstart test lint venv clean
+.PHONY: demo paper quickstart test lint venv clean
 
 venv: $(STAMP)
 
@@ -21,6 +21,12 @@ $(STAMP): pyproject.toml Makefile
 # the DPO paper's sentiment experiment end to end: sample, label, train, evaluate, frontier (~10 min on 2 CPU cores)
 demo: $(STAMP)
 	$(BIN)/python -m dpokit.pipeline.demo --config configs/sentiment.yaml \
+		--train-prompts data/sentiment/prompts_train.jsonl --heldout-prompts data/sentiment/prompts_heldout.jsonl
+
+# the DPO paper's comparison: DPO, Preferred-FT, Unlikelihood, reward model + PPO, PPO-GT and Best-of-N on one
+# reward-KL frontier (src/dpokit/pipeline/paper.py)
+paper: $(STAMP)
+	$(BIN)/python -m dpokit.pipeline.paper --configs configs/paper \
 		--train-prompts data/sentiment/prompts_train.jsonl --heldout-prompts data/sentiment/prompts_heldout.jsonl
 
 quickstart: $(STAMP)

@@ -63,7 +63,8 @@ def expand_targets(specs: list[str], *, checkpoints: bool = False) -> list[Targe
             continue
         for m in found:
             step = f"step {m.step}" if m.step is not None else "final"
-            targets.append(Target(series or m.method, f"β={m.beta:g} {step}", str(m.path), m.beta, m.step))
+            label = f"β={m.beta:g} {step}" if m.uses_beta else step
+            targets.append(Target(series or m.method, label, str(m.path), m.beta if m.uses_beta else None, m.step))
     return targets
 
 

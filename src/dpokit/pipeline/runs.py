@@ -35,6 +35,11 @@ class RunModel:
     def method(self) -> str:
         return METHOD_NAMES.get(self.loss, self.loss)
 
+    @property
+    def uses_beta(self) -> bool:
+        """Whether objective.beta shaped the run (DPO's family; not SFT, Unlikelihood or PPO)."""
+        return self.loss not in ("unlikelihood", "sft", "sft-chosen", "ppo", "reward")
+
 
 def run_model(path: str | Path) -> RunModel | None:
     """The run behind a run directory, its `model/`, or one of its checkpoints; None for other models."""
