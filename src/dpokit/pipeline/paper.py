@@ -129,7 +129,7 @@ def frontier(targets: list[str], best_of: list[int], reference: str, settings: S
 # ------------------------------------------------------------------------------------------ the report
 
 
-def charged_seconds(planned: list[Run], timings: dict[str, float], frontier_points: list[dict]) -> dict[str, float]:
+def charged_seconds(planned: list[Run], timings: dict[str, float], evaluations: list[dict]) -> dict[str, float]:
     """Wall-clock seconds per series: its data (sampling and labelling the training openings), the reward
     model for PPO, its own training runs; Best-of-N: sampling and judging its largest N's candidates."""
     data = sum(timings.get(k, 0.0) for k in ("sample train", "label train"))
@@ -141,9 +141,9 @@ def charged_seconds(planned: list[Run], timings: dict[str, float], frontier_poin
             if run.needs_reward_model:
                 charged[run.series] += timings.get("reward", 0.0)
         charged[run.series] += own
-    best = [p for p in frontier_points if p.get("best_of")]
+    best = [e for e in evaluations if e.get("best_of")]  # the largest N's candidates include the smaller N's
     if best:
-        charged["Best-of-N"] = max(p.get("seconds_candidates") or 0.0 for p in best)
+        charged["Best-of-N"] = max(e.get("seconds_candidates") or 0.0 for e in best)
     return charged
 
 
@@ -160,7 +160,8 @@ def report(out: Path, planned: list[Run], timings: dict[str, float], total: floa
 
     result = json.loads((out / "frontier" / "frontier.json").read_text())
     points = result["points"]
-    charged = charged_seconds(planned, timings, points)
+    evaluations = [json.loads(f.read_text()) for f in sorted((out / "frontier" / "points").glob("*.json"))]
+    charged = charged_seconds(planned, timings, evaluations)
     series = list(dict.fromkeys(p["series"] for p in points))
     rows = []
     table = Table(title=f"the paper's comparison: best mean reward ({JUDGE}) at matched KL(π‖π_ref), and compute")
