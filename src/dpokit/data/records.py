@@ -122,19 +122,8 @@ def parse_row(row: Any, where: str, problems: Problems) -> PreferenceRecord | No
     for key in FIELDS:
         if key not in row:
             continue
-        value = row[key]
-        if isinstance(value, str):
-            values[key] = value
-        elif isinstance(value, list):
-            error = _check_messages(value, key)
-            if error:
-                reason, detail = error
-                problems.add(where, reason, f"'{key}': {detail}")
-                return None
-            values[key] = [{"role": m["role"], "content": m["content"]} for m in value]
-        else:
-            problems.add(where, "wrong_type",
-                         f"'{key}' must be a string or a list of messages, got {type_name(value, json=True)}")
+        values[key] = _text(row[key], key, where, problems)
+        if values[key] is None:
             return None
     kinds = {k: isinstance(v, list) for k, v in values.items()}
     if len(set(kinds.values())) > 1:
@@ -182,15 +171,13 @@ def parse_completion_row(row: Any, where: str, problems: Problems) -> Preference
                      f"expected an object with prompt/completion or messages, got {type_name(row, json=True)}")
         return None
     if "messages" in row:
-        messages = row["messages"]
-        if not isinstance(messages, list):
-            problems.add(where, "wrong_type", f"'messages' must be a list of messages, got {type_name(messages, json=True)}")
+        if not isinstance(row["messages"], list):
+            problems.add(where, "wrong_type",
+                         f"'messages' must be a list of messages, got {type_name(row['messages'], json=True)}")
             return None
-        error = _check_messages(messages, "messages")
-        if error:
-            problems.add(where, error[0], f"'messages': {error[1]}")
+        messages = _text(row["messages"], "messages", where, problems)
+        if messages is None:
             return None
-        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
         if len(messages) < 2 or messages[-1]["role"] != "assistant":
             problems.add(where, "wrong_role", "'messages' must end with an assistant turn after at least one other "
                                               "message: that turn is the completion")
@@ -204,18 +191,9 @@ def parse_completion_row(row: Any, where: str, problems: Problems) -> Preference
                 return None
         values = {}
         for key in ("prompt", "completion"):
-            value = row[key]
-            if isinstance(value, list):
-                error = _check_messages(value, key)
-                if error:
-                    problems.add(where, error[0], f"'{key}': {error[1]}")
-                    return None
-                value = [{"role": m["role"], "content": m["content"]} for m in value]
-            elif not isinstance(value, str):
-                problems.add(where, "wrong_type",
-                             f"'{key}' must be a string or a list of messages, got {type_name(value, json=True)}")
+            values[key] = _text(row[key], key, where, problems)
+            if values[key] is None:
                 return None
-            values[key] = value
         if isinstance(values["prompt"], list) != isinstance(values["completion"], list):
             problems.add(where, "mixed_format", "prompt and completion mix formats; use strings or message lists")
             return None
@@ -228,6 +206,20 @@ def parse_completion_row(row: Any, where: str, problems: Problems) -> Preference
                                           f"'{completion[0]['role']}'")
         return None
     return PreferenceRecord(values["prompt"], completion, _empty_like(completion), where)
+
+
+def _text(value: Any, key: str, where: str, problems: Problems) -> Text | None:
+    """A field as a string or a list of {role, content} messages; None after reporting why it is neither."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        error = _check_messages(value, key)
+        if error:
+            problems.add(where, error[0], f"'{key}': {error[1]}")
+            return None
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    problems.add(where, "wrong_type", f"'{key}' must be a string or a list of messages, got {type_name(value, json=True)}")
+    return None
 
 
 def _empty_like(value: Text) -> Text:

@@ -138,16 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dpokit.pipeline.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="DPO training config (configs/sentiment.yaml)")
-    parser.add_argument("--train-prompts", required=True, help="training openings (data/sentiment/prompts_train.jsonl)")
-    parser.add_argument("--heldout-prompts", required=True,
-                        help="held-out openings (data/sentiment/prompts_heldout.jsonl)")
-    parser.add_argument("--out", default="runs/sentiment", help="experiment directory (default runs/sentiment)")
-    parser.add_argument("--model", default=models.DEFAULT_MODEL, help="starting model (and reference)")
-    parser.add_argument("--max-new-tokens", type=int, default=16, help="tokens per completion (default 16)")
-    parser.add_argument("--eval-samples", type=int, default=2, help="policy samples per held-out opening (default 2)")
-    parser.add_argument("--batch-size", type=int, default=128, help="sequences per generation batch (default 128)")
-    parser.add_argument("--margin", type=float, default=0.3,
-                        help="drop training pairs whose scores differ by less than this (default 0.3)")
+    add_experiment_arguments(parser, out="runs/sentiment")
     parser.add_argument("--fresh", action="store_true", help="delete the experiment directory first")
     args = parser.parse_args(argv)
 
@@ -162,21 +153,42 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(plan: list[Step], out: Path) -> int:
-    """Each step after the command it equals; stops at the first that fails (its error as `dpokit` prints it)."""
+    start = time.perf_counter()
+    code, seconds = run_steps(plan, "demo")
+    if code == 0:
+        report(out, [(step.command[0], t) for step, t in zip(plan, seconds)], time.perf_counter() - start)
+    return code
+
+
+def run_steps(plan: list[Step], name: str) -> tuple[int, list[float]]:
+    """Each step after the command it equals, timed; stops at the first that fails (its error as `dpokit`
+    prints it). Returns the exit status and the seconds of each step that ran."""
     from dpokit.cli import run as run_command
 
-    start = time.perf_counter()
-    timings = []
+    seconds = []
     for k, step in enumerate(plan, 1):
         print(f"\n[{k}/{len(plan)}] {step.title}\n$ dpokit {shlex.join(step.command)}", flush=True)
         t0 = time.perf_counter()
         code = run_command(step.run)
-        timings.append((step.command[0], time.perf_counter() - t0))
+        seconds.append(time.perf_counter() - t0)
         if code != 0:
-            print(f"demo stopped: step {k} exited with {code}", file=sys.stderr)
-            return code
-    report(out, timings, time.perf_counter() - start)
-    return 0
+            print(f"{name} stopped: step {k} exited with {code}", file=sys.stderr)
+            return code, seconds
+    return 0, seconds
+
+
+def add_experiment_arguments(parser: argparse.ArgumentParser, *, out: str) -> None:
+    """The options `make demo` and `make paper` share: the openings, the model, sampling and labelling."""
+    parser.add_argument("--train-prompts", required=True, help="training openings (data/sentiment/prompts_train.jsonl)")
+    parser.add_argument("--heldout-prompts", required=True,
+                        help="held-out openings (data/sentiment/prompts_heldout.jsonl)")
+    parser.add_argument("--out", default=out, help=f"experiment directory (default {out})")
+    parser.add_argument("--model", default=models.DEFAULT_MODEL, help="starting model (and reference)")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="tokens per completion (default 16)")
+    parser.add_argument("--eval-samples", type=int, default=2, help="policy samples per held-out opening (default 2)")
+    parser.add_argument("--batch-size", type=int, default=128, help="sequences per generation batch (default 128)")
+    parser.add_argument("--margin", type=float, default=0.3,
+                        help="drop training pairs whose scores differ by less than this (default 0.3)")
 
 
 def report(out: Path, timings: list[tuple[str, float]], total: float) -> None:

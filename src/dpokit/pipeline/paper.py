@@ -25,14 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
 import sys
 import time
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
-from dpokit import models
 from dpokit.config import as_arguments
 from dpokit.pipeline import commands, demo
 from dpokit.pipeline.settings import PairingSettings, SamplingSettings
@@ -192,21 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dpokit.pipeline.paper", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", required=True, help="the methods' training configs (configs/paper)")
-    parser.add_argument("--train-prompts", required=True, help="training openings (data/sentiment/prompts_train.jsonl)")
-    parser.add_argument("--heldout-prompts", required=True,
-                        help="held-out openings (data/sentiment/prompts_heldout.jsonl)")
-    parser.add_argument("--out", default="runs/paper", help="experiment directory (default runs/paper)")
-    parser.add_argument("--model", default=models.DEFAULT_MODEL, help="starting model (and reference)")
+    demo.add_experiment_arguments(parser, out="runs/paper")
     parser.add_argument("--beta", type=float, action="append", help="DPO β, repeatable (default 0.1, 1, 5)")
     parser.add_argument("--alpha", type=float, action="append", help="Unlikelihood α, repeatable (default 0.1)")
     parser.add_argument("--target-kl", type=float, action="append",
                         help="PPO target KL in nats, repeatable (default 3, 6)")
     parser.add_argument("--best-of", type=int, action="append", help="Best-of-N, repeatable (default 4, 16)")
-    parser.add_argument("--max-new-tokens", type=int, default=16, help="tokens per completion (default 16)")
-    parser.add_argument("--eval-samples", type=int, default=2, help="policy samples per held-out opening (default 2)")
-    parser.add_argument("--batch-size", type=int, default=128, help="sequences per generation batch (default 128)")
-    parser.add_argument("--margin", type=float, default=0.3,
-                        help="drop training pairs whose scores differ by less than this (default 0.3)")
     args = parser.parse_args(argv)
 
     out = Path(args.out)
@@ -220,22 +209,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(steps: list[demo.Step], planned: list[Run], out: Path) -> int:
-    from dpokit.cli import run as run_command
-
     start = time.perf_counter()
-    timings: dict[str, float] = {}
-    names = ["sample train", "sample heldout", "label train", "label heldout", "reward",
-             *(r.name for r in planned), "frontier"]
-    for k, (step, name) in enumerate(zip(steps, names), 1):
-        print(f"\n[{k}/{len(steps)}] {step.title}\n$ dpokit {shlex.join(step.command)}", flush=True)
-        t0 = time.perf_counter()
-        code = run_command(step.run)
-        timings[name] = time.perf_counter() - t0
-        if code != 0:
-            print(f"paper comparison stopped: step {k} exited with {code}", file=sys.stderr)
-            return code
-    report(out, planned, timings, time.perf_counter() - start)
-    return 0
+    code, seconds = demo.run_steps(steps, "paper comparison")
+    if code == 0:
+        names = ["sample train", "sample heldout", "label train", "label heldout", "reward",
+                 *(r.name for r in planned), "frontier"]
+        report(out, planned, dict(zip(names, seconds)), time.perf_counter() - start)
+    return code
 
 
 if __name__ == "__main__":
