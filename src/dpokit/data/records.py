@@ -107,11 +107,7 @@ def read_preferences(source: str, *, split: str = "train", problems: Problems | 
 
 def parse_row(row: Any, where: str, problems: Problems) -> PreferenceRecord | None:
     """One raw row → a record, or None after reporting why it is invalid."""
-    if row is _UNPARSABLE:
-        return None
-    if not isinstance(row, dict):
-        problems.add(where, "not_an_object",
-                     f"expected an object with chosen/rejected, got {type_name(row, json=True)}")
+    if not _is_object(row, where, problems, "chosen/rejected"):
         return None
     for key in ("chosen", "rejected"):
         if key not in row:
@@ -164,11 +160,7 @@ def parse_row(row: Any, where: str, problems: Problems) -> PreferenceRecord | No
 def parse_completion_row(row: Any, where: str, problems: Problems) -> PreferenceRecord | None:
     """A single-completion row → a record with an empty rejected side: `prompt` + `completion` (strings, or
     message lists), or `messages`, a conversation whose last turn (the assistant's) is the completion."""
-    if row is _UNPARSABLE:
-        return None
-    if not isinstance(row, dict):
-        problems.add(where, "not_an_object",
-                     f"expected an object with prompt/completion or messages, got {type_name(row, json=True)}")
+    if not _is_object(row, where, problems, "prompt/completion or messages"):
         return None
     if "messages" in row:
         if not isinstance(row["messages"], list):
@@ -206,6 +198,16 @@ def parse_completion_row(row: Any, where: str, problems: Problems) -> Preference
                                           f"'{completion[0]['role']}'")
         return None
     return PreferenceRecord(values["prompt"], completion, _empty_like(completion), where)
+
+
+def _is_object(row: Any, where: str, problems: Problems, fields: str) -> bool:
+    """Whether `row` is a JSON object; a row that did not parse was reported already."""
+    if row is _UNPARSABLE:
+        return False
+    if not isinstance(row, dict):
+        problems.add(where, "not_an_object", f"expected an object with {fields}, got {type_name(row, json=True)}")
+        return False
+    return True
 
 
 def _text(value: Any, key: str, where: str, problems: Problems) -> Text | None:
