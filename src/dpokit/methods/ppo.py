@@ -116,8 +116,7 @@ class PPO:
                     "policy/ratio")
 
     def __init__(self, cfg: Config, runtime: Runtime, tokenizer):
-        from dpokit.config_loader import split_assignment, yaml_value
-        from dpokit.pipeline.judges import build_judge
+        from dpokit.pipeline.judges import build_judge, parse_options
         from dpokit.pipeline.prompts import as_model_input, read_prompts
 
         self.cfg, self.rt, self.tokenizer = cfg, runtime, tokenizer
@@ -131,11 +130,8 @@ class PPO:
         if p.minibatch_size and p.minibatch_size % cfg.train.micro_batch_size:
             raise ConfigError(f"ppo.minibatch_size ({p.minibatch_size}) must be a multiple of "
                               f"train.micro_batch_size ({cfg.train.micro_batch_size})")
-        options = {}
-        for item in p.judge_options:
-            key, raw = split_assignment(item, "ppo.judge_options", "key=value")
-            options[key] = yaml_value(raw, f"ppo.judge_options {key}")
-        self.judge = build_judge(p.judge, model=p.judge_model, options=options)
+        self.judge = build_judge(p.judge, model=p.judge_model, options=parse_options(p.judge_options,
+                                                                                      "ppo.judge_options"))
         items = []
         for k, prompt in enumerate(read_prompts(cfg.data.train)):
             stored, ids = as_model_input(prompt, tokenizer, p.template)

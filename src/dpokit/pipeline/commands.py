@@ -45,16 +45,11 @@ def _add_judge(p: argparse.ArgumentParser, *, required: bool = True) -> None:
 
 
 def _judge(args: argparse.Namespace):
-    from dpokit.config_loader import split_assignment, yaml_value
-    from dpokit.pipeline.judges import build_judge
+    from dpokit.pipeline.judges import build_judge, parse_options
 
     if args.judge is None:
         return None
-    options = {}
-    for item in args.judge_option:
-        key, raw = split_assignment(item, "--judge-option", "key=value")
-        options[key] = yaml_value(raw, f"--judge-option {key}")
-    return build_judge(args.judge, model=args.judge_model, options=options)
+    return build_judge(args.judge, model=args.judge_model, options=parse_options(args.judge_option, "--judge-option"))
 
 
 # ------------------------------------------------------------------------------------------ sample

@@ -212,6 +212,17 @@ JUDGES: dict[str, Callable[..., Judge]] = {
 }
 
 
+def parse_options(items: Sequence[str], where: str) -> dict[str, Any]:
+    """`key=value` judge settings (`--judge-option`, `ppo.judge_options`) → a dict, each value read as YAML."""
+    from dpokit.config_loader import split_assignment, yaml_value
+
+    options = {}
+    for item in items:
+        key, raw = split_assignment(item, where, "key=value")
+        options[key] = yaml_value(raw, f"{where} {key}")
+    return options
+
+
 def build_judge(spec: str, *, model: str | None = None, options: dict[str, Any] | None = None) -> Judge:
     """A judge by name (`sentiment`, `reward-model`, `length`, `keywords`) or a `module:function` spec."""
     options = dict(options or {})
