@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from dpokit import models
+from dpokit.data.formats import FORMATS
 from dpokit.data.records import missing_file
 from dpokit.errors import ConfigError
 
@@ -69,6 +70,12 @@ class DataSection:
     use: str = opt("auto", "what the rows are: pairs (prompt/chosen/rejected), chosen (the chosen side of pairs, "
                    "for sft: Preferred-FT), completion (prompt/completion or messages rows, for sft); auto: pairs "
                    "for train, completion for sft", choices=("auto", "pairs", "chosen", "completion"))
+    format: str = opt("auto", "the rows' schema: standard (dpokit's/TRL's fields), hh_rlhf (Anthropic HH transcripts), "
+                      "ultrafeedback (UltraFeedback-binarized), summarize_from_feedback (OpenAI TL;DR comparisons), "
+                      "shp (Stanford SHP), kto (unpaired prompt/completion/label); auto: detected from the fields "
+                      "where they name a schema (all but hh_rlhf), else standard", choices=FORMATS)
+    chat_template: str | None = opt(None, "a Jinja chat template, or a file holding one, used instead of the "
+                                    "tokenizer's (and saved with the exported model)")
 
 
 # objective.loss: each objective, and whether it compares the policy against a reference model. The one place
@@ -92,6 +99,9 @@ class ObjectiveSection:
 
 @dataclass
 class ReferenceSection:
+    name: str | None = opt(None, "a reference model other than the policy's start: hub id, local HF directory, "
+                           ".gguf file, LoRA adapter directory (on its base), or a dpokit run or checkpoint; it must "
+                           "use the policy's tokenizer (default: the policy's start, model.name)")
     strategy: str = opt("auto", "reference model: auto | copy | adapters (LoRA) | precomputed | none (reference-free)",
                         choices=("auto", "copy", "adapters", "precomputed", "none"))
     dtype: str | None = opt(None, "dtype of the frozen copy (default: the policy's)", choices=(None, *models.DTYPES))
@@ -282,6 +292,18 @@ class Config:
             free = " or ".join(name for name, needs in NEEDS_REFERENCE.items() if not needs)
             raise ConfigError(f"objective.loss={loss} needs a reference model; reference.strategy=none only "
                               f"fits {free}")
+        if self.reference.name is not None:
+            if not NEEDS_REFERENCE[loss]:
+                raise ConfigError(f"objective.loss={loss} is reference-free; reference.name does not apply")
+            if ref == "adapters":
+                raise ConfigError("reference.strategy=adapters computes the reference as the policy with its adapters "
+                                  "disabled; with reference.name use copy or precomputed")
+            if models.missing_path(self.reference.name):
+                raise ConfigError(f"reference.name: not found: {self.reference.name}")
+        if d.chat_template is not None:
+            from dpokit.data.tokenize import chat_template_text
+
+            chat_template_text(d.chat_template)
         if loss not in ("sigmoid", "robust") and self.objective.label_smoothing:
             raise ConfigError(f"objective.label_smoothing applies to sigmoid (cDPO) and robust, not {loss}")
         if self.ppo.minibatch_size and t.batch_size % self.ppo.minibatch_size:

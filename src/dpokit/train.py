@@ -14,6 +14,7 @@ import torch
 
 from dpokit import checkpoint, models
 from dpokit.config import Config
+from dpokit.data.tokenize import use_chat_template
 from dpokit.distributed import Runtime, decoder_layer_classes, init_runtime
 from dpokit.errors import ConfigError, TrainingError
 from dpokit.export import export, save_pretrained
@@ -88,6 +89,7 @@ class Trainer:
         with runtime.main_first():  # the first load may convert the GGUF default model
             self.tokenizer = models.load_tokenizer(cfg.model.name, revision=cfg.model.revision,
                                                    trust_remote_code=cfg.model.trust_remote_code)
+        use_chat_template(self.tokenizer, cfg.data.chat_template)
         self.method = method(cfg, runtime, self.tokenizer)
         self.steps_per_epoch = math.ceil(len(self.method.train_set) / t.batch_size)
         total = t.epochs * self.steps_per_epoch

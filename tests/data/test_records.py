@@ -284,14 +284,16 @@ def test_dataset_dict_split_is_chosen(tmp_path):
     assert record.chosen == "Blue." and record.source == f"{tmp_path / 'dd'}[test]:row 1"
 
 
-def test_extra_columns_and_message_keys_are_ignored(tmp_path):
+def test_extra_columns_are_ignored_and_message_keys_kept(tmp_path):
     rows = [{"id": 7, "prompt": "Hi", "chosen": "Hello!", "rejected": "Go away.", "score_chosen": 9.5, "meta": {"a": 1}},
             {"prompt": [{"role": "user", "content": "Hi", "name": "bob"}],
              "chosen": [{"role": "assistant", "content": "Hello!", "weight": 1}],
              "rejected": [{"role": "assistant", "content": "Go away."}], "source": "x"}]
     a, b = read_preferences(_write(tmp_path, "jsonl", rows)).records
     assert (a.prompt, a.chosen, a.rejected) == ("Hi", "Hello!", "Go away.")
-    assert b.prompt == [{"role": "user", "content": "Hi"}] and b.chosen == [{"role": "assistant", "content": "Hello!"}]
+    # a message reaches the chat template whole, as transformers passes it (a template may render `name`)
+    assert b.prompt == [{"role": "user", "content": "Hi", "name": "bob"}]
+    assert b.chosen == [{"role": "assistant", "content": "Hello!", "weight": 1}]
     csv_path = tmp_path / "extra.csv"
     csv_path.write_text("id,prompt,chosen,rejected,notes\n1,Hi,Hello!,Go away.,whatever\n", encoding="utf-8")
     (c,) = read_preferences(str(csv_path)).records

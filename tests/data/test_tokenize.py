@@ -100,7 +100,8 @@ def test_conversations_need_a_chat_template(tokenizer, monkeypatch):
                               [{"role": "assistant", "content": "No"}], "data.jsonl:3")
     with pytest.raises(DataError) as e:
         tokenize_records([record], tokenizer, WIDE, Problems("collect"))
-    assert str(e.value) == "data.jsonl:3: conversational rows need a tokenizer with a chat template"
+    assert str(e.value) == (
+        "data.jsonl:3: conversational rows need a tokenizer with a chat template (or data.chat_template)")
 
 
 # ---- truncation

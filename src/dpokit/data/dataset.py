@@ -58,12 +58,14 @@ def prepare_data(data_cfg, tokenizer, *, seed: int = 0, use: str = "pairs") -> P
     or completion rows) as pairs with an empty rejected side."""
     problems = Problems("collect" if data_cfg.skip_invalid else "raise")
     settings = settings_of(data_cfg)
-    read = read_preferences(data_cfg.train, split=data_cfg.train_split, problems=problems, use=use)
+    read = read_preferences(data_cfg.train, split=data_cfg.train_split, problems=problems, use=use,
+                            format=data_cfg.format)
     rows = read.rows_read
     train, stats = tokenize_records(read.records, tokenizer, settings, problems)
     evals: list[TokenizedPair] = []
     if data_cfg.eval is not None:
-        read_eval = read_preferences(data_cfg.eval, split=data_cfg.eval_split, problems=problems, use=use)
+        read_eval = read_preferences(data_cfg.eval, split=data_cfg.eval_split, problems=problems, use=use,
+                                     format=data_cfg.format)
         rows += read_eval.rows_read
         evals, eval_stats = tokenize_records(read_eval.records, tokenizer, settings, problems)
         stats.truncated_prompt += eval_stats.truncated_prompt

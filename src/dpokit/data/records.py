@@ -1,10 +1,14 @@
 """Preference files and datasets → validated records, each problem named with its file and line.
 
 Accepted sources: JSON Lines, JSON (an array of objects), Parquet, CSV, a `datasets` directory
-(`save_to_disk` or a folder of data files) and a hub dataset name. A row has `chosen` and `rejected`
-and optionally `prompt`; each is a string (standard format) or a list of `{role, content}` messages
-(conversational format). Without `prompt`, the prompt is the longest common prefix of chosen and
-rejected (whole messages for conversations, whole words for strings).
+(`save_to_disk` or a folder of data files) and a hub dataset name. Rows of a known published schema
+(`data.format`, formats.py) are first converted into dpokit's own layout. A row has `chosen` and
+`rejected` and optionally `prompt`; each is a string (standard format) or a list of `{role, content}`
+messages (conversational format). Without `prompt`, the prompt is the longest common prefix of chosen
+and rejected (whole messages for conversations, whole words for strings). Messages may carry
+`tool_calls` (an assistant's calls) and `tool` messages their results; a `tools` field lists the
+functions the model may call (JSON schemas, or that list as a JSON string). Nothing a message holds is
+dropped: every key reaches the chat template, which must render the tool calls (tokenize.py checks).
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from dpokit.data import formats
 from dpokit.errors import DataError, SourceError, first_line, type_name
 
 ROLES = ("system", "user", "assistant", "tool")
 FIELDS = ("prompt", "chosen", "rejected")
 
-Text = str | list[dict[str, str]]
+Text = str | list[dict[str, Any]]
+Tools = list[dict[str, Any]]
 
 
 # what a file's rows are read as (`data.use`): preference pairs; their chosen side alone; or single
@@ -39,6 +45,7 @@ class PreferenceRecord:
     chosen: Text
     rejected: Text
     source: str  # "path:line", for every message about this row
+    tools: Tools | None = None  # the functions the chat template is told the model may call
 
     @property
     def conversational(self) -> bool:
@@ -83,23 +90,67 @@ class ReadResult:
 
 
 def read_preferences(source: str, *, split: str = "train", problems: Problems | None = None,
-                     use: str = "pairs") -> ReadResult:
-    """Read and validate every row of `source` as `use` says (see USES). Rows with problems go to
-    `problems` (default: raise)."""
+                     use: str = "pairs", format: str = "auto") -> ReadResult:
+    """Read and validate every row of `source` (of schema `format`, see formats.FORMATS) as `use` says
+    (see USES). Rows with problems go to `problems` (default: raise)."""
     problems = problems if problems is not None else Problems()
     parse = parse_completion_row if use == "completion" else parse_row
     records: list[PreferenceRecord] = []
     n = 0
-    for where, row in _iter_rows(source, split, problems):
+    rows = RowReader(source, split, problems, format=format, use=use)
+    for where, row in rows:
         n += 1
+        if rows.format == "kto":
+            # imitating them (sft) would train on the undesirable completions too
+            raise DataError(f"{where}: an unpaired row (prompt, completion, label: data.format=kto) has no "
+                            f"{'chosen/rejected pair' if use == 'pairs' else 'completion to imitate as it is'}; "
+                            "unpaired rows train only with an objective that reads the label (KTO)")
+        if rows.format in formats.PAIR_FORMATS and use == "completion":
+            raise DataError(f"{where}: data.format={rows.format} rows are preference pairs, not single completions; "
+                            "data.use=chosen trains on their chosen side")
         record = parse(row, where, problems)
         if record is not None and use == "chosen":
-            record = PreferenceRecord(record.prompt, record.chosen, _empty_like(record.chosen), record.source)
+            record = PreferenceRecord(record.prompt, record.chosen, _empty_like(record.chosen), record.source,
+                                      record.tools)
         if record is not None:
             records.append(record)
     if n == 0:
         raise DataError(f"{source}: no rows (the file or split is empty)")
     return ReadResult(records, n, source)
+
+
+class RowReader:
+    """The rows of `source` as `(where, row)`, each converted from its schema into dpokit's own layout
+    (formats.py); a row that cannot be is reported to `problems` and yielded as unparsable. `format` is
+    the schema the rows are read as: for `auto`, known once a table's columns or the first row are seen."""
+
+    def __init__(self, source: str, split: str, problems: Problems, *, format: str = "auto", use: str = "pairs"):
+        self.source, self.split, self.problems, self.use = source, split, problems, use
+        self.format: str | None = None if format == "auto" else format
+
+    def __iter__(self):
+        for where, row in _iter_rows(self.source, self.split, self.problems, self._check_columns):
+            if isinstance(row, dict):
+                if self.format is None:
+                    self.format = formats.detect(row)
+                row = formats.convert(self.format, row, where, self.problems)
+                if row is None:
+                    row = _UNPARSABLE
+            yield where, row
+
+    def _check_columns(self, where: str, what: str, columns: list[str]) -> None:
+        """Tabular sources name their columns once: a missing one is a problem of the file, not of each row."""
+        if self.format is None:
+            self.format = formats.detect(columns)
+        if self.format == "standard":
+            needed = ("chosen", "rejected") if self.use in ("pairs", "chosen") else ()
+        else:
+            needed = formats.COLUMNS[self.format]
+        missing = [c for c in needed if c not in columns]
+        if missing:
+            schema = "" if self.format == "standard" else f" (data.format={self.format})"
+            raise DataError(f"{where}: {what} has no '{missing[0]}' column{schema} (columns: "
+                            f"{', '.join(map(str, columns))})")
 
 
 # --------------------------------------------------------------------------------------------- rows
@@ -121,6 +172,9 @@ def parse_row(row: Any, where: str, problems: Problems) -> PreferenceRecord | No
         values[key] = _text(row[key], key, where, problems)
         if values[key] is None:
             return None
+    ok, tools = _tools(row, where, problems, conversational=isinstance(values["chosen"], list))
+    if not ok:
+        return None
     kinds = {k: isinstance(v, list) for k, v in values.items()}
     if len(set(kinds.values())) > 1:
         shown = ", ".join(f"{k} is {'a message list' if c else 'a string'}" for k, c in kinds.items())
@@ -154,7 +208,7 @@ def parse_row(row: Any, where: str, problems: Problems) -> PreferenceRecord | No
         problems.add(where, "empty_prompt", "no 'prompt' field, and chosen and rejected share no leading "
                                             "messages to take as the prompt")
         return None
-    return PreferenceRecord(prompt, chosen, rejected, where)
+    return PreferenceRecord(prompt, chosen, rejected, where, tools)
 
 
 def parse_completion_row(row: Any, where: str, problems: Problems) -> PreferenceRecord | None:
@@ -189,6 +243,9 @@ def parse_completion_row(row: Any, where: str, problems: Problems) -> Preference
         if isinstance(values["prompt"], list) != isinstance(values["completion"], list):
             problems.add(where, "mixed_format", "prompt and completion mix formats; use strings or message lists")
             return None
+    ok, tools = _tools(row, where, problems, conversational=isinstance(values["completion"], list))
+    if not ok:
+        return None
     completion = values["completion"]
     if _is_empty(completion):
         problems.add(where, "empty_completion", "'completion' is empty")
@@ -197,7 +254,7 @@ def parse_completion_row(row: Any, where: str, problems: Problems) -> Preference
         problems.add(where, "wrong_role", f"'completion' must start with an assistant message, got role "
                                           f"'{completion[0]['role']}'")
         return None
-    return PreferenceRecord(values["prompt"], completion, _empty_like(completion), where)
+    return PreferenceRecord(values["prompt"], completion, _empty_like(completion), where, tools)
 
 
 def _is_object(row: Any, where: str, problems: Problems, fields: str) -> bool:
@@ -219,7 +276,7 @@ def _text(value: Any, key: str, where: str, problems: Problems) -> Text | None:
         if error:
             problems.add(where, error[0], f"'{key}': {error[1]}")
             return None
-        return [{"role": m["role"], "content": m["content"]} for m in value]
+        return [dict(m) for m in value]  # every key: tool calls, tool names and ids reach the chat template
     problems.add(where, "wrong_type", f"'{key}' must be a string or a list of messages, got {type_name(value, json=True)}")
     return None
 
@@ -251,20 +308,78 @@ def _check_messages(messages: list, key: str) -> tuple[str, str] | None:
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             return "bad_message", f"message {i} must be an object with role and content, got {type_name(m, json=True)}"
-        for key in ("role", "content"):
-            if key not in m:
-                return "bad_message", f"message {i} has no '{key}'"
+        if "role" not in m:
+            return "bad_message", f"message {i} has no 'role'"
         if not isinstance(m["role"], str) or m["role"] not in ROLES:
             return "unknown_role", f"message {i} has role {m['role']!r}; expected one of {', '.join(ROLES)}"
-        if not isinstance(m["content"], str):
-            return "bad_message", f"message {i} content must be a string, got {type_name(m['content'], json=True)}"
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if m["role"] != "assistant":
+                return "bad_tool_call", f"message {i} has tool_calls but role {m['role']!r}; only the assistant calls tools"
+            error = _check_tool_calls(calls)
+            if error:
+                return "bad_tool_call", f"message {i}: {error}"
+        if "content" not in m and not calls:
+            return "bad_message", f"message {i} has no 'content'"
+        content = m.get("content")
+        if not (isinstance(content, str) or (content is None and calls)):
+            return "bad_message", f"message {i} content must be a string, got {type_name(content, json=True)}"
     return None
+
+
+def _check_tool_calls(calls: Any) -> str | None:
+    """OpenAI's and transformers' shape: [{"type": "function", "function": {"name", "arguments"}}, ...]."""
+    if not isinstance(calls, list) or not calls:
+        return f"tool_calls must be a non-empty list, got {type_name(calls, json=True)}"
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            return f"tool call {j} must be an object with function.name (and function.arguments)"
+        if not isinstance(function.get("arguments", {}), (dict, str)):
+            return (f"tool call {j}: function.arguments must be an object or a JSON string, "
+                    f"got {type_name(function['arguments'], json=True)}")
+    return None
+
+
+def _tools(row: dict, where: str, problems: Problems, *, conversational: bool) -> tuple[bool, Tools | None]:
+    """The row's `tools` (a list of function schemas, or that list as a JSON string, as TRL reads it):
+    (True, tools or None), or (False, None) after reporting why they are not usable."""
+    tools = row.get("tools")
+    if isinstance(tools, str) and tools.strip():
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            problems.add(where, "bad_tools", f"'tools' is a string but not JSON: {e.msg}: column {e.colno}")
+            return False, None
+    if tools is None or tools == [] or tools == "":  # TRL's `tools or None`: an empty list renders no tool block
+        return True, None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        problems.add(where, "bad_tools", f"'tools' must be a list of function schemas (objects), got "
+                                         f"{type_name(tools, json=True)}")
+        return False, None
+    for j, tool in enumerate(tools):
+        if not tool_name(tool):
+            problems.add(where, "bad_tools", f"'tools' item {j} has no function name ({{\"type\": \"function\", "
+                                             "\"function\": {\"name\": ...}} or {\"name\": ...})")
+            return False, None
+    if not conversational:
+        problems.add(where, "bad_tools", "'tools' needs conversational rows (message lists): a string prompt has no "
+                                         "chat template to render them with")
+        return False, None
+    return True, tools
+
+
+def tool_name(tool: dict) -> str | None:
+    """The function a tool schema describes: {"type": "function", "function": {"name"}} or {"name"}."""
+    function = tool.get("function", tool)
+    name = function.get("name") if isinstance(function, dict) else None
+    return name if isinstance(name, str) and name else None
 
 
 def _is_empty(value: Text) -> bool:
     if isinstance(value, str):
         return not value.strip()
-    return not value or all(not m["content"].strip() for m in value)
+    return not value or all(not (m.get("content") or "").strip() and not m.get("tool_calls") for m in value)
 
 
 # --------------------------------------------------------------------------------------------- sources
@@ -280,15 +395,17 @@ def missing_file(source: str) -> bool:
     return named_file and not Path(source).expanduser().exists()
 
 
-def _iter_rows(source: str, split: str, problems: Problems):
+def _iter_rows(source: str, split: str, problems: Problems, check_columns):
+    """`check_columns(where, what, columns)` is called once by a source that names its columns (CSV,
+    Parquet, datasets) before its first row."""
     path = Path(source).expanduser()
     if path.is_dir():
-        yield from _iter_dataset_dir(path, split)
+        yield from _iter_dataset_dir(path, split, check_columns)
         return
     if missing_file(source):
         raise SourceError(f"{source}: file not found")
     if not path.exists():
-        yield from _iter_hub_dataset(source, split)
+        yield from _iter_hub_dataset(source, split, check_columns)
         return
     suffix = path.suffix.lower()
     readers = {".jsonl": _iter_jsonl, ".json": _iter_json, ".parquet": _iter_parquet, ".csv": _iter_csv}
@@ -302,7 +419,10 @@ def _iter_rows(source: str, split: str, problems: Problems):
         data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark (Windows editors write one)
     if not data.strip():
         raise DataError(f"{source}: the file is empty")
-    yield from readers[suffix](source, data, problems)
+    if suffix in (".csv", ".parquet"):
+        yield from readers[suffix](source, data, problems, check_columns)
+    else:
+        yield from readers[suffix](source, data, problems)
 
 
 def _iter_jsonl(name: str, data: bytes, problems: Problems):
@@ -356,7 +476,7 @@ def _iter_json(name: str, data: bytes, problems: Problems):
         yield where, element
 
 
-def _iter_csv(name: str, data: bytes, problems: Problems):
+def _iter_csv(name: str, data: bytes, problems: Problems, check_columns):
     text = _decode_whole(data)
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # default 128 KiB: long completions exist
     reader = csv.DictReader(io.StringIO(text, newline=""))
@@ -366,7 +486,7 @@ def _iter_csv(name: str, data: bytes, problems: Problems):
         raise DataError(f"{name}:1: not valid CSV: {e}") from None
     if fieldnames is None:
         raise DataError(f"{name}: the file is empty")
-    _check_columns(name + ":1", "header", fieldnames)
+    check_columns(name + ":1", "header", fieldnames)
     row_line = reader.line_num + 1
     while True:
         try:
@@ -388,7 +508,7 @@ def _iter_csv(name: str, data: bytes, problems: Problems):
         yield where, row
 
 
-def _iter_parquet(name: str, data: bytes, problems: Problems):
+def _iter_parquet(name: str, data: bytes, problems: Problems, check_columns):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -398,12 +518,12 @@ def _iter_parquet(name: str, data: bytes, problems: Problems):
         table = pq.read_table(pa.BufferReader(data))
     except Exception as e:  # pyarrow raises several types for corrupt files
         raise DataError(f"{name}: not a readable Parquet file ({type(e).__name__}: {first_line(e)})") from None
-    _check_columns(name, "file", table.column_names)
+    check_columns(name, "file", table.column_names)
     for i, row in enumerate(table.to_pylist(), start=1):
         yield f"{name}:row {i}", row
 
 
-def _iter_dataset_dir(path: Path, split: str):
+def _iter_dataset_dir(path: Path, split: str, check_columns):
     import datasets
 
     name = str(path)
@@ -425,26 +545,19 @@ def _iter_dataset_dir(path: Path, split: str):
         label = f"{name}[{split}]"
     else:
         raise SourceError(f"{name}: is a directory, not a preference file or a datasets dataset")
-    _check_columns(label, "dataset", ds.column_names)
+    check_columns(label, "dataset", ds.column_names)
     for i, row in enumerate(ds, start=1):
         yield f"{label}:row {i}", row
 
 
-def _check_columns(where: str, what: str, columns: list[str]) -> None:
-    """Tabular sources name their columns once: a missing one is a problem of the file, not of each row."""
-    missing = [f for f in ("chosen", "rejected") if f not in columns]
-    if missing:
-        raise DataError(f"{where}: {what} has no '{missing[0]}' column (columns: {', '.join(map(str, columns))})")
-
-
-def _iter_hub_dataset(name: str, split: str):
+def _iter_hub_dataset(name: str, split: str, check_columns):
     import datasets
 
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:
         raise SourceError(f"{name}: not a file, directory or loadable hub dataset ({first_line(e)})") from None
-    _check_columns(f"{name}[{split}]", "dataset", ds.column_names)
+    check_columns(f"{name}[{split}]", "dataset", ds.column_names)
     for i, row in enumerate(ds, start=1):
         yield f"{name}[{split}]:row {i}", row
 

@@ -2,16 +2,23 @@
 
 The prompt and each completion are tokenized separately and their ids concatenated, so no token can
 merge across the boundary (TRL #2054, #1640). Conversations are rendered with the tokenizer's chat
-template: the prompt with the generation prompt, the completion as the text the full conversation
-adds after it. Completions end with EOS, the token generation stops at.
+template (or `data.chat_template`), with the row's `tools` as transformers passes them: the prompt with
+the generation prompt, the completion as the text the full conversation adds after it. Completions end
+with EOS, the token generation stops at: the template's text after it (a newline) is not trained.
+
+A template that cannot render a row's tool calls either fails (the row is reported with the
+template's message) or leaves them out; so every tool call's function name, every tool result and every
+tool schema's name must appear in the rendered text, or the row is reported: content never disappears
+without a word.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from dpokit.data.records import PreferenceRecord, Problems
-from dpokit.errors import DataError
+from dpokit.data.records import PreferenceRecord, Problems, tool_name
+from dpokit.errors import ConfigError, DataError, first_line
 
 
 @dataclass(frozen=True)
@@ -45,19 +52,37 @@ class TokenizeSettings:
     truncation_mode: str = "keep_end"  # keep_end | keep_start | error
 
 
+class RenderError(ValueError):
+    """A row the chat template cannot render whole; `reason` is the key it is counted under."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
 def render(record: PreferenceRecord, tokenizer) -> tuple[str, str, str]:
-    """The prompt and completion texts, chat template applied for conversations."""
+    """The prompt and completion texts, chat template applied for conversations (with the row's tools).
+    Raises RenderError when the template fails on the row or leaves out a tool call, result or schema."""
     if not record.conversational:
         return record.prompt, record.chosen, record.rejected
     if tokenizer.chat_template is None:
-        raise DataError(f"{record.source}: conversational rows need a tokenizer with a chat template")
-    prompt = tokenizer.apply_chat_template(record.prompt, tokenize=False, add_generation_prompt=True)
+        raise DataError(f"{record.source}: conversational rows need a tokenizer with a chat template "
+                        "(or data.chat_template)")
+
+    def apply(messages, **kwargs) -> str:
+        try:
+            return tokenizer.apply_chat_template(messages, tools=record.tools, tokenize=False, **kwargs)
+        except Exception as e:  # jinja2's errors, and the template's own raise_exception(...)
+            raise RenderError("template_error", f"the chat template cannot render this row "
+                                                f"({type(e).__name__}: {first_line(e)})") from None
+
+    prompt = apply(record.prompt, add_generation_prompt=True)
     completions = []
     for completion in (record.chosen, record.rejected):
         if not completion:  # the empty rejected side of a single completion
             completions.append("")
             continue
-        full = tokenizer.apply_chat_template(record.prompt + completion, tokenize=False)
+        full = apply(record.prompt + completion)
         if full.startswith(prompt):
             text = full[len(prompt):]
         else:  # a template that renders the prompt differently alone: continue from where they agree
@@ -65,7 +90,36 @@ def render(record: PreferenceRecord, tokenizer) -> tuple[str, str, str]:
             text = full[n:]
         # the template's text after the end-of-turn token (a newline) is never generated: end at EOS
         completions.append(text.rstrip())
+    _check_tools_rendered(record, prompt, completions)
     return prompt, completions[0], completions[1]
+
+
+def _check_tools_rendered(record: PreferenceRecord, prompt: str, completions: list[str]) -> None:
+    """Every tool schema's name in the prompt text; every tool call's function name (and argument names)
+    and every tool result in the text of the part that holds it. Templates without tool support skip
+    `tools` and `tool_calls` without an error, which would train on a conversation that never happened."""
+    for tool in record.tools or ():
+        if tool_name(tool) not in prompt:
+            raise RenderError("tools_not_rendered", f"the chat template does not render the row's 'tools' (function "
+                                                    f"{tool_name(tool)!r} is not in the rendered prompt); use a "
+                                                    "model or data.chat_template whose template supports tools")
+    for key, messages, text in (("prompt", record.prompt, prompt), ("chosen", record.chosen, completions[0]),
+                                ("rejected", record.rejected, completions[1])):
+        for i, m in enumerate(messages):
+            for call in m.get("tool_calls") or ():
+                function = call["function"]
+                arguments = function.get("arguments")
+                names = [function["name"], *(arguments if isinstance(arguments, dict) else ())]
+                missing = next((n for n in names if str(n) not in text), None)
+                if missing is not None:
+                    raise RenderError("tool_calls_not_rendered", f"'{key}' message {i}: the chat template does not "
+                                                                 f"render its tool call {function['name']!r} ("
+                                                                 f"{missing!r} is not in the rendered text); use a "
+                                                                 "model or data.chat_template that supports tool calls")
+            content = m.get("content")
+            if m["role"] == "tool" and isinstance(content, str) and content.strip() not in text:
+                raise RenderError("tool_results_not_rendered", f"'{key}' message {i}: the chat template does not "
+                                                               "render this tool result")
 
 
 def tokenize_records(
@@ -74,18 +128,27 @@ def tokenize_records(
     settings: TokenizeSettings,
     problems: Problems,
 ) -> tuple[list[TokenizedPair], TruncationStats]:
-    """Tokenize, append EOS, truncate to the limits; rows that cannot fit go to `problems`."""
-    return truncate_pairs(encode_records(records, tokenizer), settings, problems)
+    """Tokenize, append EOS, truncate to the limits; rows that cannot be rendered or fit go to `problems`."""
+    return truncate_pairs(encode_records(records, tokenizer, problems), settings, problems)
 
 
-def encode_records(records: list[PreferenceRecord], tokenizer) -> list[TokenizedPair]:
-    """Token ids of every record at full length: prompt and completions tokenized separately, EOS once."""
+def encode_records(records: list[PreferenceRecord], tokenizer, problems: Problems | None = None) -> list[TokenizedPair]:
+    """Token ids of every record at full length: prompt and completions tokenized separately, EOS once.
+    Rows the chat template cannot render whole go to `problems` (default: raise)."""
+    problems = problems if problems is not None else Problems()
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token")
-    if not records:
+    rendered = []
+    for record in records:
+        try:
+            rendered.append((record, render(record, tokenizer)))
+        except RenderError as e:
+            problems.add(record.source, e.reason, str(e))
+    if not rendered:
         return []
-    texts = [render(r, tokenizer) for r in records]
+    records = [r for r, _ in rendered]
+    texts = [t for _, t in rendered]
     conv = [r.conversational for r in records]
     # chat templates carry their own special tokens; plain prompts get the tokenizer's (e.g. BOS)
     prompt_ids: list[list[int]] = [[] for _ in records]
@@ -148,3 +211,30 @@ def _fit(prompt, chosen, rejected, s: TokenizeSettings, source: str, problems: P
         prompt = prompt[-keep:] if s.truncation_mode == "keep_end" else prompt[:keep]
     room = s.max_length - len(prompt)
     return prompt, chosen[:room], rejected[:room]
+
+
+def chat_template_text(value: str) -> str:
+    """`data.chat_template`: a Jinja template, or the path of a file holding one; checked for syntax."""
+    import jinja2
+
+    path = Path(value).expanduser()
+    looks_like_template = "{{" in value or "{%" in value
+    if not looks_like_template:
+        if not path.is_file():
+            raise ConfigError(f"data.chat_template: {value!r} is neither a file nor a Jinja template")
+        try:
+            value = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"data.chat_template: cannot read {path}: {e}") from None
+    try:  # the extension transformers compiles chat templates with
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(value)
+    except jinja2.TemplateSyntaxError as e:
+        raise ConfigError(f"data.chat_template: invalid Jinja at line {e.lineno}: {e.message}") from None
+    return value
+
+
+def use_chat_template(tokenizer, value: str | None) -> None:
+    """Replace the tokenizer's chat template with `data.chat_template` (when set); saved with the model,
+    so the exported tokenizer renders conversations as training did."""
+    if value is not None:
+        tokenizer.chat_template = chat_template_text(value)
