@@ -7,6 +7,10 @@
   tokenization settings; no reference model in memory during training.
 - none: reference-free objectives (SimPO).
 
+`reference.name` makes π_ref a model of its own instead of the policy's start (copy, or the source of the
+precomputed log-probs): loaded like `model.name` (a LoRA adapter merged onto its base), after checking
+that its tokenizer is the policy's, since it scores the policy's token ids.
+
 `build` chooses and constructs the strategy; the trainer only calls `reference.logps(batch, split)`.
 """
 
@@ -21,10 +25,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from dpokit import models
 from dpokit.data.dataset import PreparedData, settings_of
 from dpokit.data.layouts import Batch
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.distributed import Runtime, decoder_layer_classes, shard_module
+from dpokit.errors import ModelError
 from dpokit.logps import CompletionLogProbs, SequenceLogps, causal_lm, logps_table
 from dpokit.models import torch_dtype
 
@@ -61,6 +67,16 @@ class FrozenCopy(Reference):
     @torch.no_grad()
     def logps(self, batch: Batch, split: str) -> SequenceLogps:
         return self.module(batch)
+
+
+class NamedModel(FrozenCopy):
+    """`reference.name`: a model of its own, frozen as it was loaded (no copy is taken)."""
+
+    def __init__(self, module: CompletionLogProbs, label: str, runtime: Runtime | None = None):
+        self.name = f"{label} (reference.name)"
+        self.module = module.eval().requires_grad_(False)
+        if runtime is not None and runtime.distributed and runtime.strategy == "fsdp":
+            shard_module(self.module, decoder_layer_classes(self.module.model))
 
 
 class AdaptersDisabled(Reference):
@@ -134,13 +150,22 @@ class ReferenceCache:
 
 
 def build(cfg, policy: CompletionLogProbs, start: CompletionLogProbs, *, needs_reference: bool, runtime: Runtime,
-          data: PreparedData, pad_id: int, precision: str, autocast, echo) -> Reference:
+          data: PreparedData, pad_id: int, precision: str, autocast, echo, tokenizer=None) -> Reference:
     """The reference the config asks for. `start` holds the starting weights: a separate module for full
-    fine-tuning, the policy itself for LoRA (whose adapters are then disabled)."""
-    strategy = resolve_strategy(cfg.reference.strategy, needs_reference=needs_reference, lora=cfg.lora.enabled)
+    fine-tuning, the policy itself for LoRA (whose adapters are then disabled); with `reference.name`, the
+    named model replaces it (checked against the policy's `tokenizer`)."""
+    strategy = resolve_strategy(cfg.reference.strategy, needs_reference=needs_reference, lora=cfg.lora.enabled,
+                                named=cfg.reference.name is not None)
     dtype = torch_dtype(cfg.reference.dtype) if cfg.reference.dtype else None
     if strategy == "none":
         return NoReference()
+    if cfg.reference.name is not None:
+        # the policy's own weights leave nothing to copy or disable: π_ref is the named model
+        load_dtype = cfg.reference.dtype or ("bfloat16" if precision == "bf16" else "float32")
+        start = load_named(cfg, tokenizer or models.load_tokenizer(cfg.model.name), runtime, dtype=load_dtype)
+        if strategy == "copy":
+            return NamedModel(start, cfg.reference.name, runtime)
+        dtype = None
     if strategy == "adapters":
         return AdaptersDisabled(policy)
     if strategy == "copy":
@@ -150,7 +175,7 @@ def build(cfg, policy: CompletionLogProbs, start: CompletionLogProbs, *, needs_r
     return precompute(module, {"train": data.train, "eval": data.eval}, cache=ReferenceCache(cfg.reference.cache_dir),
                       settings=settings, weights=weights_fingerprint(start.model), runtime=runtime,
                       layout=cfg.train.layout, batch_pairs=cfg.train.micro_batch_size, pad_id=pad_id,
-                      autocast=autocast, echo=echo, model_name=cfg.model.name)
+                      autocast=autocast, echo=echo, model_name=cfg.reference.name or cfg.model.name)
 
 
 def precompute(module: CompletionLogProbs, splits: dict[str, list[TokenizedPair]], *, cache: ReferenceCache,
@@ -181,12 +206,50 @@ def precompute(module: CompletionLogProbs, splits: dict[str, list[TokenizedPair]
     return Precomputed(tables)
 
 
-def resolve_strategy(requested: str, *, needs_reference: bool, lora: bool) -> str:
+def resolve_strategy(requested: str, *, needs_reference: bool, lora: bool, named: bool = False) -> str:
     if not needs_reference:
         return "none"
     if requested == "auto":
-        return "adapters" if lora else "copy"
+        return "adapters" if lora and not named else "copy"
     return requested
+
+
+def load_named(cfg, tokenizer, runtime: Runtime, *, dtype: str) -> CompletionLogProbs:
+    """`reference.name` as a frozen model on the runtime's device, prepared as the policy is (dropout off,
+    attention for the layout), once its tokenizer is known to be the policy's."""
+    name, m = cfg.reference.name, cfg.model
+    check_same_tokenizer(tokenizer, name, trust_remote_code=m.trust_remote_code)
+    with runtime.main_first():  # the first load may convert a GGUF file
+        model = models.load_model(name, dtype=dtype, trust_remote_code=m.trust_remote_code,
+                                  attn_implementation=m.attn_implementation)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        raise ModelError(f"reference.name {name!r}: its embeddings hold {model.get_input_embeddings().num_embeddings} "
+                         f"tokens, fewer than the policy's tokenizer's {len(tokenizer)}")
+    models.disable_dropout(model)
+    models.use_layout(model, cfg.train.layout)
+    module = CompletionLogProbs(model, lm_head=cfg.train.lm_head, chunk_tokens=cfg.train.logps_chunk_tokens)
+    return module.to(runtime.device).eval().requires_grad_(False)
+
+
+def check_same_tokenizer(tokenizer, name: str, *, trust_remote_code: bool = False) -> None:
+    """Refuse a reference whose tokenizer differs from the policy's: it would score other tokens than the
+    ids the data was tokenized into, and the log-ratios would be meaningless."""
+    other = models.load_tokenizer(name, trust_remote_code=trust_remote_code)
+    ours, theirs = tokenizer.get_vocab(), other.get_vocab()
+    if ours != theirs:
+        token = next((t for t in sorted(ours, key=ours.get) if theirs.get(t) != ours[t]), None)
+        if token is None:  # the other has extra tokens
+            token = next(t for t in sorted(theirs, key=theirs.get) if t not in ours)
+        def where(i):
+            return "absent" if i is None else f"id {i}"
+
+        raise ModelError(f"reference.name {name!r}: its tokenizer differs from the policy's ({len(theirs)} tokens "
+                         f"against {len(ours)}; token {token!r} is {where(ours.get(token))} for the policy and "
+                         f"{where(theirs.get(token))} for the reference); the reference must score the policy's "
+                         "token ids")
+    if other.eos_token_id != tokenizer.eos_token_id:
+        raise ModelError(f"reference.name {name!r}: its EOS token ({other.eos_token!r}) is not the policy's "
+                         f"({tokenizer.eos_token!r}); completions end with the policy's")
 
 
 def disabled_adapters(module: CompletionLogProbs):

@@ -38,7 +38,8 @@ class DPO:
                                             with_start=self.objective.needs_reference)
         self.reference = reference.build(self.cfg, policy, start, needs_reference=self.objective.needs_reference,
                                          runtime=self.rt, data=self.data, pad_id=self.tokenizer.pad_token_id,
-                                         precision=precision, autocast=autocast, echo=echo)
+                                         precision=precision, autocast=autocast, echo=echo,
+                                         tokenizer=self.tokenizer)
         policy.unlikelihood = self.cfg.objective.loss == "unlikelihood"  # its token-level term on the rejected side
         models.enable_training_features(policy.model, self.cfg.train)
         return policy

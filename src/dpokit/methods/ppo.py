@@ -158,7 +158,7 @@ class PPO:
             start = module  # the reference is the policy with its adapters disabled
         self.reference = reference.build(cfg, module, start, needs_reference=True, runtime=self.rt, data=None,
                                          pad_id=self.tokenizer.pad_token_id, precision=precision, autocast=autocast,
-                                         echo=echo)
+                                         echo=echo, tokenizer=self.tokenizer)
         models.enable_training_features(module.model, cfg.train)
         self.policy, self.autocast = module, autocast
         self.stop_ids = stop_token_ids(module.model, self.tokenizer)

@@ -25,7 +25,7 @@ class RunModel:
 
     path: Path  # what load_model reads: <run>/model or <run>/checkpoints/checkpoint-N
     run_dir: Path
-    base_model: str  # the run's model.name: its reference
+    base_model: str  # the run's reference: its reference.name when set, else model.name (its start)
     loss: str  # objective.loss for a DPO-family run, else its method (sft-chosen: Preferred-FT)
     beta: float
     step: int | None
@@ -68,7 +68,8 @@ def run_model(path: str | Path) -> RunModel | None:
         else:
             metrics = model_path / "dpokit_metrics.json"
             step = json.loads(metrics.read_text()).get("step") if metrics.is_file() else None
-        return RunModel(model_path, run_dir, cfg.get("model", {}).get("name", ""), kind,
+        reference = (cfg.get("reference") or {}).get("name") or cfg.get("model", {}).get("name", "")
+        return RunModel(model_path, run_dir, reference, kind,
                         float(obj.get("beta", 0.0)), step, ckpt is None)
     return None
 
@@ -94,7 +95,7 @@ def check_model(name: str) -> None:
 
 
 def default_reference(policy: str) -> str:
-    """The reference of a dpokit run's policy is the model the run started from."""
+    """The reference of a dpokit run's policy: the model the run started from, or its `reference.name`."""
     info = run_model(policy)
     if info is None or not info.base_model:
         if not Path(policy).expanduser().exists():  # a hub id, or a run path with a typo
