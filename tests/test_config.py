@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpokit.config import Config
+from dpokit.config import F_DIVERGENCE_LOSSES, NEEDS_REFERENCE, Config
 from dpokit.errors import ConfigError
 
 
@@ -78,11 +78,29 @@ OVERRIDE_ERRORS = [
     (["train.batch_size=6"], "train.batch_size (6) must be a multiple of train.micro_batch_size (4)"),
     (["data.eval=pairs.jsonl", "data.eval_fraction=0.1"], "data.eval and data.eval_fraction are both set; use one"),
     (["objective.loss=ipo", "objective.label_smoothing=0.1"],
-     "objective.label_smoothing applies to sigmoid (cDPO) and robust, not ipo"),
+     "objective.label_smoothing applies to sigmoid, robust, exo_pair, aot, aot_unpaired, not ipo"),
     (["objective.loss=simpo", "reference.strategy=copy"],
      "objective.loss=simpo is reference-free; reference.strategy=copy does not apply"),
     (["reference.strategy=none"],
-     "objective.loss=sigmoid needs a reference model; reference.strategy=none only fits simpo or unlikelihood"),
+     "objective.loss=sigmoid needs a reference model; reference.strategy=none only fits simpo, unlikelihood or "
+     "orpo"),
+    # objectives and their options
+    (["objective.loss=[sigmoid, nope]"], "objective.loss must be one of " + ", ".join(NEEDS_REFERENCE) + "; got 'nope' (did you mean 'orpo'?)"),
+    (["objective.loss=[sigmoid, bco_pair]", "objective.loss_weights=[1]"],
+     "objective.loss_weights has 1 weights for 2 objectives"),
+    (["objective.loss=[sigmoid, sigmoid]"], "objective.loss must name each objective once; got ['sigmoid', 'sigmoid']"),
+    (["objective.loss=exo_pair"], "objective.loss=exo_pair needs objective.label_smoothing > 0 (EXO's ε; the paper: 1e-3)"),
+    (["objective.loss=nca_pair", "objective.f_divergence=js"],
+     "objective.f_divergence=js applies to " + ", ".join(F_DIVERGENCE_LOSSES) + "; not to nca_pair"),
+    (["objective.loss=[kto, sigmoid]"],
+     "objective.loss=kto trains on single completions; it cannot be summed with pair objectives"),
+    (["objective.loss=aot", "objective.wpo=true"], "objective.wpo weights pairs, which aot and aot_unpaired sort apart"),
+    (["objective.ld_alpha=1.5"], "objective.ld_alpha must be <= 1; got 1.5"),
+    (["reference.sync_every=4", "reference.strategy=precomputed"],
+     "reference.sync_every (TR-DPO) moves the reference, which reference.strategy=precomputed keeps fixed; use auto or "
+     "copy"),
+    (["objective.loss=orpo", "reference.sync_every=4"],
+     "reference.sync_every (TR-DPO) moves the reference; objective.loss=orpo has none"),
     # missing files and values
     (["data.train=missing.jsonl"], "data.train: file not found: missing.jsonl"),
     (["data.eval=./held_out.jsonl"], "data.eval: file not found: ./held_out.jsonl"),

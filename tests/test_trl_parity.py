@@ -19,41 +19,61 @@ from dpokit.objectives import build_objective
 
 from .conftest import PAIRS, tiny_llama
 
+# (id, dpokit's objective settings, TRL's DPOConfig settings)
 CASES = [
-    ("sigmoid", dict(loss="sigmoid"), {}),
-    ("ipo", dict(loss="ipo", ipo_form="length_normalized"), {}),
-    ("hinge", dict(loss="hinge"), {}),
-    ("robust", dict(loss="robust", label_smoothing=0.1), {"label_smoothing": 0.1}),
+    ("sigmoid", dict(loss="sigmoid"), dict(loss_type=["sigmoid"])),
+    ("ipo", dict(loss="ipo", ipo_form="length_normalized"), dict(loss_type=["ipo"])),
+    ("hinge", dict(loss="hinge"), dict(loss_type=["hinge"])),
+    ("robust", dict(loss="robust", label_smoothing=0.1), dict(loss_type=["robust"], label_smoothing=0.1)),
+    ("sigmoid_norm", dict(loss="sigmoid_norm"), dict(loss_type=["sigmoid_norm"])),
+    ("exo_pair", dict(loss="exo_pair", label_smoothing=1e-3), dict(loss_type=["exo_pair"], label_smoothing=1e-3)),
+    ("nca_pair", dict(loss="nca_pair"), dict(loss_type=["nca_pair"])),
+    ("bco_pair", dict(loss="bco_pair"), dict(loss_type=["bco_pair"])),
+    ("sppo_hard", dict(loss="sppo_hard"), dict(loss_type=["sppo_hard"])),
+    ("aot", dict(loss="aot", label_smoothing=0.1), dict(loss_type=["aot"], label_smoothing=0.1)),
+    ("aot_unpaired", dict(loss="aot_unpaired"), dict(loss_type=["aot_unpaired"])),
+    ("apo_zero", dict(loss="apo_zero"), dict(loss_type=["apo_zero"])),
+    ("apo_down", dict(loss="apo_down"), dict(loss_type=["apo_down"])),
+    ("discopop", dict(loss="discopop", discopop_tau=0.05), dict(loss_type=["discopop"], discopop_tau=0.05)),
+    ("mix", dict(loss=["sigmoid", "bco_pair", "hinge"], loss_weights=[0.8, 0.2, 1.0]),
+     dict(loss_type=["sigmoid", "bco_pair", "hinge"], loss_weights=[0.8, 0.2, 1.0])),
+    ("f_forward_kl", dict(loss="sigmoid", f_divergence="forward_kl"),
+     dict(loss_type=["sigmoid"], f_divergence_type="forward_kl")),
+    ("f_js", dict(loss="hinge", f_divergence="js"), dict(loss_type=["hinge"], f_divergence_type="js_divergence")),
+    ("f_alpha", dict(loss="ipo", f_divergence="alpha", f_alpha=0.3),
+     dict(loss_type=["ipo"], f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3)),
+    ("ld_dpo", dict(loss="sigmoid", ld_alpha=0.5), dict(loss_type=["sigmoid"], ld_alpha=0.5)),
+    ("wpo", dict(loss=["sigmoid", "ipo"], wpo=True), dict(loss_type=["sigmoid", "ipo"], use_weighting=True)),
 ]
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
 
 
-@pytest.mark.parametrize("trl_loss,ours,trl_extra", CASES, ids=[c[0] for c in CASES])
-def test_step0_matches_trl(trl_loss, ours, trl_extra, tokenizer, tmp_path):
+@pytest.mark.parametrize("name,ours,theirs", CASES, ids=[c[0] for c in CASES])
+def test_step0_matches_trl(name, ours, theirs, tokenizer, tmp_path):
     pytest.importorskip("trl")
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     records = [PreferenceRecord(p, " " + c, " " + r, f"t:{i}") for i, (p, c, r) in enumerate(PAIRS)]
     pairs, _ = tokenize_records(records, tokenizer, TokenizeSettings(), Problems())
-    beta = 0.1 if trl_loss != "ipo" else 0.5
+    beta = 0.5 if "ipo" in theirs["loss_type"] else 0.1
     policy, reference = tiny_llama(seed=0), tiny_llama(seed=1)
 
-    # dpokit
-    objective = build_objective(ObjectiveSection(beta=beta, **ours))
+    # dpokit, its log-probs set up as methods.dpo does (LD-DPO weights in both, WPO's in the policy)
+    section = ObjectiveSection(beta=beta, **ours)
+    objective = build_objective(section)
     batch = collate(pairs, range(len(pairs)), "padded", tokenizer.pad_token_id)
     with torch.no_grad():
-        pol = CompletionLogProbs(policy)(batch)
-        ref = CompletionLogProbs(reference)(batch)
+        pol = CompletionLogProbs(policy, ld_alpha=section.ld_alpha, wpo=section.wpo)(batch)
+        ref = CompletionLogProbs(reference, ld_alpha=section.ld_alpha)(batch)
     out = objective(pol, ref)
     stats = MeanMetrics(PAIR_SUMS, "cpu")
     stats.add(MicroBatch(out.losses, pair_sums(out, pol), batch.num_tokens))
     mine = stats.result(Runtime(), "pairs")
 
     # TRL
-    args = DPOConfig(output_dir=str(tmp_path), beta=beta, loss_type=[trl_loss], bf16=False, report_to=[],
-                     use_cpu=True, max_length=None, gradient_checkpointing=False,
-                     per_device_train_batch_size=len(pairs), **trl_extra)
+    args = DPOConfig(output_dir=str(tmp_path), beta=beta, bf16=False, report_to=[], use_cpu=True, max_length=None,
+                     gradient_checkpointing=False, per_device_train_batch_size=len(pairs), **theirs)
     dataset = Dataset.from_list([{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS])
     trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=dataset,
                          processing_class=tokenizer)

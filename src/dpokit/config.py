@@ -81,20 +81,67 @@ class DataSection:
 # objective.loss: each objective, and whether it compares the policy against a reference model. The one place
 # that says so: objectives.py and the reference strategies read it from here.
 NEEDS_REFERENCE = {"sigmoid": True, "ipo": True, "hinge": True, "robust": True, "simpo": False,
-                   "unlikelihood": False}
+                   "unlikelihood": False, "sigmoid_norm": True, "exo_pair": True, "nca_pair": True,
+                   "bco_pair": True, "sppo_hard": True, "aot": True, "aot_unpaired": True, "apo_zero": True,
+                   "apo_down": True, "discopop": True, "dpop": True, "orpo": False, "kto": True}
+# losses of the difference of the chosen and rejected log-ratios, which f-DPO generalises (the rest lose
+# their f-divergence reading: TRL refuses them too); losses that sort the micro-batch, whose per-rank terms
+# belong to no pair (per-pair weights and WPO do not apply); objectives with a label-smoothing ε
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop")
+SORTING_LOSSES = ("aot", "aot_unpaired")
+SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")
 
 
 @dataclass
 class ObjectiveSection:
-    loss: str = opt("sigmoid", "preference objective", choices=tuple(NEEDS_REFERENCE))
+    loss: str | list[str] = opt("sigmoid", "preference objective, or a list of them summed with `loss_weights` "
+                                "(TRL's loss_type list, e.g. MPO: [sigmoid, bco_pair])", choices=tuple(NEEDS_REFERENCE))
+    loss_weights: list[float] = opt([], "weight of each objective in `loss`, in order (empty: 1 each)")
     beta: float = opt(0.1, "β: strength of the KL constraint (τ for IPO, reward scale for SimPO)", min=0.0, min_exclusive=True)
-    label_smoothing: float = opt(0.0, "ε: assumed rate of flipped labels (cDPO with sigmoid, rDPO with robust)", min=0.0, max=0.4999)
+    label_smoothing: float = opt(0.0, "ε: assumed rate of flipped labels (cDPO with sigmoid, rDPO with robust, EXO's "
+                                 "label smoothing with exo_pair: the paper suggests 1e-3; aot, aot_unpaired)",
+                                 min=0.0, max=0.4999)
     ipo_form: str = opt("length_normalized", "IPO on per-token log-ratios (TRL) or on summed log-ratios (authors)",
                         choices=("length_normalized", "summed"))
     simpo_gamma: float = opt(0.5, "γ: target reward margin of SimPO", min=0.0)
     nll_weight: float = opt(0.0, "weight of the chosen completion's token-mean NLL added to the loss (RPO)", min=0.0)
     unlikelihood_alpha: float = opt(1.0, "α: weight of the rejected completion's token unlikelihood term "
                                     "(objective.loss=unlikelihood; the DPO paper tried 0.05 to 1)", min=0.0)
+    discopop_tau: float = opt(0.05, "τ: temperature of DiscoPOP's log-ratio modulation (the paper's 0.05)", min=0.0,
+                              min_exclusive=True)
+    dpop_lambda: float = opt(50.0, "λ: DPO-Positive's penalty on the chosen log-prob falling below the reference's "
+                             "(Pal et al. 2024 used 50)", min=0.0)
+    orpo_lambda: float = opt(0.1, "λ: weight of ORPO's odds-ratio term next to the NLL (Hong et al. 2024: 0.1; TRL's "
+                             "ORPO beta)", min=0.0)
+    kto_desirable_weight: float = opt(1.0, "λ_D: weight of KTO's desirable completions (keep λ_D n_D / (λ_U n_U) in "
+                                      "[1, 4/3], the paper advises)", min=0.0, min_exclusive=True)
+    kto_undesirable_weight: float = opt(1.0, "λ_U: weight of KTO's undesirable completions", min=0.0,
+                                        min_exclusive=True)
+    f_divergence: str = opt("reverse_kl", "f-DPO (Wang et al. 2023): the divergence to the reference, reverse_kl being "
+                            "DPO's; for the losses of the log-ratio difference (" + ", ".join(F_DIVERGENCE_LOSSES) + ")",
+                            choices=("reverse_kl", "forward_kl", "js", "alpha"))
+    f_alpha: float = opt(0.5, "α of f_divergence=alpha, f'(u) = (u^(α-1) - 1)/(α-1) (TRL's f_alpha_divergence_coef)",
+                         min=0.0, min_exclusive=True)
+    ld_alpha: float | None = opt(None, "LD-DPO (Liu et al. 2024): weight of the log-probs of tokens past the shorter "
+                                 "completion's length, in policy and reference alike (0: ignore them, 1: plain "
+                                 "DPO); null: off", min=0.0, max=1.0)
+    wpo: bool = opt(False, "WPO (Zhou et al. 2024): weight each pair by the policy's length-normalised probability of "
+                    "both completions (TRL's use_weighting)")
+    weight_field: str | None = opt("weight", "the row field holding a per-pair loss weight (a number >= 0) that "
+                                   "scales the pair's loss; used when the rows have it, null to ignore it")
+
+    @property
+    def losses(self) -> list[str]:
+        """`loss` as a list: one objective, or the ones a run sums."""
+        return [self.loss] if isinstance(self.loss, str) else list(self.loss)
+
+    @property
+    def name(self) -> str:
+        return "+".join(self.losses)
+
+    @property
+    def needs_reference(self) -> bool:
+        return any(NEEDS_REFERENCE.get(name, True) for name in self.losses)
 
 
 @dataclass
@@ -106,6 +153,11 @@ class ReferenceSection:
                         choices=("auto", "copy", "adapters", "precomputed", "none"))
     dtype: str | None = opt(None, "dtype of the frozen copy (default: the policy's)", choices=(None, *models.DTYPES))
     cache_dir: str = opt("~/.cache/dpokit/reference-logps", "where precomputed reference log-probs are cached")
+    sync_every: int = opt(0, "TR-DPO (Gorbatovski et al. 2024): every this many steps the reference moves toward "
+                          "the policy, π_ref ← α π_θ + (1-α) π_ref (soft: 1 with α < 1; hard: e.g. 512 with α = 1; "
+                          "TRL's ref_model_sync_steps); 0: a fixed reference", min=0)
+    sync_alpha: float = opt(1.0, "α of reference.sync_every: the policy's share in the new reference (1: a copy of "
+                            "the policy; TRL's ref_model_mixup_alpha)", min=0.0, max=1.0, min_exclusive=True)
 
 
 @dataclass
@@ -283,17 +335,19 @@ class Config:
                            and getattr(self.lora, k[5:]) != getattr(defaults, k[5:]))
         if lora_keys and not self.lora.enabled:
             raise ConfigError(f"{lora_keys[0]} is set but LoRA is off: add lora.enabled=true or remove it")
-        ref, loss = self.reference.strategy, self.objective.loss
+        ref, loss, needs = self.reference.strategy, self.objective.name, self.objective.needs_reference
+        self._check_objective()
         if ref == "adapters" and not self.lora.enabled:
             raise ConfigError("reference.strategy=adapters needs LoRA (lora.enabled=true)")
-        if not NEEDS_REFERENCE[loss] and ref not in ("auto", "none"):
+        if not needs and ref not in ("auto", "none"):
             raise ConfigError(f"objective.loss={loss} is reference-free; reference.strategy={ref} does not apply")
-        if NEEDS_REFERENCE[loss] and ref == "none":
-            free = " or ".join(name for name, needs in NEEDS_REFERENCE.items() if not needs)
+        if needs and ref == "none":
+            free = [name for name, needs in NEEDS_REFERENCE.items() if not needs]
+            free = ", ".join(free[:-1]) + " or " + free[-1]
             raise ConfigError(f"objective.loss={loss} needs a reference model; reference.strategy=none only "
                               f"fits {free}")
         if self.reference.name is not None:
-            if not NEEDS_REFERENCE[loss]:
+            if not needs:
                 raise ConfigError(f"objective.loss={loss} is reference-free; reference.name does not apply")
             if ref == "adapters":
                 raise ConfigError("reference.strategy=adapters computes the reference as the policy with its adapters "
@@ -304,8 +358,6 @@ class Config:
             from dpokit.data.tokenize import chat_template_text
 
             chat_template_text(d.chat_template)
-        if loss not in ("sigmoid", "robust") and self.objective.label_smoothing:
-            raise ConfigError(f"objective.label_smoothing applies to sigmoid (cDPO) and robust, not {loss}")
         if self.ppo.minibatch_size and t.batch_size % self.ppo.minibatch_size:
             raise ConfigError(f"ppo.minibatch_size ({self.ppo.minibatch_size}) must divide train.batch_size "
                               f"({t.batch_size})")
@@ -319,6 +371,36 @@ class Config:
             raise ConfigError("data.eval and data.eval_fraction are both set; use one")
         if models.missing_path(self.model.name):
             raise ConfigError(f"model.name: not found: {self.model.name}")
+
+    def _check_objective(self) -> None:
+        """The objective's names, weights and options, and the reference a TR-DPO run moves."""
+        o, r = self.objective, self.reference
+        names = o.losses
+        if not names or len(set(names)) < len(names):
+            raise ConfigError(f"objective.loss must name each objective once; got {o.loss!r}")
+        if o.loss_weights and len(o.loss_weights) != len(names):
+            raise ConfigError(f"objective.loss_weights has {len(o.loss_weights)} weights for {len(names)} objectives")
+        if any(w < 0 for w in o.loss_weights):
+            raise ConfigError(f"objective.loss_weights must be >= 0; got {o.loss_weights}")
+        if "kto" in names and len(names) > 1:
+            raise ConfigError("objective.loss=kto trains on single completions; it cannot be summed with pair objectives")
+        if o.label_smoothing and not set(names) & set(SMOOTHED_LOSSES):
+            raise ConfigError(f"objective.label_smoothing applies to {', '.join(SMOOTHED_LOSSES)}, not {o.name}")
+        if "exo_pair" in names and not o.label_smoothing:
+            raise ConfigError("objective.loss=exo_pair needs objective.label_smoothing > 0 (EXO's ε; the paper: 1e-3)")
+        if o.f_divergence != "reverse_kl" and not set(names) <= set(F_DIVERGENCE_LOSSES):
+            raise ConfigError(f"objective.f_divergence={o.f_divergence} applies to {', '.join(F_DIVERGENCE_LOSSES)}; "
+                              f"not to {o.name}")
+        if o.wpo and set(names) & set(SORTING_LOSSES):
+            raise ConfigError("objective.wpo weights pairs, which aot and aot_unpaired sort apart")
+        if "kto" in names and (o.ld_alpha is not None or o.wpo or o.nll_weight):
+            raise ConfigError("objective.loss=kto takes no ld_alpha, wpo or nll_weight (they are defined on pairs)")
+        if r.sync_every:
+            if not o.needs_reference:
+                raise ConfigError(f"reference.sync_every (TR-DPO) moves the reference; objective.loss={o.name} has none")
+            if r.strategy not in ("auto", "copy"):
+                raise ConfigError(f"reference.sync_every (TR-DPO) moves the reference, which reference.strategy="
+                                  f"{r.strategy} keeps fixed; use auto or copy")
 
 
 def all_keys() -> list[str]:
@@ -355,6 +437,8 @@ def check_fields(settings: Any, section: str | None = None) -> None:
         key = f"{section}.{f.name}" if section else option_name(f.name)
         value, meta = getattr(settings, f.name), f.metadata
         choices = meta.get("choices")
+        if choices is not None and isinstance(value, list):  # a list of choices: each item must be one
+            value = next((v for v in value if v not in choices), value[0] if value else None)
         if choices is not None and value not in choices:
             shown = ", ".join(str(c) for c in choices if c is not None)
             raise ConfigError(f"{key} must be one of {shown}; got {value!r}"

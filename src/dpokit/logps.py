@@ -33,6 +33,9 @@ class SequenceLogps:
     rejected_lengths: torch.Tensor
     # Σ_t log(1 - π(y_t | x, y_<t)) of the rejected completions, for the unlikelihood objective (when asked)
     rejected_unlikely: torch.Tensor | None = None
+    # WPO's log-weights (1/|y|) Σ_t [log π(y_t|·) - log Σ_v π(v|·)²], detached (when asked)
+    chosen_wpo: torch.Tensor | None = None
+    rejected_wpo: torch.Tensor | None = None
 
     def detach(self) -> SequenceLogps:
         return SequenceLogps(self.chosen.detach(), self.rejected.detach(), self.chosen_lengths, self.rejected_lengths)
@@ -47,7 +50,7 @@ class CompletionLogProbs(nn.Module):
     """Wraps a causal LM so that `forward(batch)` returns completion log-probs: the module DDP or FSDP wrap."""
 
     def __init__(self, model: nn.Module, *, lm_head: str = "selective", chunk_tokens: int = 512,
-                 unlikelihood: bool = False):
+                 unlikelihood: bool = False, ld_alpha: float | None = None, wpo: bool = False):
         super().__init__()
         if lm_head not in ("selective", "full"):
             raise ValueError(f"lm_head must be selective or full, got {lm_head!r}")
@@ -55,27 +58,41 @@ class CompletionLogProbs(nn.Module):
         self.lm_head = lm_head
         self.chunk_tokens = chunk_tokens
         self.unlikelihood = unlikelihood  # also sum log(1 - p) over the rejected tokens
+        self.ld_alpha = ld_alpha  # LD-DPO: weight of the tokens past the shorter completion's length
+        self.wpo = wpo  # also WPO's per-sequence log-weights
         self._scale, self._softcap = _logit_transform(causal_lm(model).config)
 
     def forward(self, batch: Batch) -> SequenceLogps:
-        token_logps = self.token_logps(batch)
+        token_logps, log_sum_sq = self._token_outputs(batch)
         n = 2 * batch.num_pairs
-        sums = torch.zeros(n, dtype=torch.float32, device=token_logps.device).index_add(0, batch.target_seq, token_logps)
         lengths = torch.bincount(batch.target_seq, minlength=n)
+        weighted = token_logps if self.ld_alpha is None else token_logps * ld_weights(batch, lengths, self.ld_alpha)
+        sums = torch.zeros(n, dtype=torch.float32, device=token_logps.device).index_add(0, batch.target_seq, weighted)
         out = SequenceLogps(sums[: n // 2], sums[n // 2:], lengths[: n // 2], lengths[n // 2:])
         if self.unlikelihood:
             # log(1 - p), with p kept below 1 so a certain token costs a large but finite penalty
             unlikely = torch.log1p(-token_logps.exp().clamp(max=1 - 1e-5))
             out.rejected_unlikely = torch.zeros_like(sums).index_add(0, batch.target_seq, unlikely)[n // 2:]
+        if log_sum_sq is not None:
+            aligned = torch.zeros_like(sums).index_add(0, batch.target_seq, token_logps.detach() - log_sum_sq)
+            wpo = aligned / lengths.clamp(min=1)
+            out.chosen_wpo, out.rejected_wpo = wpo[: n // 2], wpo[n // 2:]
         return out
 
     def token_logps(self, batch: Batch) -> torch.Tensor:
         """log π(y_t | x, y_<t) of every completion token, in the batch's target order (`batch.target_seq`
         says whose token each one is): what per-token objectives and PPO need."""
+        return self._token_outputs(batch, wpo=False)[0]
+
+    def _token_outputs(self, batch: Batch, wpo: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`token_logps`, and with WPO the no-gradient log Σ_v π(v|·)² at the same positions."""
+        wpo = self.wpo if wpo is None else wpo
         if self.lm_head == "full":
             logits = self.model(input_ids=batch.input_ids, **layout_inputs(self.model, batch)).logits
-            return _gather_logps(logits.flatten(0, 1)[batch.target_index].float(), batch.target_ids)
-        return self.head_logps(self.completion_hidden(batch), batch.target_ids)
+            logits = logits.flatten(0, 1)[batch.target_index].float()
+            return _gather_logps(logits, batch.target_ids), (_log_sum_sq(logits.detach()) if wpo else None)
+        hidden = self.completion_hidden(batch)
+        return self.head_logps(hidden, batch.target_ids), (self.head_log_sum_sq(hidden) if wpo else None)
 
     def completion_hidden(self, batch: Batch) -> torch.Tensor:
         """[n, d] the trunk's last hidden state at every position that predicts a completion token, in
@@ -91,6 +108,19 @@ class CompletionLogProbs(nn.Module):
     def head_entropy(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n] entropy −Σ_v p_v log p_v of the next-token distribution at each of `completion_hidden`'s
         states (no gradient: a logged quantity), in chunks of `chunk_tokens`."""
+        def entropy(logits):
+            logp = logits.log_softmax(-1)
+            return -(logp.exp() * logp).sum(-1)
+
+        return self._head_statistic(hidden, entropy)
+
+    @torch.no_grad()
+    def head_log_sum_sq(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n] log Σ_v π(v|·)² at each of `completion_hidden`'s states (no gradient): WPO's alignment term."""
+        return self._head_statistic(hidden, _log_sum_sq)
+
+    def _head_statistic(self, hidden: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """fn of the logits at each state, over chunks of `chunk_tokens` states."""
         head = causal_lm(self.model).get_output_embeddings()
         weight, bias = head.weight, head.bias
         if hasattr(weight, "full_tensor"):
@@ -100,8 +130,7 @@ class CompletionLogProbs(nn.Module):
         for start in range(0, hidden.shape[0], self.chunk_tokens):
             logits = _transformed_logits(hidden[start:start + self.chunk_tokens], weight, bias, self._scale,
                                          self._softcap)
-            logp = logits.log_softmax(-1)
-            out.append(-(logp.exp() * logp).sum(-1))
+            out.append(fn(logits))
         return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
     def _chunked_logps(self, hidden, weight, bias, targets):
@@ -167,6 +196,24 @@ def logps_table(module: CompletionLogProbs, pairs: Sequence[TokenizedPair], *, p
     if runtime is not None and runtime.distributed:  # each rank filled its own rows, the others are zero
         out = runtime.all_reduce_sum(out.to(runtime.device)).cpu()
     return out
+
+
+def ld_weights(batch: Batch, lengths: torch.Tensor, alpha: float) -> torch.Tensor:
+    """[n] LD-DPO's token weights (Liu et al. 2024): 1 for a completion's first min(|y_w|, |y_l|) tokens, the
+    length its pair's completions share, and α past them. A sequence's targets are contiguous and in order
+    in every layout, so a token's place in its completion is its index minus its sequence's first index."""
+    n = lengths.numel()
+    index = torch.arange(batch.target_seq.numel(), device=batch.target_seq.device)
+    first = torch.full((n,), index.numel(), device=index.device).scatter_reduce(0, batch.target_seq, index, "amin")
+    place = index - first[batch.target_seq]
+    shared = torch.minimum(lengths[: n // 2], lengths[n // 2:]).repeat(2)
+    ones = torch.ones_like(place, dtype=torch.float32)
+    return torch.where(place < shared[batch.target_seq], ones, alpha * ones)
+
+
+def _log_sum_sq(logits: torch.Tensor) -> torch.Tensor:
+    # log Σ_v softmax(z)_v² = logsumexp(2z) - 2 logsumexp(z)
+    return torch.logsumexp(2 * logits, dim=-1) - 2 * torch.logsumexp(logits, dim=-1)
 
 
 def _head_logps(hidden, weight, bias, targets, scale: float, softcap: float | None):

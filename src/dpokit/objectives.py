@@ -9,13 +9,13 @@ the DPO family differs only in the function of β·h it minimises.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from dpokit.config import NEEDS_REFERENCE
 from dpokit.logps import SequenceLogps
 
 Tensor = torch.Tensor
@@ -90,6 +90,165 @@ def unlikelihood(pc: Tensor, pr: Tensor, len_c: Tensor, len_r: Tensor, ur: Tenso
     return ObjectiveOutput(losses, chosen.detach(), (pr / len_r.clamp(min=1)).detach())
 
 
+def sigmoid_norm(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, len_c: Tensor, len_r: Tensor, *,
+                 beta: float) -> ObjectiveOutput:
+    """Length-normalised DPO (TRL's `sigmoid_norm`): DPO on per-token log-ratios,
+    loss = -log σ(β [(log π(y_w) - log π_ref(y_w)) / |y_w| - (log π(y_l) - log π_ref(y_l)) / |y_l|])."""
+    h = (pc - rc) / len_c.clamp(min=1) - (pr - rr) / len_r.clamp(min=1)
+    return ObjectiveOutput(-F.logsigmoid(beta * h), *_rewards(beta, pc, pr, rc, rr))
+
+
+def exo_pair(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, label_smoothing: float) -> ObjectiveOutput:
+    """EXO (Ji et al. 2024, eq. 16, K = 2): KL(q ‖ p) between the policy's preference distribution
+    q = (σ(β h), σ(-β h)) and the smoothed label p = (1-ε, ε):
+    loss = σ(β h) [log σ(β h) - log(1-ε)] + σ(-β h) [log σ(-β h) - log ε]; needs ε > 0."""
+    h = (pc - rc) - (pr - rr)
+    eps = label_smoothing
+    losses = (torch.sigmoid(beta * h) * (F.logsigmoid(beta * h) - math.log1p(-eps))
+              + torch.sigmoid(-beta * h) * (F.logsigmoid(-beta * h) - math.log(eps)))
+    return ObjectiveOutput(losses, *_rewards(beta, pc, pr, rc, rr))
+
+
+def nca_pair(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float) -> ObjectiveOutput:
+    """NCA (Chen et al. 2024, "Noise Contrastive Alignment", pairwise form), r = β log π/π_ref:
+    loss = -log σ(r_w) - ½ log σ(-r_w) - ½ log σ(-r_l): raises r_w in absolute terms, not only r_w - r_l."""
+    rw, rl = beta * (pc - rc), beta * (pr - rr)
+    losses = -F.logsigmoid(rw) - 0.5 * F.logsigmoid(-rw) - 0.5 * F.logsigmoid(-rl)
+    return ObjectiveOutput(losses, rw.detach(), rl.detach())
+
+
+def bco_pair(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float) -> ObjectiveOutput:
+    """BCO on pairs (Jung et al. 2024, binary classifier optimisation; TRL's `bco_pair`, without the
+    paper's running reward shift δ): chosen classified as good, rejected as bad, r = β log π/π_ref:
+    loss = -log σ(r_w) - log σ(-r_l)."""
+    rw, rl = beta * (pc - rc), beta * (pr - rr)
+    return ObjectiveOutput(-F.logsigmoid(rw) - F.logsigmoid(-rl), rw.detach(), rl.detach())
+
+
+def sppo_hard(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float) -> ObjectiveOutput:
+    """SPPO (Wu et al. 2024, eq. 4.7) with hard win probabilities (1 for y_w, 0 for y_l) and η = 1/β:
+    loss = (log π(y_w)/π_ref(y_w) - 1/(2β))² + (log π(y_l)/π_ref(y_l) + 1/(2β))²."""
+    losses = (pc - rc - 0.5 / beta) ** 2 + (pr - rr + 0.5 / beta) ** 2
+    return ObjectiveOutput(losses, *_rewards(beta, pc, pr, rc, rr))
+
+
+def _smoothed_sigmoid(delta: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    return -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
+
+
+def aot(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, label_smoothing: float = 0.0) -> ObjectiveOutput:
+    """AOT, paired (Melnyk et al. 2024, "Distributional Preference Alignment via Optimal Transport"):
+    first-order stochastic dominance of the policy's margins over the reference's, through the sorted
+    (1-D optimal transport) batch: Δ_i = sort(log π(y_w) - log π(y_l))_i - sort(log π_ref(y_w) - log π_ref(y_l))_i,
+    loss_i = -(1-ε) log σ(β Δ_i) - ε log σ(-β Δ_i). Losses are per rank in the micro-batch, not per pair."""
+    delta = torch.sort(pc - pr, dim=0).values - torch.sort(rc - rr, dim=0).values
+    return ObjectiveOutput(_smoothed_sigmoid(delta, beta, label_smoothing), *_rewards(beta, pc, pr, rc, rr))
+
+
+def aot_unpaired(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float,
+                 label_smoothing: float = 0.0) -> ObjectiveOutput:
+    """AOT, unpaired (Melnyk et al. 2024): dominance of the chosen log-ratios' distribution over the
+    rejected ones', Δ_i = sort(log π(y_w)/π_ref(y_w))_i - sort(log π(y_l)/π_ref(y_l))_i, then the smoothed
+    sigmoid loss as `aot`."""
+    delta = torch.sort(pc - rc, dim=0).values - torch.sort(pr - rr, dim=0).values
+    return ObjectiveOutput(_smoothed_sigmoid(delta, beta, label_smoothing), *_rewards(beta, pc, pr, rc, rr))
+
+
+def apo_zero(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float) -> ObjectiveOutput:
+    """APO-zero (D'Oosterlinck et al. 2024, eq. 7), when y_w is better than the model's own outputs:
+    loss = (1 - σ(r_w)) + σ(r_l), r = β log π/π_ref: raise the chosen likelihood, lower the rejected one."""
+    rw, rl = beta * (pc - rc), beta * (pr - rr)
+    return ObjectiveOutput(1 - torch.sigmoid(rw) + torch.sigmoid(rl), rw.detach(), rl.detach())
+
+
+def apo_down(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float) -> ObjectiveOutput:
+    """APO-down (D'Oosterlinck et al. 2024, eq. 8), when y_w is worse than the model's own outputs:
+    loss = σ(r_w) + (1 - σ(r_w - r_l)): lower both likelihoods, the rejected one more."""
+    rw, rl = beta * (pc - rc), beta * (pr - rr)
+    return ObjectiveOutput(torch.sigmoid(rw) + 1 - torch.sigmoid(rw - rl), rw.detach(), rl.detach())
+
+
+def discopop(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, tau: float) -> ObjectiveOutput:
+    """DiscoPOP (Chris Lu et al. 2024, eq. 5), the log-ratio modulated loss found by LLM-driven search:
+    with ρ = β h and m = σ(ρ/τ), loss = (1 - m)(-log σ(ρ)) + m exp(-ρ)."""
+    rho = beta * ((pc - rc) - (pr - rr))
+    m = torch.sigmoid(rho / tau)
+    return ObjectiveOutput((1 - m) * -F.logsigmoid(rho) + m * torch.exp(-rho), *_rewards(beta, pc, pr, rc, rr))
+
+
+def dpop(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, lam: float) -> ObjectiveOutput:
+    """DPO-Positive (Pal et al. 2024, "Smaug", eq. 3): DPO with a penalty once the chosen completion
+    falls below its reference likelihood,
+    loss = -log σ(β [h - λ max(0, log π_ref(y_w|x) - log π(y_w|x))])."""
+    h = (pc - rc) - (pr - rr) - lam * torch.relu(rc - pc)
+    return ObjectiveOutput(-F.logsigmoid(beta * h), *_rewards(beta, pc, pr, rc, rr))
+
+
+def orpo(pc: Tensor, pr: Tensor, len_c: Tensor, len_r: Tensor, *, lam: float) -> ObjectiveOutput:
+    """ORPO (Hong et al. 2024, eqs. 2-7), reference-free: NLL of the chosen completion plus λ times the
+    odds-ratio term, with P(y|x) the token-mean (length-normalised) likelihood and odds = P / (1 - P):
+        loss = -(1/|y_w|) log π(y_w|x) - λ log σ(log odds(y_w) - log odds(y_l)).
+    log odds = log P - log(1 - P), with log(1 - P) computed stably from log P. Rewards, for metrics:
+    λ (1/|y|) log π(y|x), as TRL's ORPO trainer reports them."""
+    chosen, rejected = pc / len_c.clamp(min=1), pr / len_r.clamp(min=1)
+    log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
+    losses = -chosen - lam * F.logsigmoid(log_odds)
+    return ObjectiveOutput(losses, (lam * chosen).detach(), (lam * rejected).detach())
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0 (Mächler 2012): log(-expm1(x)) near 0, log1p(-exp(x)) further out."""
+    x = x.clamp(max=-1e-7)  # a token-mean log-prob of exactly 0 (P = 1) has infinite odds: keep them finite
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def kto(logratios: Tensor, desirable: Tensor, kl: Tensor, *, beta: float, desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0) -> Tensor:
+    """KTO (Ethayarajh et al. 2024, eq. 7) on unpaired completions, r = log π(y|x) - log π_ref(y|x) and
+    z₀ the reference point, an estimate of KL(π ‖ π_ref) (no gradient flows through it):
+        desirable:   λ_D (1 - σ(β (r - z₀)))
+        undesirable: λ_U (1 - σ(β (z₀ - r)))
+    `desirable` is a bool per completion; returns the per-completion losses."""
+    return torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (logratios - kl))),
+                       undesirable_weight * (1 - torch.sigmoid(beta * (kl - logratios))))
+
+
+def kto_reference_point(kl_policy: Tensor, kl_reference: Tensor) -> Tensor:
+    """KTO's z₀ (Ethayarajh et al. 2024, §4.1): max(0, mean_i log π(y'_i|x_i) - log π_ref(y'_i|x_i)) over
+    mismatched pairs (x_i, y'_i), y'_i another row's completion, detached: a biased but cheap estimate
+    of the batch KL."""
+    return (kl_policy - kl_reference).mean().detach().clamp(min=0)
+
+
+def f_divergence_scores(logratio: Tensor, divergence: str, alpha: float = 0.5) -> Tensor:
+    """f-DPO (Wang et al. 2023, "Beyond Reverse KL", Theorem 1): under an f-divergence constraint the
+    implicit reward is β f'(π/π_ref) instead of β log(π/π_ref), so pairwise losses compare f'(u_w) - f'(u_l),
+    u = π/π_ref. f' per divergence, with log u = `logratio`:
+        reverse_kl: log u (DPO)        forward_kl: 1 - 1/u
+        js:         log 2 + log σ(log u) = log(2u/(1+u))
+        alpha:      (u^(α-1) - 1)/(α - 1)  (TRL's parameterisation; α → 1 is reverse KL)"""
+    if divergence == "reverse_kl":
+        return logratio
+    if divergence == "forward_kl":
+        return 1 - torch.exp(-logratio)
+    if divergence == "js":
+        return math.log(2) + F.logsigmoid(logratio)
+    if divergence == "alpha":
+        if abs(alpha - 1.0) < 1e-6:
+            return logratio
+        work = logratio if logratio.dtype in (torch.float32, torch.float64) else logratio.float()
+        t = ((alpha - 1.0) * work).clamp(max=80.0)  # exp stays finite in float32
+        return ((torch.exp(t) - 1.0) / (alpha - 1.0)).to(logratio.dtype)
+    raise ValueError(f"unknown divergence {divergence!r}")
+
+
+def wpo_weights(policy: SequenceLogps) -> Tensor:
+    """WPO (Zhou et al. 2024, eq. 2, the "aligned" form TRL uses): each pair weighs w(y_w) w(y_l), with
+    w(y) = exp((1/|y|) Σ_t [log π(y_t|·) - log Σ_v π(v|·)²]), the sequence's length-normalised probability
+    relative to what the policy itself would sample; detached, so it only reweights the loss."""
+    return torch.exp(policy.chosen_wpo + policy.rejected_wpo).detach()
+
+
 def nll(pc: Tensor, len_c: Tensor) -> Tensor:
     """Token-mean negative log-likelihood of the chosen completion (the RPO term, Pang et al. 2024)."""
     return -pc / len_c.clamp(min=1)
@@ -117,32 +276,80 @@ def bradley_terry(r_chosen: Tensor, r_rejected: Tensor, margin: Tensor | None = 
 
 @dataclass(frozen=True)
 class Objective:
-    """A configured objective: `needs_reference` tells the trainer whether to build a reference model."""
+    """A configured objective: one or several weighted terms, each (policy, reference) → ObjectiveOutput,
+    summed per pair (TRL's loss_type list with loss_weights); the first term's rewards are the ones
+    reported. Then WPO's weights, the RPO term and per-pair weights apply. `needs_reference` tells the
+    trainer whether to build a reference model."""
 
     name: str
     needs_reference: bool
-    fn: Callable[[SequenceLogps, SequenceLogps | None], ObjectiveOutput]
+    terms: tuple[tuple[float, Callable[[SequenceLogps, SequenceLogps | None], ObjectiveOutput]], ...]
     nll_weight: float = 0.0
+    wpo: bool = False
 
-    def __call__(self, policy: SequenceLogps, reference: SequenceLogps | None) -> ObjectiveOutput:
-        out = self.fn(policy, reference)
+    def __call__(self, policy: SequenceLogps, reference: SequenceLogps | None,
+                 weights: Tensor | None = None) -> ObjectiveOutput:
+        outs = [(w, fn(policy, reference)) for w, fn in self.terms]
+        losses = sum(w * out.losses for w, out in outs)
+        if self.wpo:
+            losses = losses * wpo_weights(policy)
         if self.nll_weight:
-            out.losses = out.losses + self.nll_weight * nll(policy.chosen, policy.chosen_lengths)
-        return out
+            losses = losses + self.nll_weight * nll(policy.chosen, policy.chosen_lengths)
+        if weights is not None:
+            losses = losses * weights
+        return ObjectiveOutput(losses, outs[0][1].chosen_rewards, outs[0][1].rejected_rewards)
 
 
 def build_objective(cfg) -> Objective:
-    """From the `objective` config section."""
+    """From the `objective` config section. KTO is not built here: it scores single completions
+    (`methods.dpo` calls `kto` with its reference point)."""
     b, eps = cfg.beta, cfg.label_smoothing
-    fns: dict[str, Callable] = {
-        "sigmoid": lambda p, r: sigmoid(p.chosen, p.rejected, r.chosen, r.rejected, beta=b, label_smoothing=eps),
-        "ipo": lambda p, r: ipo(p.chosen, p.rejected, r.chosen, r.rejected, p.chosen_lengths, p.rejected_lengths,
-                                beta=b, length_normalized=cfg.ipo_form == "length_normalized"),
-        "hinge": lambda p, r: hinge(p.chosen, p.rejected, r.chosen, r.rejected, beta=b),
-        "robust": lambda p, r: robust(p.chosen, p.rejected, r.chosen, r.rejected, beta=b, label_smoothing=eps),
+    # losses of the policy's and the reference's log-ratios (pc - rc, pr - rr), open to f-DPO
+    ratio_losses: dict[str, Callable] = {
+        "sigmoid": lambda pc, pr, rc, rr, lc, lr: sigmoid(pc, pr, rc, rr, beta=b, label_smoothing=eps),
+        "ipo": lambda pc, pr, rc, rr, lc, lr: ipo(pc, pr, rc, rr, lc, lr, beta=b,
+                                                  length_normalized=cfg.ipo_form == "length_normalized"),
+        "hinge": lambda pc, pr, rc, rr, lc, lr: hinge(pc, pr, rc, rr, beta=b),
+        "robust": lambda pc, pr, rc, rr, lc, lr: robust(pc, pr, rc, rr, beta=b, label_smoothing=eps),
+        "sigmoid_norm": lambda pc, pr, rc, rr, lc, lr: sigmoid_norm(pc, pr, rc, rr, lc, lr, beta=b),
+        "exo_pair": lambda pc, pr, rc, rr, lc, lr: exo_pair(pc, pr, rc, rr, beta=b, label_smoothing=eps),
+        "discopop": lambda pc, pr, rc, rr, lc, lr: discopop(pc, pr, rc, rr, beta=b, tau=cfg.discopop_tau),
+        "nca_pair": lambda pc, pr, rc, rr, lc, lr: nca_pair(pc, pr, rc, rr, beta=b),
+        "bco_pair": lambda pc, pr, rc, rr, lc, lr: bco_pair(pc, pr, rc, rr, beta=b),
+        "sppo_hard": lambda pc, pr, rc, rr, lc, lr: sppo_hard(pc, pr, rc, rr, beta=b),
+        "aot": lambda pc, pr, rc, rr, lc, lr: aot(pc, pr, rc, rr, beta=b, label_smoothing=eps),
+        "aot_unpaired": lambda pc, pr, rc, rr, lc, lr: aot_unpaired(pc, pr, rc, rr, beta=b, label_smoothing=eps),
+        "apo_zero": lambda pc, pr, rc, rr, lc, lr: apo_zero(pc, pr, rc, rr, beta=b),
+        "apo_down": lambda pc, pr, rc, rr, lc, lr: apo_down(pc, pr, rc, rr, beta=b),
+        "dpop": lambda pc, pr, rc, rr, lc, lr: dpop(pc, pr, rc, rr, beta=b, lam=cfg.dpop_lambda),
+    }
+    reference_free: dict[str, Callable] = {
         "simpo": lambda p, r: simpo(p.chosen, p.rejected, p.chosen_lengths, p.rejected_lengths, beta=b,
                                     gamma=cfg.simpo_gamma),
         "unlikelihood": lambda p, r: unlikelihood(p.chosen, p.rejected, p.chosen_lengths, p.rejected_lengths,
                                                   p.rejected_unlikely, alpha=cfg.unlikelihood_alpha),
+        "orpo": lambda p, r: orpo(p.chosen, p.rejected, p.chosen_lengths, p.rejected_lengths, lam=cfg.orpo_lambda),
     }
-    return Objective(cfg.loss, NEEDS_REFERENCE[cfg.loss], fns[cfg.loss], cfg.nll_weight)
+
+    def term(name: str) -> Callable[[SequenceLogps, SequenceLogps | None], ObjectiveOutput]:
+        if name in reference_free:
+            return reference_free[name]
+        fn = ratio_losses[name]
+        if cfg.f_divergence == "reverse_kl":
+            return lambda p, r: fn(p.chosen, p.rejected, r.chosen, r.rejected, p.chosen_lengths, p.rejected_lengths)
+
+        def f_dpo(p: SequenceLogps, r: SequenceLogps) -> ObjectiveOutput:
+            # the loss sees f'(u) in place of log u (zero reference terms); rewards stay β log π/π_ref, as TRL's
+            zero = torch.zeros_like(p.chosen)
+            out = fn(f_divergence_scores(p.chosen - r.chosen, cfg.f_divergence, cfg.f_alpha),
+                     f_divergence_scores(p.rejected - r.rejected, cfg.f_divergence, cfg.f_alpha), zero, zero,
+                     p.chosen_lengths, p.rejected_lengths)
+            out.chosen_rewards, out.rejected_rewards = _rewards(b, p.chosen, p.rejected, r.chosen, r.rejected)
+            return out
+
+        return f_dpo
+
+    names = cfg.losses
+    weights = cfg.loss_weights or [1.0] * len(names)
+    return Objective(cfg.name, cfg.needs_reference, tuple((w, term(n)) for w, n in zip(weights, names)),
+                     cfg.nll_weight, cfg.wpo)
