@@ -19,7 +19,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from dpokit.data.records import PreferenceRecord, Problems, RowProblem, read_preferences
-from dpokit.data.tokenize import TokenizedPair, TokenizeSettings, encode_records, truncate_pairs
+from dpokit.data.tokenize import (
+    TokenizedPair,
+    TokenizeSettings,
+    encode_records,
+    truncate_pairs,
+    use_chat_template,
+)
 from dpokit.errors import DataError, SourceError
 
 LENGTH_BIAS_SHARE = 0.6  # a note when one side is the longer one in at least this share of pairs ...
@@ -33,6 +39,8 @@ class ValidationReport:
     settings: TokenizeSettings
     split: str = "train"
     skip_invalid: bool = False
+    format: str = "auto"  # data.format as given; `detected` is what the rows were read as
+    detected: str | None = None
     error: str | None = None  # a problem with the whole source: nothing could be checked past it
     unreadable: bool = False  # the error is that the source cannot be read at all: the check could not run
     rows_read: int = 0
@@ -81,6 +89,7 @@ class ValidationReport:
         return {
             "source": self.source,
             "split": self.split,
+            "format": self.detected or self.format,
             "model": self.model,
             "settings": {"max_length": s.max_length, "max_prompt_length": s.max_prompt_length,
                          "truncation_mode": s.truncation_mode, "skip_invalid": self.skip_invalid},
@@ -103,7 +112,10 @@ class ValidationReport:
 
     def render(self, show: int = 10) -> str:
         s = self.settings
-        out = [f"{self.source}" + (f" (split {self.split})" if self.split != "train" else ""),
+        shown = self.detected or self.format
+        schema = "" if shown in ("standard", "auto") else f" (format {shown}" + (
+            ", detected" if self.format == "auto" else "") + ")"
+        out = [f"{self.source}" + (f" (split {self.split})" if self.split != "train" else "") + schema,
                f"tokenizer {self.model}; max_length={s.max_length}, max_prompt_length={s.max_prompt_length}, "
                f"truncation_mode={s.truncation_mode}"]
         if self.error is not None:
@@ -134,14 +146,16 @@ class ValidationReport:
 
 
 def validate_data(source: str, tokenizer, settings: TokenizeSettings | None = None, *, split: str = "train",
-                  skip_invalid: bool = False, model: str = "") -> ValidationReport:
-    """Check `source` as training would read it (default `data.*` settings), collecting every problem."""
+                  skip_invalid: bool = False, model: str = "", format: str = "auto") -> ValidationReport:
+    """Check `source` (of schema `format`, data.format) as training would read it (default `data.*` settings),
+    collecting every problem."""
     settings = settings if settings is not None else TokenizeSettings()
-    report = ValidationReport(source, model, settings, split=split, skip_invalid=skip_invalid)
+    report = ValidationReport(source, model, settings, split=split, skip_invalid=skip_invalid, format=format)
     problems = Problems("collect")
     try:
-        read = read_preferences(source, split=split, problems=problems)
-        pairs = encode_records(read.records, tokenizer)
+        read = read_preferences(source, split=split, problems=problems, format=format)
+        report.detected = read.format
+        pairs = encode_records(read.records, tokenizer, problems)
     except DataError as e:
         report.error = str(e)
         report.unreadable = isinstance(e, SourceError)
@@ -258,6 +272,10 @@ def add_validate(sub) -> argparse.ArgumentParser:
     p.add_argument("--truncation-mode", default=data.truncation_mode, choices=choices_of(DataSection, "truncation_mode"),
                    help="data.truncation_mode (default: %(default)s)")
     p.add_argument("--skip-invalid", action="store_true", help="data.skip_invalid=true: invalid rows would be skipped")
+    p.add_argument("--format", default=data.format, choices=choices_of(DataSection, "format"),
+                   help="data.format: the rows' schema (default: %(default)s, detected from the fields)")
+    p.add_argument("--chat-template", default=None,
+                   help="data.chat_template: a Jinja chat template or a file holding one, instead of the tokenizer's")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--show", type=int, default=10, help="invalid rows listed one by one (default: %(default)s)")
     return p
@@ -272,13 +290,15 @@ def validate_command(args: argparse.Namespace) -> int:
     cfg = Config()
     for key, value in (("model.name", args.model), ("data.train", args.data), ("data.train_split", args.split),
                        ("data.max_length", args.max_length), ("data.max_prompt_length", args.max_prompt_length),
-                       ("data.truncation_mode", args.truncation_mode), ("data.skip_invalid", args.skip_invalid)):
+                       ("data.truncation_mode", args.truncation_mode), ("data.skip_invalid", args.skip_invalid),
+                       ("data.format", args.format), ("data.chat_template", args.chat_template)):
         cfg.set(key, value, source="validate")
     cfg.validate()
     tokenizer = models.load_tokenizer(cfg.model.name, revision=cfg.model.revision,
                                       trust_remote_code=cfg.model.trust_remote_code)
+    use_chat_template(tokenizer, cfg.data.chat_template)
     report = validate_data(cfg.data.train, tokenizer, settings_of(cfg.data), split=cfg.data.train_split,
-                           skip_invalid=cfg.data.skip_invalid, model=cfg.model.name)
+                           skip_invalid=cfg.data.skip_invalid, model=cfg.model.name, format=cfg.data.format)
     if args.json:
         print(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
     else:

@@ -33,8 +33,10 @@ Tools = list[dict[str, Any]]
 
 
 # what a file's rows are read as (`data.use`): preference pairs; their chosen side alone; or single
-# completions (`prompt` + `completion`, or a `messages` conversation whose last turn is the completion)
-USES = ("pairs", "chosen", "completion")
+# completions (`prompt` + `completion`, or a `messages` conversation whose last turn is the completion);
+# `labelled`: unpaired completions with a desirable/undesirable label (data.format=kto), for KTO, whose
+# labels `dataset.row_values` reads
+USES = ("pairs", "chosen", "completion", "labelled")
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class ReadResult:
     records: list[PreferenceRecord]
     rows_read: int
     name: str
+    format: str = "standard"  # the schema the rows were read as (data.format, or the one detected)
 
 
 def read_preferences(source: str, *, split: str = "train", problems: Problems | None = None,
@@ -94,13 +97,16 @@ def read_preferences(source: str, *, split: str = "train", problems: Problems | 
     """Read and validate every row of `source` (of schema `format`, see formats.FORMATS) as `use` says
     (see USES). Rows with problems go to `problems` (default: raise)."""
     problems = problems if problems is not None else Problems()
-    parse = parse_completion_row if use == "completion" else parse_row
+    parse = parse_completion_row if use in ("completion", "labelled") else parse_row
     records: list[PreferenceRecord] = []
     n = 0
     rows = RowReader(source, split, problems, format=format, use=use)
     for where, row in rows:
         n += 1
-        if rows.format == "kto":
+        if use == "labelled" and rows.format != "kto":
+            raise DataError(f"{where}: KTO reads unpaired rows (prompt, completion, label: data.format=kto) or "
+                            "preference pairs, each pair two rows")
+        if rows.format == "kto" and use != "labelled":
             # imitating them (sft) would train on the undesirable completions too
             raise DataError(f"{where}: an unpaired row (prompt, completion, label: data.format=kto) has no "
                             f"{'chosen/rejected pair' if use == 'pairs' else 'completion to imitate as it is'}; "
@@ -116,7 +122,7 @@ def read_preferences(source: str, *, split: str = "train", problems: Problems | 
             records.append(record)
     if n == 0:
         raise DataError(f"{source}: no rows (the file or split is empty)")
-    return ReadResult(records, n, source)
+    return ReadResult(records, n, source, rows.format or "standard")
 
 
 class RowReader:
