@@ -227,7 +227,9 @@ def load_named(cfg, tokenizer, runtime: Runtime, *, dtype: str) -> CompletionLog
                          f"tokens, fewer than the policy's tokenizer's {len(tokenizer)}")
     models.disable_dropout(model)
     models.use_layout(model, cfg.train.layout)
-    module = CompletionLogProbs(model, lm_head=cfg.train.lm_head, chunk_tokens=cfg.train.logps_chunk_tokens)
+    # LD-DPO weighs the reference's tokens as the policy's
+    module = CompletionLogProbs(model, lm_head=cfg.train.lm_head, chunk_tokens=cfg.train.logps_chunk_tokens,
+                                ld_alpha=cfg.objective.ld_alpha)
     return module.to(runtime.device).eval().requires_grad_(False)
 
 
