@@ -210,3 +210,12 @@ def test_training_reads_a_named_format(tiny_config):
     assert report["train_pairs"] == 2 and report["skipped_by_reason"] == {"not_a_transcript": 1, "identical": 1}
     skipped = [json.loads(line) for line in (result.run_dir / "skipped_rows.jsonl").read_text().splitlines()]
     assert skipped[0]["source"].endswith("hh_rlhf.jsonl:3")
+
+
+def test_sft_takes_the_chosen_side_of_a_known_schema():
+    result = read_preferences(fixture("ultrafeedback.jsonl"), problems=Problems("collect"), use="chosen")
+    assert [r.rejected for r in result.records] == [[], []]
+    assert result.records[1].chosen == [assistant("12 times 11 is 132.")]
+    with pytest.raises(DataError, match=r"ultrafeedback.jsonl:1: data.format=ultrafeedback rows are preference pairs, "
+                                        r"not single completions; data.use=chosen"):
+        read_preferences(fixture("ultrafeedback.jsonl"), use="completion")
