@@ -218,8 +218,8 @@ def load_named(cfg, tokenizer, runtime: Runtime, *, dtype: str) -> CompletionLog
     """`reference.name` as a frozen model on the runtime's device, prepared as the policy is (dropout off,
     attention for the layout), once its tokenizer is known to be the policy's."""
     name, m = cfg.reference.name, cfg.model
-    check_same_tokenizer(tokenizer, name, trust_remote_code=m.trust_remote_code)
     with runtime.main_first():  # the first load may convert a GGUF file
+        check_same_tokenizer(tokenizer, name, trust_remote_code=m.trust_remote_code)
         model = models.load_model(name, dtype=dtype, trust_remote_code=m.trust_remote_code,
                                   attn_implementation=m.attn_implementation)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
