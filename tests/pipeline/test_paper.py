@@ -13,7 +13,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "paper"
 def test_every_step_is_a_dpokit_command_with_the_settings_it_runs_with(tmp_path):
     steps, planned = paper.plan(tmp_path, CONFIGS, model="m", train_prompts=Path("train.jsonl"),
                                 heldout_prompts=Path("held.jsonl"), betas=[0.1, 1.0], alphas=[0.1],
-                                target_kls=[3.0, 6.0], best_of=[4, 16], max_new_tokens=16, eval_samples=2,
+                                kl_coefs=[0.05, 0.2], best_of=[4, 16], max_new_tokens=16, eval_samples=2,
                                 batch_size=64, margin=0.3)
     assert [r.series for r in planned] == ["DPO", "DPO", "Preferred-FT", "Unlikelihood", "PPO", "PPO", "PPO-GT"]
     commands = [step.command for step in steps]
@@ -24,7 +24,7 @@ def test_every_step_is_a_dpokit_command_with_the_settings_it_runs_with(tmp_path)
         parser.parse_args(command)  # exits on an unknown option
     dpo, ppo_rm, ppo_gt, frontier = commands[5], commands[9], commands[11], commands[12]
     assert "objective.beta=0.1" in dpo and f"data.train={tmp_path / 'pairs_train.jsonl'}" in dpo
-    assert "ppo.target_kl=3.0" in ppo_rm and "ppo.judge=reward-model" in ppo_rm
+    assert "ppo.kl_coef=0.05" in ppo_rm and "ppo.judge=reward-model" in ppo_rm
     assert "ppo.max_new_tokens=16" in ppo_rm  # rollouts as long as the evaluation's samples
     assert f"ppo.judge_model={tmp_path / 'runs' / 'reward' / 'model'}" in ppo_rm
     assert "ppo.judge=sentiment" in ppo_gt and not any(a.startswith("ppo.judge_model") for a in ppo_gt)

@@ -8,7 +8,7 @@ DPO beside the RLHF pipeline it replaces, on one reward-vs-KL frontier.
     6    DPO                one run per β of the sweep
     7    Preferred-FT       SFT on the chosen side of the pairs
     8    Unlikelihood       the paper's Unlikelihood baseline
-    9    PPO                against the learned reward model, one run per target KL
+    9    PPO                against the learned reward model, one run per KL coefficient β_KL
     10   PPO-GT             against the judge itself (the ground truth)
     11   frontier           every checkpoint of every run and Best-of-N (N = 4, 16) against the reference:
                             frontier.csv and frontier.png, one series per method
@@ -51,19 +51,19 @@ class Run:
     needs_reward_model: bool = False
 
 
-def runs(configs: Path, *, betas: list[float], alphas: list[float], target_kls: list[float]) -> list[Run]:
+def runs(configs: Path, *, betas: list[float], alphas: list[float], kl_coefs: list[float]) -> list[Run]:
     out = [Run("DPO", f"dpo-beta{b:g}", "train", str(configs / "dpo.yaml"), (f"objective.beta={b}",)) for b in betas]
     out.append(Run("Preferred-FT", "preferred-ft", "sft", str(configs / "preferred_ft.yaml"), ()))
     out += [Run("Unlikelihood", f"unlikelihood-alpha{a:g}", "train", str(configs / "unlikelihood.yaml"),
                 (f"objective.unlikelihood_alpha={a}",)) for a in alphas]
-    out += [Run("PPO", f"ppo-kl{k:g}", "ppo", str(configs / "ppo.yaml"), (f"ppo.target_kl={k}",),
-                needs_reward_model=True) for k in target_kls]
+    out += [Run("PPO", f"ppo-kl{k:g}", "ppo", str(configs / "ppo.yaml"), (f"ppo.kl_coef={k}",),
+                needs_reward_model=True) for k in kl_coefs]
     out.append(Run("PPO-GT", "ppo-gt", "ppo", str(configs / "ppo.yaml"), (f"ppo.judge={JUDGE}",)))
     return out
 
 
 def plan(out: Path, configs: Path, *, model: str, train_prompts: Path, heldout_prompts: Path, betas: list[float],
-         alphas: list[float], target_kls: list[float], best_of: list[int], max_new_tokens: int, eval_samples: int,
+         alphas: list[float], kl_coefs: list[float], best_of: list[int], max_new_tokens: int, eval_samples: int,
          batch_size: int, margin: float) -> tuple[list[demo.Step], list[Run]]:
     sampling = SamplingSettings(n=4, max_new_tokens=max_new_tokens, template="none", batch_size=batch_size)
     evaluation = replace(sampling, n=eval_samples, seed=2)
@@ -83,7 +83,7 @@ def plan(out: Path, configs: Path, *, model: str, train_prompts: Path, heldout_p
         train_step("train the reward model", "reward", str(configs / "reward.yaml"),
                    [*data, f"output.dir={reward_dir}"]),
     ]
-    planned = runs(configs, betas=betas, alphas=alphas, target_kls=target_kls)
+    planned = runs(configs, betas=betas, alphas=alphas, kl_coefs=kl_coefs)
     for run in planned:
         overrides = [*data, *run.overrides, f"output.dir={out / 'runs' / run.name}"]
         if run.trainer == "ppo":  # PPO learns on the training openings, not on the pairs
@@ -193,8 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_experiment_arguments(parser, out="runs/paper")
     parser.add_argument("--beta", type=float, action="append", help="DPO β, repeatable (default 0.1, 1, 5)")
     parser.add_argument("--alpha", type=float, action="append", help="Unlikelihood α, repeatable (default 0.1)")
-    parser.add_argument("--target-kl", type=float, action="append",
-                        help="PPO target KL in nats, repeatable (default 3, 6)")
+    # Fixed coefficients, not the paper's target KLs: Ziegler's adaptive controller moves β_KL by at most
+    # 0.2·n/horizon a batch, about 2 % over this run's 1,024 rollouts, so two targets would be one run twice.
+    parser.add_argument("--kl-coef", type=float, action="append",
+                        help="β_KL of PPO with the learned reward, repeatable (default 0.05 as the N+ details, "
+                             "0.2 as TRL's sentiment example)")
     parser.add_argument("--best-of", type=int, action="append", help="Best-of-N, repeatable (default 4, 16)")
     args = parser.parse_args(argv)
 
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     steps, planned = plan(out, Path(args.configs), model=args.model, train_prompts=Path(args.train_prompts),
                           heldout_prompts=Path(args.heldout_prompts), betas=args.beta or [0.1, 1.0, 5.0],
-                          alphas=args.alpha or [0.1], target_kls=args.target_kl or [3.0, 6.0],
+                          alphas=args.alpha or [0.1], kl_coefs=args.kl_coef or [0.05, 0.2],
                           best_of=args.best_of or [4, 16], max_new_tokens=args.max_new_tokens,
                           eval_samples=args.eval_samples, batch_size=args.batch_size, margin=args.margin)
     return run(steps, planned, out)
