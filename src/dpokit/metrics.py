@@ -39,9 +39,21 @@ def pair_sums(out: ObjectiveOutput, policy: SequenceLogps) -> dict[str, torch.Te
             "logps/rejected": policy.rejected.detach().double().sum()}
 
 
+class MeanOver(str):
+    """A metric name whose sum `MeanMetrics` divides by the sum of the count metric `over` rather than by
+    the item count: a mean over some of the items (KTO's desirable completions)."""
+
+    over: str
+
+    def __new__(cls, name: str, over: str) -> MeanOver:
+        self = super().__new__(cls, name)
+        self.over = over
+        return self
+
+
 class MeanMetrics:
     """Per-item metrics summed over micro-batches and processes (one all-reduce), then divided by the
-    number of items. `names` fixes the order, the same on every rank."""
+    number of items (a `MeanOver` name: by its count). `names` fixes the order, the same on every rank."""
 
     def __init__(self, names: tuple[str, ...], device):
         self.names = names
@@ -56,7 +68,10 @@ class MeanMetrics:
         """Means per item, the item count as `unit` and the token count as `tokens`."""
         sums = runtime.all_reduce_sum(self.sums.clone())
         items = sums[-2].item()
-        row = {name: (sums[i].item() / items if items else math.nan) for i, name in enumerate(self.names)}
+        counts = {name: (sums[self.names.index(name.over)].item() if isinstance(name, MeanOver) else items)
+                  for name in self.names}
+        row = {str(name): (sums[i].item() / counts[name] if counts[name] else math.nan)
+               for i, name in enumerate(self.names)}
         row[unit] = int(items)
         row["tokens"] = int(sums[-1].item())
         return row

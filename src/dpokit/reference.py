@@ -79,6 +79,50 @@ class NamedModel(FrozenCopy):
             shard_module(self.module, decoder_layer_classes(self.module.model))
 
 
+class FollowingCopy(FrozenCopy):
+    """TR-DPO (Gorbatovski et al. 2024): a copy of the starting weights that follows the policy. `follow`
+    sets π_ref ← α π_θ + (1 - α) π_ref (α = 1: the policy's weights, the paper's hard update). With LoRA the
+    copy holds merged weights, W + (α-mixed) scale·B·A: an exact mix of the policy's effective weights,
+    which no adapter of the policy's rank could hold, at the price of a full model beside the policy."""
+
+    def __init__(self, start: CompletionLogProbs, dtype: torch.dtype | None, *, every: int, alpha: float):
+        super().__init__(start, dtype)
+        if hasattr(self.module.model, "merge_and_unload"):  # a LoRA start: its adapters merged into the copy
+            self.module.model = self.module.model.merge_and_unload()
+        self.alpha = alpha
+        self.name = f"copy following the policy (TR-DPO: α={alpha} every {every} steps)"
+
+    @torch.no_grad()
+    def follow(self, policy: CompletionLogProbs) -> None:
+        target = effective_weights(policy.model)
+        for name, p in causal_lm(self.module.model).named_parameters():
+            p.mul_(1 - self.alpha).add_(target[name].to(p.dtype), alpha=self.alpha)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in causal_lm(self.module.model).state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        causal_lm(self.module.model).load_state_dict(state)
+
+
+def effective_weights(model) -> dict[str, torch.Tensor]:
+    """The weights a model computes with, by their names in a plain (not PEFT) model: its parameters, or for
+    a LoRA model each adapted layer's base weight plus its adapter's delta (peft's `get_delta_weight`)."""
+    lm = causal_lm(model)
+    if not hasattr(model, "get_base_model"):
+        return dict(lm.named_parameters())
+    from peft.tuners.lora import LoraLayer
+
+    out = {name.replace(".base_layer", ""): p for name, p in lm.named_parameters() if "lora_" not in name}
+    for name, module in lm.named_modules():
+        if isinstance(module, LoraLayer) and hasattr(module, "base_layer"):
+            weight = module.base_layer.weight
+            for adapter in module.active_adapters:
+                weight = weight + module.get_delta_weight(adapter)
+            out[f"{name}.weight"] = weight
+    return out
+
+
 class AdaptersDisabled(Reference):
     name = "adapters"
 
@@ -155,7 +199,7 @@ def build(cfg, policy: CompletionLogProbs, start: CompletionLogProbs, *, needs_r
     fine-tuning, the policy itself for LoRA (whose adapters are then disabled); with `reference.name`, the
     named model replaces it (checked against the policy's `tokenizer`)."""
     strategy = resolve_strategy(cfg.reference.strategy, needs_reference=needs_reference, lora=cfg.lora.enabled,
-                                named=cfg.reference.name is not None)
+                                named=cfg.reference.name is not None, follows=bool(cfg.reference.sync_every))
     dtype = torch_dtype(cfg.reference.dtype) if cfg.reference.dtype else None
     if strategy == "none":
         return NoReference()
@@ -168,10 +212,14 @@ def build(cfg, policy: CompletionLogProbs, start: CompletionLogProbs, *, needs_r
         dtype = None
     if strategy == "adapters":
         return AdaptersDisabled(policy)
+    if strategy == "copy" and cfg.reference.sync_every:
+        return FollowingCopy(start, dtype, every=cfg.reference.sync_every, alpha=cfg.reference.sync_alpha)
     if strategy == "copy":
         return FrozenCopy(start, dtype, runtime)
     module = FrozenCopy(start, dtype).module if dtype is not None else start
     settings = {**vars(settings_of(cfg.data)), "precision": precision, "dtype": cfg.reference.dtype}
+    if cfg.objective.ld_alpha is not None:  # LD-DPO's sums are other numbers
+        settings["ld_alpha"] = cfg.objective.ld_alpha
     return precompute(module, {"train": data.train, "eval": data.eval}, cache=ReferenceCache(cfg.reference.cache_dir),
                       settings=settings, weights=weights_fingerprint(start.model), runtime=runtime,
                       layout=cfg.train.layout, batch_pairs=cfg.train.micro_batch_size, pad_id=pad_id,
@@ -206,11 +254,13 @@ def precompute(module: CompletionLogProbs, splits: dict[str, list[TokenizedPair]
     return Precomputed(tables)
 
 
-def resolve_strategy(requested: str, *, needs_reference: bool, lora: bool, named: bool = False) -> str:
+def resolve_strategy(requested: str, *, needs_reference: bool, lora: bool, named: bool = False,
+                     follows: bool = False) -> str:
+    """`follows`: TR-DPO's reference moves, so it is a copy even with LoRA."""
     if not needs_reference:
         return "none"
     if requested == "auto":
-        return "adapters" if lora and not named else "copy"
+        return "adapters" if lora and not named and not follows else "copy"
     return requested
 
 

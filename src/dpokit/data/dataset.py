@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from dpokit.data.records import Problems, read_preferences
+from dpokit.data.records import Problems, RowReader, read_preferences
 from dpokit.data.tokenize import TokenizedPair, TokenizeSettings, TruncationStats, tokenize_records
+from dpokit.errors import DataError
 
 
 @dataclass
@@ -79,3 +83,45 @@ def prepare_data(data_cfg, tokenizer, *, seed: int = 0, use: str = "pairs") -> P
         evals = [p for i, p in enumerate(train) if i in held]
         train = [p for i, p in enumerate(train) if i not in held]
     return PreparedData(train, evals, rows, problems, stats, "pairs" if use == "pairs" else "completions")
+
+
+def row_values(data_cfg, splits: dict[str, list[TokenizedPair]], key: str | None, parse: Callable[[Any], Any], *,
+               expected: str, ignore: str) -> dict[str, list] | None:
+    """Each item's value of the field `key` in the row it was read from (matched by its `file:line`), per
+    split and in the items' order; None when `key` is None or no row has the field. A row without it when
+    others have it, or whose value `parse` turns down (None), is an error naming the row: `expected` says
+    what the value must be, `ignore` how to do without the field."""
+    if not key:
+        return None
+    values: dict[str, Any] = {}
+    for source, split in ((data_cfg.train, data_cfg.train_split), (data_cfg.eval, data_cfg.eval_split)):
+        if source is None:
+            continue
+        # the rows again, as the reader saw them (their sources match the items'); problems were reported then
+        for where, row in RowReader(source, split, Problems("collect"), format=data_cfg.format, use="completion"):
+            if isinstance(row, dict) and key in row:
+                values[where] = row[key]
+    if not values:
+        return None
+    out = {}
+    for split, items in splits.items():
+        parsed = []
+        for item in items:
+            if item.source not in values:
+                raise DataError(f"{item.source}: no '{key}' field, which other rows have: give every row one, or "
+                                f"{ignore}")
+            value = parse(values[item.source])
+            if value is None:
+                raise DataError(f"{item.source}: '{key}' must be {expected}; got {values[item.source]!r}")
+            parsed.append(value)
+        out[split] = parsed
+    return out
+
+
+def finite_number(value: Any) -> float | None:
+    """A finite number, or its text (a CSV cell); None for anything else."""
+    try:
+        number = float(value) if not isinstance(value, bool) and isinstance(value, (int, float, str)) else None
+    except ValueError:
+        return None
+    return number if number is not None and math.isfinite(number) else None

@@ -17,7 +17,6 @@ the size dpokit trains on one machine is trained whole.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -25,8 +24,7 @@ from torch import nn
 
 from dpokit import models
 from dpokit.config import Config
-from dpokit.data import records
-from dpokit.data.dataset import prepare_data
+from dpokit.data.dataset import finite_number, prepare_data, row_values
 from dpokit.data.layouts import Batch, collate, last_non_pad_index
 from dpokit.distributed import Runtime
 from dpokit.errors import ConfigError, DataError
@@ -121,35 +119,7 @@ class RewardModel:
 
 def read_margins(cfg: Config, splits: dict[str, list]) -> dict[str, torch.Tensor] | None:
     """Each pair's margin from its row's `reward.margin_field` field, per split, in the order of the pairs;
-    None when no row has the field (or it is set to null). A row without it, when others have it, or with
-    a value that is not a finite number, is an error naming the row."""
-    key, d = cfg.reward.margin_field, cfg.data
-    if not key:
-        return None
-    values: dict[str, object] = {}
-    for source, split in ((d.train, d.train_split), (d.eval, d.eval_split)):
-        if source is None:
-            continue
-        # the rows again, as the reader saw them (their sources match the pairs'); problems were reported then
-        for where, row in records._iter_rows(source, split, records.Problems("collect")):
-            if isinstance(row, dict) and key in row:
-                values[where] = row[key]
-    if not values:
-        return None
-    out = {}
-    for split, pairs in splits.items():
-        margins = []
-        for pair in pairs:
-            if pair.source not in values:
-                raise DataError(f"{pair.source}: no '{key}' field, which other rows have: give every row a margin, "
-                                "or set reward.margin_field=null to ignore them")
-            value = values[pair.source]
-            try:  # a number, or its text (CSV)
-                margin = float(value) if not isinstance(value, bool) and isinstance(value, (int, float, str)) else None
-            except ValueError:
-                margin = None
-            if margin is None or not math.isfinite(margin):
-                raise DataError(f"{pair.source}: '{key}' must be a finite number; got {value!r}")
-            margins.append(margin)
-        out[split] = torch.tensor(margins, dtype=torch.float32)
-    return out
+    None when no row has the field (or it is set to null)."""
+    margins = row_values(cfg.data, splits, cfg.reward.margin_field, finite_number, expected="a finite number",
+                         ignore="set reward.margin_field=null to ignore them")
+    return None if margins is None else {split: torch.tensor(m, dtype=torch.float32) for split, m in margins.items()}
