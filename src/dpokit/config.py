@@ -236,6 +236,18 @@ class TrainSection:
     eval_every: int = opt(0, "evaluate on held-out pairs every N steps (0: before and after training only)", min=0)
     log_every: int = opt(1, "log metrics every N steps", min=1)
     max_nonfinite_steps: int = opt(3, "stop after this many steps with a non-finite loss or gradient (each is skipped)", min=1)
+    sample_every: int = opt(0, "every N steps, generate for a fixed set of held-out prompts and write them to "
+                            "<run>/samples.jsonl and the trackers (0: never)", min=0)
+    sample_prompts: str | None = opt(None, "prompt file of those prompts (.jsonl/.json rows with 'prompt', or .txt "
+                                     "lines); default: the first prompts of the held-out pairs")
+    sample_count: int = opt(4, "how many prompts to generate for", min=1)
+    sample_max_new_tokens: int = opt(64, "most tokens per generation", min=1)
+    sample_temperature: float = opt(0.0, "sampling temperature of the generations, 0 for greedy", min=0.0)
+    sample_top_p: float = opt(1.0, "nucleus mass of the generations, 1 for off", min=0.0, min_exclusive=True, max=1.0)
+    sample_judge: str | None = opt(None, "a judge that scores the generations (as --judge: sentiment, llm, ...); its "
+                                   "mean is logged as samples/score")
+    sample_judge_model: str | None = opt(None, "the judge's model (as --judge-model)")
+    sample_judge_options: list[str] = opt([], "the judge's key=value options (as --judge-option)")
 
 
 @dataclass
@@ -248,7 +260,15 @@ class CheckpointSection:
 @dataclass
 class OutputSection:
     dir: str = opt("runs/dpo", "run directory: metrics, checkpoints, final model")
-    tensorboard: bool = opt(True, "write TensorBoard event files")
+    report_to: list[str] = opt(["tensorboard"], "experiment trackers, any of tensorboard, wandb, mlflow, trackio "
+                               "([]: none; wandb, mlflow and trackio are pip extras: pip install dpokit[wandb]); "
+                               "replaces output.tensorboard, still read: true adds tensorboard, false removes it")
+    project: str = opt("dpokit", "W&B / trackio project and MLflow experiment the run is logged under")
+    run_name: str | None = opt(None, "the tracker run's name (default: the run directory's name)")
+    wandb_mode: str | None = opt(None, "W&B mode: online or offline (default: W&B's own, WANDB_MODE, else online)",
+                                 choices=(None, "online", "offline"))
+    mlflow_tracking_uri: str | None = opt(None, "MLflow store: sqlite:///mlflow.db, http://host:5000, ... (default: "
+                                          "MLflow's own, MLFLOW_TRACKING_URI)")
     overwrite: bool = opt(False, "start over in a run directory that already holds a run (else: error, or --resume)")
 
 
@@ -371,6 +391,11 @@ class Config:
             raise ConfigError("data.eval and data.eval_fraction are both set; use one")
         if models.missing_path(self.model.name):
             raise ConfigError(f"model.name: not found: {self.model.name}")
+        from dpokit.trackers import check_report_to
+
+        check_report_to(self.output.report_to)
+        if t.sample_prompts is not None and missing_file(t.sample_prompts):
+            raise ConfigError(f"train.sample_prompts: file not found: {t.sample_prompts}")
 
     def _check_objective(self) -> None:
         """The objective's names, weights and options, and the reference a TR-DPO run moves."""

@@ -81,6 +81,12 @@ def from_dict(values: Any, *, source: str = "config") -> Config:
 
 def set_value(cfg: Config, dotted: str, value: Any, *, source: str = "override") -> None:
     """Set `section.key` to `value`, coerced to the key's type, and mark it as set by the user."""
+    if dotted == "output.tensorboard":  # the key output.report_to replaced: true adds tensorboard, false removes it
+        on = _coerce(value, bool, dotted, source)
+        trackers = [t for t in cfg.output.report_to if t != "tensorboard"]
+        cfg.output.report_to = ["tensorboard", *trackers] if on else trackers
+        cfg.explicit.add("output.report_to")
+        return
     section, _, key = dotted.partition(".")
     if section not in SECTIONS or key not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
         raise ConfigError(f"{source}: unknown key '{dotted}'{suggest_key(dotted)}")

@@ -1,6 +1,7 @@
 """Step metrics: accumulated over micro-batches and processes, then written to the console (under a
 progress bar), `metrics.jsonl` (one JSON object per logged step, evaluation rows with an `eval/`
-prefix) and TensorBoard. Names follow TRL's so existing dashboards read them."""
+prefix) and the trackers of `output.report_to` (`dpokit.trackers`). Names follow TRL's so existing
+dashboards read them. Generations of `train.sample_every` go to `samples.jsonl` and the trackers."""
 
 from __future__ import annotations
 
@@ -80,22 +81,20 @@ class MeanMetrics:
 class MetricsWriter:
     """Rank 0 writes; other ranks hold a writer that does nothing."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, total_steps: int, resume_step: int = 0,
+    def __init__(self, run_dir: Path, *, enabled: bool, trackers: list, total_steps: int, resume_step: int = 0,
                  desc: str = "dpo"):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.tb = None
+        self.samples_path = Path(run_dir) / "samples.jsonl"
+        self.trackers = trackers  # opened by the trainer (`trackers.open_trackers`); closed here
         self.bar = None
         if not enabled:
             return
         with disk_errors(self.path):
             if resume_step:
                 _truncate_after(self.path, resume_step)
+                _truncate_after(self.samples_path, resume_step)
             self.file = self.path.open("a", encoding="utf-8")
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step or None)
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total_steps, initial=resume_step, desc=desc, unit="step", dynamic_ncols=True,
@@ -109,14 +108,27 @@ class MetricsWriter:
         with disk_errors(self.path):
             self.file.write(json.dumps(out) + "\n")
             self.file.flush()
-        if self.tb is not None:
-            for k, v in out.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, step)
+        for tracker in self.trackers:
+            tracker.log_metrics(out, step)
         if prefix:
             self.echo(f"[{prefix.rstrip('/')} step {step}] " + _short(row))
         elif self.bar is not None:
             self.bar.set_postfix_str(_short(row), refresh=False)
+
+    def log_samples(self, rows: list[dict], step: int) -> None:
+        """Generations at `step` (`train.sample_every`): appended to samples.jsonl, a table in each tracker."""
+        if not self.enabled:
+            return
+        with disk_errors(self.samples_path), self.samples_path.open("a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        for tracker in self.trackers:
+            tracker.log_samples(rows, step)
+
+    def finish(self, model_dir: Path | None) -> None:
+        """The exported model's path, to every tracker."""
+        if self.enabled:
+            for tracker in self.trackers:
+                tracker.finish(model_dir)
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
@@ -137,8 +149,8 @@ class MetricsWriter:
             self.bar.close()
         with contextlib.suppress(OSError):  # a full disk: the write that failed was reported already
             self.file.close()
-        if self.tb is not None:
-            self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def _short(row: dict) -> str:

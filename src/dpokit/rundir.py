@@ -26,7 +26,8 @@ MODEL = "model"
 METRICS = "metrics.jsonl"
 FINAL_METRICS = "dpokit_metrics.json"  # in model/: the exported model's metrics, its `step` among them
 RUN_INFO = "run.json"  # {"method": ...}: which trainer made the run (dpo, sft, ...)
-RUN_FILES = ("checkpoints", "tensorboard", MODEL, METRICS, CONFIG, RUN_INFO, "data_report.json")
+RUN_FILES = ("checkpoints", "tensorboard", MODEL, METRICS, CONFIG, RUN_INFO, "data_report.json", "samples.jsonl",
+             "trackers.json", "wandb")
 
 
 @dataclass

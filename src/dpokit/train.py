@@ -18,15 +18,18 @@ from dpokit.data.tokenize import use_chat_template
 from dpokit.distributed import Runtime, decoder_layer_classes, init_runtime
 from dpokit.errors import ConfigError, TrainingError
 from dpokit.export import export, save_pretrained
+from dpokit.generations import TrainingSamples
 from dpokit.logps import causal_lm
 from dpokit.methods.dpo import DPO
 from dpokit.metrics import MeanMetrics, MetricsWriter
 from dpokit.optim import build_optimizer, build_scheduler
 from dpokit.rundir import RunDir, Start
 from dpokit.signals import StopSignals
+from dpokit.trackers import open_trackers
 
 # keys that may change between a run and its resumption without changing its results
-RESUMABLE_CHANGES = ("checkpoint.", "output.tensorboard", "output.overwrite", "train.max_steps", "train.eval_every", "train.log_every",
+RESUMABLE_CHANGES = ("checkpoint.", "output.report_to", "output.project", "output.run_name", "output.wandb_mode",
+                     "output.mlflow_tracking_uri", "train.sample_", "output.overwrite", "train.max_steps", "train.eval_every", "train.log_every",
                      "train.max_nonfinite_steps", "distributed.backend")
 
 
@@ -114,12 +117,20 @@ class Trainer:
         self.step, self.nonfinite = 0, 0
         if ckpt is not None:
             self._restore(ckpt)
+        if t.sample_every and self.method.name == "reward":
+            raise ConfigError("train.sample_every: a reward model scores text, it does not generate; leave it at 0")
+        # generations during training: rank 0's, its judge loaded before anything is written
+        self.samples = TrainingSamples.from_config(cfg, self.tokenizer, self.method.eval_set) if runtime.is_main else None
         # the model and data loaded: from here on the run directory is written
+        trackers = []
         if runtime.is_main:
             self.output.start(self.start, cfg.to_dict(), self.method.name)
             self.method.write_report(self.run_dir)
+            files = [self.run_dir / name for name in ("config.yaml", "data_report.json")]
+            trackers = open_trackers(cfg.output, self.run_dir, cfg.to_dict(), [f for f in files if f.is_file()],
+                                     resume_step=self.step)
         runtime.barrier()
-        self.writer = MetricsWriter(self.run_dir, enabled=runtime.is_main, tensorboard=cfg.output.tensorboard,
+        self.writer = MetricsWriter(self.run_dir, enabled=runtime.is_main, trackers=trackers,
                                     total_steps=self.total_steps, resume_step=self.step, desc=self.method.name)
 
     def autocast(self):
@@ -145,6 +156,8 @@ class Trainer:
         if has_eval and self.step == 0:
             result.eval_before = self.evaluate()
             self.writer.log({"step": 0, "epoch": 0.0, **result.eval_before}, prefix="eval/")
+        if self.step == 0:
+            self.log_samples()
         row: dict = {}
         with StopSignals() as stop:
             while self.step < self.total_steps and not result.stopped_by_signal:
@@ -155,6 +168,8 @@ class Trainer:
                     self.writer.log(row)
                 if has_eval and t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
                     self.writer.log({"step": self.step, "epoch": row["epoch"], **self.evaluate()}, prefix="eval/")
+                if t.sample_every and (self.step % t.sample_every == 0 or self.step == self.total_steps):
+                    self.log_samples()
                 result.stopped_by_signal = self._agree(stop.requested)
                 if result.stopped_by_signal or (self.cfg.checkpoint.every and self.step % self.cfg.checkpoint.every == 0):
                     self.save_checkpoint()
@@ -168,7 +183,20 @@ class Trainer:
             self.writer.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, **result.eval_after},
                             prefix="eval/")
         result.model_dir = self._export({**row, **{f"eval/{k}": v for k, v in result.eval_after.items()}})
+        self.writer.finish(result.model_dir)
         return result
+
+    @torch.no_grad()
+    def log_samples(self) -> None:
+        """train.sample_every: the policy's generations for the held-out prompts, on rank 0."""
+        if self.samples is None:
+            return
+        with self.autocast():
+            rows, metrics = self.samples.generate(self.policy.model, self.step)
+        self.writer.log_samples(rows, self.step)
+        self.writer.log(metrics)
+        score = f", mean score {metrics['samples/score']:.4g}" if "samples/score" in metrics else ""
+        self.writer.echo(f"[samples step {self.step}] {len(rows)} generations{score} → {self.writer.samples_path}")
 
     def train_step(self, item_ids: list[int]) -> dict:
         """One loop step over `item_ids` (the global batch). A method with a `prepare(policy, item_ids,
