@@ -64,7 +64,7 @@ OVERRIDE_ERRORS = [
     (["lora.enabled=true", "lora.r=0"], "lora.r must be >= 1; got 0"),
     (["train.adam_betas=[0.9, 1.5]"], "train.adam_betas must be two numbers in [0, 1), got [0.9, 1.5]"),
     # choices
-    (["train.optimizer=sgd"], "train.optimizer must be one of adamw, rmsprop; got 'sgd'"),
+    (["train.optimizer=sgd"], "train.optimizer must be one of adamw, adamw8bit, adamw4bit, rmsprop; got 'sgd'"),
     (["train.precision=bf16_mixed"],
      "train.precision must be one of auto, fp32, bf16-mixed, bf16; got 'bf16_mixed' (did you mean 'bf16-mixed'?)"),
     (["reference.dtype=fp8"], "reference.dtype must be one of float32, bfloat16, float16; got 'fp8'"),

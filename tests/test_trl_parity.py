@@ -88,3 +88,33 @@ def test_step0_matches_trl(name, ours, theirs, tokenizer, tmp_path):
     for key in METRICS:
         assert abs(mine[key] - theirs[key]) < 1e-4, (key, mine[key], theirs[key])
     assert abs(mine["rewards/chosen"]) > 1e-3  # the comparison is not between zeros
+
+
+def test_orpo_odds_ratio_term_and_rewards_match_trl(tokenizer, tmp_path):
+    """ORPO lives in TRL's experimental ORPOTrainer, whose NLL term is a batch token mean over prompt and
+    completion (dpokit's: the chosen completion's per-pair token mean, the paper's L_SFT); its odds-ratio
+    term and rewards, on the same length-normalised log-probs, must agree."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    from dpokit.objectives import nll, orpo
+
+    records = [PreferenceRecord(p, " " + c, " " + r, f"t:{i}") for i, (p, c, r) in enumerate(PAIRS)]
+    pairs, _ = tokenize_records(records, tokenizer, TokenizeSettings(), Problems())
+    policy = tiny_llama(seed=0)
+    with torch.no_grad():
+        logps = CompletionLogProbs(policy)(collate(pairs, range(len(pairs)), "padded", tokenizer.pad_token_id))
+    lam = 0.25
+    ours = orpo(logps.chosen, logps.rejected, logps.chosen_lengths, logps.rejected_lengths, lam=lam)
+    odds_term = ours.losses - nll(logps.chosen, logps.chosen_lengths)  # -λ log σ(log odds ratio)
+
+    args = ORPOConfig(output_dir=str(tmp_path), beta=lam, bf16=False, report_to=[], use_cpu=True)
+    dataset = Dataset.from_list([{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS])
+    trainer = ORPOTrainer(model=policy, args=args, train_dataset=dataset, processing_class=tokenizer)
+    theirs, chosen_rewards, rejected_rewards, _, _ = trainer.odds_ratio_loss(
+        logps.chosen / logps.chosen_lengths, logps.rejected / logps.rejected_lengths)
+    assert torch.allclose(odds_term, -theirs, atol=1e-5)
+    assert torch.allclose(ours.chosen_rewards, chosen_rewards, atol=1e-6)
+    assert torch.allclose(ours.rejected_rewards, rejected_rewards, atol=1e-6)
+    assert odds_term.abs().min() > 1e-3

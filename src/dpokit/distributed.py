@@ -61,12 +61,13 @@ class Runtime:
         n, r, w = len(items), self.rank, self.world
         return items[n * r // w: n * (r + 1) // w]
 
-    def wrap(self, module: nn.Module, *, layer_classes: tuple[type, ...] = ()) -> nn.Module:
-        """DDP or FSDP2 around the trainable module; unchanged in a single process."""
+    def wrap(self, module: nn.Module, *, layer_classes: tuple[type, ...] = (), cpu_offload: bool = False) -> nn.Module:
+        """DDP or FSDP2 around the trainable module (`cpu_offload`: FSDP2's CPUOffloadPolicy); unchanged in a single
+        process."""
         if not self.distributed:
             return module
         if self.strategy == "fsdp":
-            return shard_module(module, layer_classes)
+            return shard_module(module, layer_classes, cpu_offload=cpu_offload, device=self.device)
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -83,14 +84,19 @@ class Runtime:
             dist.destroy_process_group()
 
 
-def shard_module(module: nn.Module, layer_classes: tuple[type, ...]) -> nn.Module:
-    """FSDP2: each decoder layer is its own shard group, the rest (embeddings, head) the root's."""
-    from torch.distributed.fsdp import fully_shard
+def shard_module(module: nn.Module, layer_classes: tuple[type, ...], *, cpu_offload: bool = False,
+                 device: torch.device | None = None) -> nn.Module:
+    """FSDP2: each decoder layer is its own shard group, the rest (embeddings, head) the root's. With `cpu_offload`
+    (CPUOffloadPolicy) the sharded parameters, their gradients and so the optimizer state live in CPU memory; each
+    group's parameters are copied to the device for its forward and backward, the gradients back after its
+    reduce-scatter, and the optimizer steps on the CPU."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
+    policy = CPUOffloadPolicy(pin_memory=device is not None and device.type == "cuda") if cpu_offload else OffloadPolicy()
     for sub in module.modules():
         if layer_classes and isinstance(sub, layer_classes):
-            fully_shard(sub)
-    fully_shard(module)
+            fully_shard(sub, offload_policy=policy)
+    fully_shard(module, offload_policy=policy)
     return module
 
 

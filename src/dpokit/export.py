@@ -87,9 +87,10 @@ def _card_head(method: str, config: dict, base_model: str, kind: str) -> tuple[s
     if method != "dpo":
         return f"{base_model} trained with dpokit", f"Trained with `{method}` by {site}. Contents: {kind}, tokenizer."
     obj = config.get("objective", {})
+    loss = "+".join(obj["loss"]) if isinstance(obj.get("loss"), list) else obj.get("loss")  # several: summed
     return (f"{base_model} aligned with dpokit",
             f"Trained with Direct Preference Optimization by {site}:\n"
-            f"objective `{obj.get('loss')}`, β = {obj.get('beta')}. Contents: {kind}, tokenizer.")
+            f"objective `{loss}`, β = {obj.get('beta')}. Contents: {kind}, tokenizer.")
 
 
 def model_card(config: dict, metrics: dict, base_model: str, *, lora: bool, method: str = "dpo") -> str:

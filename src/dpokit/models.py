@@ -131,12 +131,21 @@ def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code:
 
 
 def load_model(name: str, *, dtype: str = "float32", revision: str | None = None,
-               trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
-    """A trainable causal LM in `dtype`; an adapter directory is loaded onto its base and merged."""
+               trust_remote_code: bool = False, attn_implementation: str = "sdpa", quantization: str = "none",
+               device=None):
+    """A trainable causal LM in `dtype`; an adapter directory is loaded onto its base and merged. With
+    `quantization` (nf4 | int8) the decoder's linear layers are quantized by bitsandbytes as they load, on
+    `device`, for LoRA adapters on a frozen base (QLoRA); `dtype` is then their compute dtype."""
     from transformers import AutoModelForCausalLM
 
     src = _loadable(resolve(name))
     kwargs = dict(dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+    if quantization != "none":
+        if src.kind == "adapter":
+            raise ModelError(f"{name}: an adapter directory is merged into its float base, which model.quantization "
+                             "cannot quantize afterwards; export the merged model first (lora.merge_on_export=true)")
+        kwargs.update(quantization_config=quantization_config(quantization, dtype),
+                      device_map={"": str(device or "cpu")})
     try:
         if src.kind == "adapter":
             from peft import PeftModel
@@ -149,9 +158,27 @@ def load_model(name: str, *, dtype: str = "float32", revision: str | None = None
                                                      use_safetensors=True, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
-    if getattr(model, "hf_quantizer", None) is not None:
+    if getattr(model, "hf_quantizer", None) is not None and quantization == "none":
         raise ModelError(f"{name}: the model is quantized and cannot be trained; load a float checkpoint")
     return model
+
+
+def quantization_config(quantization: str, dtype: str):
+    """bitsandbytes settings for model.quantization: nf4 is QLoRA's recipe (4-bit NormalFloat in blocks of 64 with
+    double-quantized block scales, computing in `dtype`); int8 is LLM.int8() (row-wise 8-bit weights, outlier
+    features above 6 in 16-bit). The embeddings, norms and LM head stay in `dtype`."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelError(f"model.quantization={quantization} needs bitsandbytes: pip install 'dpokit[memory]'") from None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch_dtype(dtype))
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"unknown quantization {quantization!r}")
 
 
 def load_reward_model(name: str, *, pad_token_id: int, seed: int = 0, dtype: str = "float32",
@@ -299,7 +326,8 @@ def build_policy(cfg, *, precision: str, runtime, resume_from: Path | None = Non
     if resume_from is not None and not cfg.lora.enabled and not with_start:
         return on_device(prepared(load_model(str(resume_from), **load))), None
     with runtime.main_first():  # the first load may convert the GGUF default model
-        base = prepared(load_model(cfg.model.name, **load))
+        quantized = dict(quantization=cfg.model.quantization, device=runtime.device)
+        base = prepared(load_model(cfg.model.name, **load, **(quantized if cfg.lora.enabled else {})))
     if cfg.lora.enabled:
         if resume_from is None:
             policy = apply_lora(base, cfg.lora)

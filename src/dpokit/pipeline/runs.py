@@ -16,7 +16,10 @@ from dpokit.rundir import RunDir
 
 # series names for the frontier plot: a DPO-family run by its `objective.loss`, another by its method
 METHOD_NAMES = {"sigmoid": "DPO", "ipo": "IPO", "hinge": "SLiC (hinge)", "robust": "rDPO", "simpo": "SimPO",
-                "unlikelihood": "Unlikelihood", "sft": "SFT", "sft-chosen": "Preferred-FT", "ppo": "PPO"}
+                "unlikelihood": "Unlikelihood", "sigmoid_norm": "DPO (length-normalised)", "exo_pair": "EXO",
+                "nca_pair": "NCA", "bco_pair": "BCO", "sppo_hard": "SPPO (hard)", "aot": "AOT",
+                "aot_unpaired": "AOT (unpaired)", "apo_zero": "APO-zero", "apo_down": "APO-down", "discopop": "DiscoPOP",
+                "dpop": "DPOP", "orpo": "ORPO", "kto": "KTO", "sft": "SFT", "sft-chosen": "Preferred-FT", "ppo": "PPO"}
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ class RunModel:
     @property
     def uses_beta(self) -> bool:
         """Whether objective.beta shaped the run (DPO's family; not SFT, Unlikelihood or PPO)."""
-        return self.loss not in ("unlikelihood", "sft", "sft-chosen", "ppo", "reward")
+        return self.loss not in ("unlikelihood", "orpo", "sft", "sft-chosen", "ppo", "reward")
 
 
 def run_model(path: str | Path) -> RunModel | None:
@@ -61,6 +64,8 @@ def run_model(path: str | Path) -> RunModel | None:
         obj = cfg.get("objective", {})
         method = RunDir(run_dir).method() or "dpo"
         kind = obj.get("loss", "sigmoid") if method == "dpo" else method
+        if isinstance(kind, list):  # several objectives summed: their names joined
+            kind = "+".join(kind)
         if method == "sft" and cfg.get("data", {}).get("use") == "chosen":
             kind = "sft-chosen"
         if ckpt is not None:
