@@ -1,5 +1,6 @@
 """`make paper`'s plan: every step is a real `dpokit` command, and compute is charged to the right method."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,14 @@ def test_best_reward_at_matched_kl():
     assert paper.best_at_kl(points, "DPO", 5.0) == 0.5
     assert paper.best_at_kl(points, "PPO", 5.0) is None
     assert paper.best_at_kl(points, "PPO", 10.0) == pytest.approx(0.4)
+
+
+def test_ppo_curves_plot_each_ppo_runs_reward_and_kl(tmp_path):
+    planned = [paper.Run("DPO", "dpo-a", "train", "c", ()), paper.Run("PPO-GT", "ppo-gt", "ppo", "c", ())]
+    run = tmp_path / "runs" / "ppo-gt"
+    run.mkdir(parents=True)
+    rows = [{"step": 1, "reward": 0.1, "kl": 0.0}, {"eval/loss": 1.0, "step": 1}, {"step": 2, "reward": 0.3, "kl": 1.5}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = paper.ppo_curves(tmp_path, planned)
+    assert path == tmp_path / "ppo_curves.png" and path.stat().st_size > 1000
+    assert paper.ppo_curves(tmp_path, planned[:1]) is None  # no PPO run: no plot

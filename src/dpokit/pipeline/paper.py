@@ -150,6 +150,38 @@ def best_at_kl(points: list[dict], series: str, limit: float) -> float | None:
     return max(rewards) if rewards else None
 
 
+def ppo_curves(out: Path, planned: list[Run]) -> Path | None:
+    """The PPO runs' rollout reward and KL per step (their metrics.jsonl), one line per run: ppo_curves.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {}
+    for run in planned:
+        path = out / "runs" / run.name / "metrics.jsonl"
+        if run.trainer == "ppo" and path.is_file():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            curves[run.name] = [r for r in rows if "reward" in r and "kl" in r]
+    if not curves:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.6), dpi=120)
+    for name, rows in curves.items():
+        steps = [r["step"] for r in rows]
+        axes[0].plot(steps, [r["reward"] for r in rows], marker="o", markersize=3, label=name)
+        axes[1].plot(steps, [r["kl"] for r in rows], marker="o", markersize=3, label=name)
+    axes[0].set_ylabel(f"rollout mean reward ({JUDGE})")
+    axes[1].set_ylabel("rollout KL(π ‖ π_ref), nats")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "ppo_curves.png")
+    plt.close(fig)
+    return out / "ppo_curves.png"
+
+
 def report(out: Path, planned: list[Run], timings: dict[str, float], total: float) -> list[dict]:
     """The comparison table (printed and written to comparison.json): per series, the best reward at each
     KL limit, the largest KL reached and the seconds charged."""
@@ -177,7 +209,9 @@ def report(out: Path, planned: list[Run], timings: dict[str, float], total: floa
     console.print(table)
     if reference is not None and not math.isnan(reference):
         console.print(f"reference (π_ref) mean reward {reference:.3f}")
-    console.print(f"plot: {out / 'frontier' / 'frontier.png'}; total {total / 60:.1f} min")
+    curves = ppo_curves(out, planned)
+    console.print(f"plot: {out / 'frontier' / 'frontier.png'}" + (f"; PPO's curves: {curves}" if curves else "")
+                  + f"; total {total / 60:.1f} min")
     (out / "comparison.json").write_text(json.dumps({"rows": rows, "timings": timings, "total_seconds": total},
                                                     indent=2) + "\n")
     return rows
