@@ -43,6 +43,10 @@ class ModelSection:
     trust_remote_code: bool = opt(False, "allow model code shipped with a hub model to run (off unless asked)")
     attn_implementation: str = opt("sdpa", "attention kernel for the padded layout",
                                    choices=("sdpa", "eager", "flash_attention_2"))
+    quantization: str = opt("none", "QLoRA: load the frozen base weights quantized with bitsandbytes (nf4: 4-bit "
+                            "NormalFloat, int8: LLM.int8()) and train LoRA adapters on them; the reference is the "
+                            "quantized base with adapters off", choices=("none", "nf4", "int8"))
+
 
 
 @dataclass
@@ -207,13 +211,35 @@ class PPOSection:
                                  "normalise the reward model so on reference samples); false: scores as given")
 
 
+OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit", "rmsprop")
+# train.preset: each preset's settings, applied to the keys the user did not set. `batch_size` stands for the value
+# of train.batch_size (one forward pass per update: optimizer_in_backward allows no gradient accumulation).
+PRESETS = {
+    "lean": {
+        "reference.strategy": "precomputed",  # no reference model in memory (objectives that need one)
+        "train.gradient_checkpointing": True,  # keep each decoder layer's input, recompute the rest
+        "train.optimizer": "adamw8bit",  # 2 bytes of optimizer state a parameter instead of 8
+        "train.optimizer_in_backward": True,  # no full set of gradients
+        "train.micro_batch_size": "batch_size",  # in-backward updates allow no accumulation
+        "train.max_grad_norm": 0.0,  # nor global-norm clipping
+        "train.logps_chunk_tokens": 256,  # smaller LM-head chunks: 256 x vocabulary logits at a time
+    },
+}
+
+
 @dataclass
 class TrainSection:
     epochs: int = opt(1, "passes over the training pairs", min=1)
     max_steps: int = opt(0, "stop after this many optimizer steps (0: run all epochs)", min=0)
     batch_size: int = opt(8, "pairs per optimizer step, over all processes", min=1)
     micro_batch_size: int = opt(4, "pairs per forward pass on one process (gradient accumulation makes up the rest)", min=1)
-    optimizer: str = opt("adamw", "optimizer", choices=("adamw", "rmsprop"))
+    optimizer: str = opt("adamw", "optimizer: adamw (fp32 state, 8 bytes a parameter), adamw8bit (bitsandbytes, "
+                         "block-wise 8-bit moments, 2 bytes a parameter), adamw4bit (torchao, 4-bit moments, 1 byte), "
+                         "rmsprop", choices=OPTIMIZERS)
+    optimizer_in_backward: bool = opt(False, "update each parameter and free its gradient as soon as its gradient is "
+                                      "complete in the backward pass, so the gradients never all exist at once; "
+                                      "excludes gradient accumulation (micro_batch_size = batch_size), global-norm "
+                                      "clipping (max_grad_norm=0) and multi-process runs")
     lr: float = opt(1e-6, "peak learning rate", min=0.0, min_exclusive=True)
     weight_decay: float = opt(0.0, "decoupled weight decay (AdamW) or L2 (RMSprop)", min=0.0)
     adam_betas: list[float] = opt([0.9, 0.999], "AdamW β1, β2")
@@ -228,6 +254,11 @@ class TrainSection:
                       "packed (no padding), or padded (TRL's)",
                       choices=("padded", "packed", "prefix_shared"))
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
+    activation_offload: bool = opt(False, "GPU only: keep the activations saved for the backward pass in pinned CPU "
+                                   "memory (with gradient checkpointing: the decoder layers' inputs), copied back "
+                                   "when the backward pass needs them")
+    preset: str = opt("none", "lean: the least memory for the speed (sets, unless given: " + "; ".join(
+        f"{k}={v}" for k, v in PRESETS["lean"].items()) + ")", choices=("none", *PRESETS))
     compile: bool = opt(False, "torch.compile the decoder layers")
     lm_head: str = opt("selective", "selective: LM head only where a completion token is predicted, in chunks; "
                        "full: all logits (the plain path, for comparison)", choices=("selective", "full"))
@@ -277,6 +308,9 @@ class DistributedSection:
     strategy: str = opt("ddp", "multi-process strategy under torchrun: ddp (replicated) or fsdp (FSDP2 sharded)",
                         choices=("ddp", "fsdp"))
     backend: str = opt("auto", "process-group backend (auto: nccl on GPU, gloo on CPU)", choices=("auto", "gloo", "nccl"))
+    cpu_offload: bool = opt(False, "with strategy=fsdp: keep the sharded parameters, gradients and optimizer state "
+                            "in CPU memory (FSDP2's CPUOffloadPolicy); the optimizer steps on the CPU")
+
 
 
 SECTIONS: dict[str, type] = {
@@ -335,11 +369,24 @@ class Config:
 
         config_loader.set_value(self, dotted, value, source=source)
 
+    def apply_preset(self) -> None:
+        """train.preset's settings (PRESETS) on the keys the user did not set; `Config.load` calls it before
+        `validate`. The lean preset keeps the reference as it is with LoRA (disabled adapters take no memory) and
+        for reference-free objectives."""
+        for dotted, value in PRESETS.get(self.train.preset, {}).items():
+            if dotted in self.explicit:
+                continue
+            if dotted == "reference.strategy" and (self.lora.enabled or not self.objective.needs_reference):
+                continue
+            section, _, key = dotted.partition(".")
+            setattr(getattr(self, section), key, self.train.batch_size if value == "batch_size" else value)
+
     def validate(self) -> None:
         """Range, choice and cross-field checks; each failure is one clear line."""
         for section in SECTIONS:
             check_fields(getattr(self, section), section)
         d, t = self.data, self.train
+        self._validate_memory_options()
         if d.max_prompt_length >= d.max_length:
             raise ConfigError(f"data.max_prompt_length ({d.max_prompt_length}) must be less than data.max_length "
                               f"({d.max_length}) to leave room for the completion")
@@ -427,6 +474,33 @@ class Config:
                 raise ConfigError(f"reference.sync_every (TR-DPO) moves the reference, which reference.strategy="
                                   f"{r.strategy} keeps fixed; use auto or copy")
 
+
+    def _validate_memory_options(self) -> None:
+        """QLoRA, the optimizer step in the backward pass and the offload options: the combinations they exclude."""
+        t, q = self.train, self.model.quantization
+        if q != "none":
+            if not self.lora.enabled:
+                raise ConfigError(f"model.quantization={q} trains LoRA adapters on a frozen quantized base: add "
+                                  "lora.enabled=true")
+            if self.reference.strategy == "copy":
+                raise ConfigError(f"model.quantization={q}: the reference is the quantized base with its adapters off "
+                                  "(reference.strategy=adapters, or precomputed), not a copy")
+            if self.distributed.strategy == "fsdp":
+                raise ConfigError(f"model.quantization={q} does not shard under FSDP2; use distributed.strategy=ddp")
+            if self.lora.merge_on_export:
+                raise ConfigError(f"model.quantization={q}: merging adapters into quantized weights would export a "
+                                  "quantized model; export the adapter (lora.merge_on_export=false) and merge it "
+                                  "into the float base")
+        if t.optimizer_in_backward:
+            why = "train.optimizer_in_backward=true updates each parameter as soon as its gradient is complete, so"
+            if t.micro_batch_size != t.batch_size:
+                raise ConfigError(f"{why} it allows no gradient accumulation: set train.micro_batch_size equal to "
+                                  f"train.batch_size ({t.batch_size}), or turn it off")
+            if t.max_grad_norm:
+                raise ConfigError(f"{why} no global gradient norm exists to clip by: set train.max_grad_norm=0, or "
+                                  "turn it off")
+        if self.distributed.cpu_offload and self.distributed.strategy != "fsdp":
+            raise ConfigError("distributed.cpu_offload is FSDP2's CPUOffloadPolicy: it needs distributed.strategy=fsdp")
 
 def all_keys() -> list[str]:
     return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]

@@ -35,6 +35,7 @@ def load(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -
         if isinstance(value, (int, float)) and not isinstance(value, bool) and _takes_string(key):
             value = raw  # `model.revision=1234567`, `output.dir=2024`: the text, not the number YAML reads
         set_value(cfg, key, value, source="override")
+    cfg.apply_preset()
     cfg.validate()
     return cfg
 

@@ -4,6 +4,7 @@ evaluation cadence, checkpoints and exact resume, signals, metrics and export. A
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -22,7 +23,7 @@ from dpokit.generations import TrainingSamples
 from dpokit.logps import causal_lm
 from dpokit.methods.dpo import DPO
 from dpokit.metrics import MeanMetrics, MetricsWriter
-from dpokit.optim import build_optimizer, build_scheduler
+from dpokit.optim import OptimizerInBackward, build_optimizer, build_scheduler
 from dpokit.rundir import RunDir, Start
 from dpokit.signals import StopSignals
 from dpokit.trackers import open_trackers
@@ -87,6 +88,12 @@ class Trainer:
         if runtime.is_main:
             self.output.refuse_reuse(resume=resume, overwrite=cfg.output.overwrite)
         self.precision = resolve_precision(t.precision, runtime.device)
+        if t.optimizer_in_backward and runtime.distributed:
+            raise ConfigError("train.optimizer_in_backward=true runs in one process: under torchrun the gradients "
+                              "are complete only after DDP's all-reduce or FSDP's reduce-scatter; turn it off")
+        if t.activation_offload and runtime.device.type != "cuda":
+            raise ConfigError("train.activation_offload=true moves saved activations from GPU to CPU memory; on "
+                              f"{runtime.device.type} there is nothing to offload: turn it off")
         torch.manual_seed(t.seed)
 
         with runtime.main_first():  # the first load may convert the GGUF default model
@@ -110,9 +117,11 @@ class Trainer:
                                         resume_from=ckpt / "model" if ckpt else None)
         # DDP/FSDP around the policy: forward and backward go through it, the policy's own state is saved
         self.wrapped_policy = runtime.wrap(self.policy,
-                                           layer_classes=decoder_layer_classes(causal_lm(self.policy.model)))
+                                           layer_classes=decoder_layer_classes(causal_lm(self.policy.model)),
+                                           cpu_offload=cfg.distributed.cpu_offload)
         self.params = [p for p in self.wrapped_policy.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, t)
+        self.in_backward = isinstance(self.optimizer, OptimizerInBackward)
         self.scheduler = build_scheduler(self.optimizer, t, self.total_steps)
         self.step, self.nonfinite = 0, 0
         if ckpt is not None:
@@ -136,6 +145,13 @@ class Trainer:
     def autocast(self):
         """bf16 autocast under train.precision=bf16-mixed; a no-op otherwise."""
         return torch.autocast(self.rt.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16-mixed")
+
+    def offload(self):
+        """train.activation_offload: the tensors autograd saves for the backward pass go to pinned CPU memory
+        and come back when it needs them (torch.autograd.graph.save_on_cpu); a no-op otherwise."""
+        if not self.cfg.train.activation_offload:
+            return contextlib.nullcontext()
+        return torch.autograd.graph.save_on_cpu(pin_memory=True)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -211,7 +227,7 @@ class Trainer:
         extra = prepare(self.wrapped_policy, item_ids, self.step) if prepare is not None else {}
         self.wrapped_policy.train()
         updates = self.method.updates(item_ids) if hasattr(self.method, "updates") else [item_ids]
-        lr = self.scheduler.get_last_lr()[0]
+        lr = float(self.scheduler.get_last_lr()[0])  # a tensor for torchao's optimizers
         rows, applied = [], False
         for ids in updates:
             row, grad_norm, ok = self._update(ids, item_ids)
@@ -237,12 +253,20 @@ class Trainer:
         micro_batches = self._micro_batches(ids)
         scale = self.rt.world / len(ids)  # DDP/FSDP average over ranks: this makes it a mean over items
         for i, (mine, weight) in enumerate(micro_batches):
-            with self.rt.no_sync(self.wrapped_policy, i == len(micro_batches) - 1), self.autocast():
+            with self.rt.no_sync(self.wrapped_policy, i == len(micro_batches) - 1), self.autocast(), self.offload():
                 micro = self.method.forward(self.wrapped_policy, mine, "train")
                 (micro.losses.sum() * scale * weight).backward()
             if weight:
                 stats.add(micro)
         row = stats.result(self.rt, self.method.unit)
+        if self.in_backward:  # each parameter was updated in the backward pass; its hooks summed the norm
+            grad_norm = self.optimizer.take_grad_norm()
+            ok = math.isfinite(row["loss"]) and not self.optimizer.take_nonfinite()
+            if ok:
+                self.optimizer.step()  # nothing left to do; the scheduler sees the step
+            else:
+                self._nonfinite(item_ids, row["loss"], grad_norm)
+            return row, grad_norm, ok
         max_norm = self.cfg.train.max_grad_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
@@ -316,7 +340,10 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        optimizer = get_optimizer_state_dict(self.policy, self.optimizer, options=opts)
+        if self.in_backward:  # one process: the per-parameter optimizers' states as they are
+            optimizer = self.optimizer.state_dict()
+        else:
+            optimizer = get_optimizer_state_dict(self.policy, self.optimizer, options=opts)
         state = self._full_state_dict()
         if self.rt.is_main:
             warning = checkpoint.space_warning(self.run_dir)
@@ -336,8 +363,11 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         state = checkpoint.load(ckpt)
-        set_optimizer_state_dict(self.policy, self.optimizer, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
+        if self.in_backward:
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            set_optimizer_state_dict(self.policy, self.optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
         self.scheduler.load_state_dict(state["scheduler"])
         trainer = state["trainer_state"]
         self.step, self.nonfinite = trainer["step"], trainer["nonfinite"]
