@@ -101,6 +101,13 @@ OVERRIDE_ERRORS = [
      "copy"),
     (["objective.loss=orpo", "reference.sync_every=4"],
      "reference.sync_every (TR-DPO) moves the reference; objective.loss=orpo has none"),
+    (["reference.sync_every=4", "distributed.strategy=fsdp"],
+     "reference.sync_every (TR-DPO) is not implemented for sharded weights; use distributed.strategy=ddp"),
+    (["reference.sync_every=4", "reference.name=./other-model"],
+     "reference.sync_every (TR-DPO) moves the policy's starting weights toward it; it does not take a reference.name"),
+    (["objective.loss=kto", "objective.loss_weights=[2]"],
+     "objective.loss=kto takes no ld_alpha, wpo, nll_weight or loss_weights (they are defined on pairs); "
+     "kto_desirable_weight and kto_undesirable_weight weigh its completions"),
     # missing files and values
     (["data.train=missing.jsonl"], "data.train: file not found: missing.jsonl"),
     (["data.eval=./held_out.jsonl"], "data.eval: file not found: ./held_out.jsonl"),

@@ -301,3 +301,62 @@ def test_length_table_columns_widen_to_fit_large_numbers():
                                            "  prompt         5.0        5      3      7",
                                            "  chosen        12.0       11      4     20",
                                            "  rejected       3.0        3      2      4"]
+
+
+# ------------------------------------------------------------------------------------- unpaired KTO rows
+
+KTO_ROWS = [
+    {"prompt": "Name a color.", "completion": "Blue.", "label": True},
+    {"prompt": "Name a color.", "completion": "Potato.", "label": False},
+    {"prompt": "Name a color.", "completion": "Blue.", "label": True},  # line 3: repeats line 1
+    {"prompt": "Name a color.", "completion": "Potato.", "label": True},  # line 4: line 2 labelled the other way
+    {"prompt": "What is 3 plus 4?", "completion": "7.", "label": "maybe"},  # line 5: not a label
+    {"prompt": "Hi", "label": False},  # line 6: no completion
+    {"prompt": "Hi", "completion": "", "label": False},  # line 7: empty completion
+    '{"prompt": "Hi", "completion": "Hel',  # line 8: truncated
+]
+
+
+def test_unpaired_kto_rows_are_counted_by_label_with_problems_by_file_and_line(tmp_path, tokenizer):
+    path = write(tmp_path / "kto.jsonl", KTO_ROWS)
+    r = validate_data(path, tokenizer)
+    assert r.detected == "kto" and r.unpaired
+    assert (r.rows_read, r.valid, r.desirable, r.undesirable, r.invalid) == (8, 4, 3, 1, 4)
+    assert r.invalid_by_reason == {"empty_completion": 1, "missing_field": 1, "unparsable": 1, "wrong_type": 1}
+    assert [str(p) for p in r.problems] == [
+        f"{path}:5: 'label' must be true (desirable) or false (undesirable), got 'maybe'",
+        f"{path}:6: missing field 'completion' (a completion row has prompt and completion, or messages)",
+        f"{path}:7: 'completion' is empty",
+        f"{path}:8: invalid JSON: Unterminated string starting at: column 32"]
+    assert r.duplicates == [(f"{path}:3", f"{path}:1")]
+    assert r.contradictory == [(f"{path}:4", f"{path}:2")]  # the same completion, desirable and not
+    assert set(r.lengths) == {"completions", "prompt", "completion"} and r.lengths["completions"] == 4
+    assert r.verdict().startswith("NOT OK: 4 invalid rows; training stops at the first")
+    lines = r.render().splitlines()
+    assert "rows read: 8   valid: 4 (3 desirable, 1 undesirable)   invalid: 4" in lines
+    assert "  wrong_type: 1" in lines and not any(line.startswith("identical") for line in lines)
+    assert f"contradictory (the same completion labelled the other way in another row): 1 ({path}:4 swaps {path}:2)" \
+        in lines
+    assert any(line.startswith("tokens over 4 completions") for line in lines)
+    skipping = validate_data(path, tokenizer, skip_invalid=True)
+    assert skipping.ok and skipping.verdict() == "OK: the data would train as is (4 completions, skipping 4 invalid rows)"
+
+
+def test_cli_on_unpaired_kto_rows(tmp_path, smol_tokenizer, capsys):
+    from dpokit.cli import main
+
+    path = write(tmp_path / "kto.jsonl", KTO_ROWS)
+    assert main(["validate", path, "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert (report["format"], report["valid"], report["desirable"], report["undesirable"]) == ("kto", 4, 3, 1)
+    assert report["invalid_by_reason"] == {"empty_completion": 1, "missing_field": 1, "unparsable": 1,
+                                           "wrong_type": 1}
+    assert {"source": f"{path}:5", "reason": "wrong_type",
+            "detail": "'label' must be true (desirable) or false (undesirable), got 'maybe'"} in report["problems"]
+    # named explicitly, and only the valid rows: exit 0
+    assert main(["validate", write(tmp_path / "ok.jsonl", KTO_ROWS[:2]), "--format", "kto"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "OK: the data would train as is (2 completions)"
+    # pair rows read as KTO rows name what is missing
+    assert main(["validate", write(tmp_path / "pairs.jsonl", ROWS[:1]), "--format", "kto"]) == 1
+    assert f"    {tmp_path / 'pairs.jsonl'}:1: missing field 'label' (true: desirable, false: undesirable)" \
+        in capsys.readouterr().out.splitlines()

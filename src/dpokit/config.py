@@ -48,7 +48,6 @@ class ModelSection:
                             "quantized base with adapters off", choices=("none", "nf4", "int8"))
 
 
-
 @dataclass
 class LoraSection:
     enabled: bool = opt(False, "train LoRA adapters (peft) instead of all weights")
@@ -61,7 +60,9 @@ class LoraSection:
 
 @dataclass
 class DataSection:
-    train: str | None = opt(None, "training pairs: .jsonl/.json/.parquet/.csv file, datasets directory, or hub dataset name")
+    train: str | None = opt(None, "training pairs (or KTO's unpaired rows, see `format`): .jsonl/.json/.parquet/.csv "
+                            "file, datasets directory, or hub dataset name; messages may carry tool_calls and rows a "
+                            "`tools` column, rendered through the chat template (a row it cannot render is refused)")
     train_split: str = opt("train", "split to read when `train` is a datasets dataset")
     eval: str | None = opt(None, "held-out pairs, same formats as `train`")
     eval_split: str = opt("test", "split to read when `eval` is a datasets dataset")
@@ -101,7 +102,8 @@ class ObjectiveSection:
     loss: str | list[str] = opt("sigmoid", "preference objective, or a list of them summed with `loss_weights` "
                                 "(TRL's loss_type list, e.g. MPO: [sigmoid, bco_pair])", choices=tuple(NEEDS_REFERENCE))
     loss_weights: list[float] = opt([], "weight of each objective in `loss`, in order (empty: 1 each)")
-    beta: float = opt(0.1, "β: strength of the KL constraint (τ for IPO, reward scale for SimPO)", min=0.0, min_exclusive=True)
+    beta: float = opt(0.1, "β: strength of the KL constraint (τ for IPO, reward scale for SimPO; ORPO and "
+                      "unlikelihood do not use it)", min=0.0, min_exclusive=True)
     label_smoothing: float = opt(0.0, "ε: assumed rate of flipped labels (cDPO with sigmoid, rDPO with robust, EXO's "
                                  "label smoothing with exo_pair: the paper suggests 1e-3; aot, aot_unpaired)",
                                  min=0.0, max=0.4999)
@@ -312,7 +314,6 @@ class DistributedSection:
                             "in CPU memory (FSDP2's CPUOffloadPolicy); the optimizer steps on the CPU")
 
 
-
 SECTIONS: dict[str, type] = {
     "model": ModelSection,
     "lora": LoraSection,
@@ -444,36 +445,6 @@ class Config:
         if t.sample_prompts is not None and missing_file(t.sample_prompts):
             raise ConfigError(f"train.sample_prompts: file not found: {t.sample_prompts}")
 
-    def _check_objective(self) -> None:
-        """The objective's names, weights and options, and the reference a TR-DPO run moves."""
-        o, r = self.objective, self.reference
-        names = o.losses
-        if not names or len(set(names)) < len(names):
-            raise ConfigError(f"objective.loss must name each objective once; got {o.loss!r}")
-        if o.loss_weights and len(o.loss_weights) != len(names):
-            raise ConfigError(f"objective.loss_weights has {len(o.loss_weights)} weights for {len(names)} objectives")
-        if any(w < 0 for w in o.loss_weights):
-            raise ConfigError(f"objective.loss_weights must be >= 0; got {o.loss_weights}")
-        if "kto" in names and len(names) > 1:
-            raise ConfigError("objective.loss=kto trains on single completions; it cannot be summed with pair objectives")
-        if o.label_smoothing and not set(names) & set(SMOOTHED_LOSSES):
-            raise ConfigError(f"objective.label_smoothing applies to {', '.join(SMOOTHED_LOSSES)}, not {o.name}")
-        if "exo_pair" in names and not o.label_smoothing:
-            raise ConfigError("objective.loss=exo_pair needs objective.label_smoothing > 0 (EXO's ε; the paper: 1e-3)")
-        if o.f_divergence != "reverse_kl" and not set(names) <= set(F_DIVERGENCE_LOSSES):
-            raise ConfigError(f"objective.f_divergence={o.f_divergence} applies to {', '.join(F_DIVERGENCE_LOSSES)}; "
-                              f"not to {o.name}")
-        if o.wpo and set(names) & set(SORTING_LOSSES):
-            raise ConfigError("objective.wpo weights pairs, which aot and aot_unpaired sort apart")
-        if "kto" in names and (o.ld_alpha is not None or o.wpo or o.nll_weight):
-            raise ConfigError("objective.loss=kto takes no ld_alpha, wpo or nll_weight (they are defined on pairs)")
-        if r.sync_every:
-            if not o.needs_reference:
-                raise ConfigError(f"reference.sync_every (TR-DPO) moves the reference; objective.loss={o.name} has none")
-            if r.strategy not in ("auto", "copy"):
-                raise ConfigError(f"reference.sync_every (TR-DPO) moves the reference, which reference.strategy="
-                                  f"{r.strategy} keeps fixed; use auto or copy")
-
 
     def _validate_memory_options(self) -> None:
         """QLoRA, the optimizer step in the backward pass and the offload options: the combinations they exclude."""
@@ -501,6 +472,44 @@ class Config:
                                   "turn it off")
         if self.distributed.cpu_offload and self.distributed.strategy != "fsdp":
             raise ConfigError("distributed.cpu_offload is FSDP2's CPUOffloadPolicy: it needs distributed.strategy=fsdp")
+
+    def _check_objective(self) -> None:
+        """The objective's names, weights and options, and the reference a TR-DPO run moves."""
+        o, r = self.objective, self.reference
+        names = o.losses
+        if not names or len(set(names)) < len(names):
+            raise ConfigError(f"objective.loss must name each objective once; got {o.loss!r}")
+        if o.loss_weights and len(o.loss_weights) != len(names):
+            raise ConfigError(f"objective.loss_weights has {len(o.loss_weights)} weights for {len(names)} objectives")
+        if any(w < 0 for w in o.loss_weights):
+            raise ConfigError(f"objective.loss_weights must be >= 0; got {o.loss_weights}")
+        if "kto" in names and len(names) > 1:
+            raise ConfigError("objective.loss=kto trains on single completions; it cannot be summed with pair objectives")
+        if o.label_smoothing and not set(names) & set(SMOOTHED_LOSSES):
+            raise ConfigError(f"objective.label_smoothing applies to {', '.join(SMOOTHED_LOSSES)}, not {o.name}")
+        if "exo_pair" in names and not o.label_smoothing:
+            raise ConfigError("objective.loss=exo_pair needs objective.label_smoothing > 0 (EXO's ε; the paper: 1e-3)")
+        if o.f_divergence != "reverse_kl" and not set(names) <= set(F_DIVERGENCE_LOSSES):
+            raise ConfigError(f"objective.f_divergence={o.f_divergence} applies to {', '.join(F_DIVERGENCE_LOSSES)}; "
+                              f"not to {o.name}")
+        if o.wpo and set(names) & set(SORTING_LOSSES):
+            raise ConfigError("objective.wpo weights pairs, which aot and aot_unpaired sort apart")
+        if "kto" in names and (o.ld_alpha is not None or o.wpo or o.nll_weight or o.loss_weights):
+            raise ConfigError("objective.loss=kto takes no ld_alpha, wpo, nll_weight or loss_weights (they are defined "
+                              "on pairs); kto_desirable_weight and kto_undesirable_weight weigh its completions")
+        if r.sync_every:
+            if not o.needs_reference:
+                raise ConfigError(f"reference.sync_every (TR-DPO) moves the reference; objective.loss={o.name} has none")
+            if r.strategy not in ("auto", "copy"):
+                raise ConfigError(f"reference.sync_every (TR-DPO) moves the reference, which reference.strategy="
+                                  f"{r.strategy} keeps fixed; use auto or copy")
+            if r.name is not None:
+                raise ConfigError("reference.sync_every (TR-DPO) moves the policy's starting weights toward it; it "
+                                  "does not take a reference.name")
+            if self.distributed.strategy == "fsdp":
+                raise ConfigError("reference.sync_every (TR-DPO) is not implemented for sharded weights; use "
+                                  "distributed.strategy=ddp")
+
 
 def all_keys() -> list[str]:
     return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
@@ -537,7 +546,10 @@ def check_fields(settings: Any, section: str | None = None) -> None:
         value, meta = getattr(settings, f.name), f.metadata
         choices = meta.get("choices")
         if choices is not None and isinstance(value, list):  # a list of choices: each item must be one
-            value = next((v for v in value if v not in choices), value[0] if value else None)
+            wrong = [v for v in value if v not in choices]
+            if not wrong:
+                continue
+            value = wrong[0]
         if choices is not None and value not in choices:
             shown = ", ".join(str(c) for c in choices if c is not None)
             raise ConfigError(f"{key} must be one of {shown}; got {value!r}"

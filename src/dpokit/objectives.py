@@ -213,11 +213,16 @@ def kto(logratios: Tensor, desirable: Tensor, kl: Tensor, *, beta: float, desira
                        undesirable_weight * (1 - torch.sigmoid(beta * (kl - logratios))))
 
 
-def kto_reference_point(kl_policy: Tensor, kl_reference: Tensor) -> Tensor:
+def kto_reference_point(kl_policy: Tensor, kl_reference: Tensor,
+                        all_reduce_sum: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """KTO's z₀ (Ethayarajh et al. 2024, §4.1): max(0, mean_i log π(y'_i|x_i) - log π_ref(y'_i|x_i)) over
     mismatched pairs (x_i, y'_i), y'_i another row's completion, detached: a biased but cheap estimate
-    of the batch KL."""
-    return (kl_policy - kl_reference).mean().detach().clamp(min=0)
+    of the batch KL. `all_reduce_sum` sums over processes, so the mean is over every rank's pairs (TRL's)."""
+    terms = (kl_policy - kl_reference).detach().float()
+    total = torch.stack([terms.sum(), terms.new_tensor(float(terms.numel()))])
+    if all_reduce_sum is not None:
+        total = all_reduce_sum(total)
+    return (total[0] / total[1]).clamp(min=0)
 
 
 def f_divergence_scores(logratio: Tensor, divergence: str, alpha: float = 0.5) -> Tensor:

@@ -18,7 +18,7 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 
-from dpokit.data.records import PreferenceRecord, Problems, RowProblem, read_preferences
+from dpokit.data.records import PreferenceRecord, Problems, RowProblem, RowReader, read_preferences
 from dpokit.data.tokenize import (
     TokenizedPair,
     TokenizeSettings,
@@ -41,10 +41,12 @@ class ValidationReport:
     skip_invalid: bool = False
     format: str = "auto"  # data.format as given; `detected` is what the rows were read as
     detected: str | None = None
+    desirable: int | None = None  # unpaired rows (data.format=kto): valid completions labelled desirable ...
+    undesirable: int | None = None  # ... and undesirable; None for pairs
     error: str | None = None  # a problem with the whole source: nothing could be checked past it
     unreadable: bool = False  # the error is that the source cannot be read at all: the check could not run
     rows_read: int = 0
-    valid: int = 0  # pairs training would use
+    valid: int = 0  # pairs (or unpaired completions) training would use
     problems: list[RowProblem] = field(default_factory=list)
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (row, the earlier row it repeats)
     contradictory: list[tuple[str, str]] = field(default_factory=list)  # (row, earlier row with the two swapped)
@@ -53,6 +55,10 @@ class ValidationReport:
     truncated_prompt: int = 0
     truncated_completion: int = 0
     lengths: dict | None = None
+
+    @property
+    def unpaired(self) -> bool:
+        return self.desirable is not None
 
     @property
     def invalid(self) -> int:
@@ -76,13 +82,13 @@ class ValidationReport:
         if self.error is not None:
             return f"NOT OK: {self.error}"
         if self.valid == 0:
-            return "NOT OK: no valid pairs"
+            return f"NOT OK: no valid {'completions' if self.unpaired else 'pairs'}"
         if self.problems and not self.skip_invalid:
             first = self.problems[0]
             return (f"NOT OK: {_n(self.invalid, 'invalid row')}; training stops at the first "
                     f"({first.source}) unless data.skip_invalid=true (--skip-invalid here)")
         skipped = f", skipping {_n(self.invalid, 'invalid row')}" if self.problems else ""
-        return f"OK: the data would train as is ({_n(self.valid, 'pair')}{skipped})"
+        return f"OK: the data would train as is ({_n(self.valid, 'completion' if self.unpaired else 'pair')}{skipped})"
 
     def to_json(self) -> dict:
         s = self.settings
@@ -98,6 +104,7 @@ class ValidationReport:
             "error": self.error,
             "rows_read": self.rows_read,
             "valid": self.valid,
+            **({"desirable": self.desirable, "undesirable": self.undesirable} if self.unpaired else {}),
             "invalid": self.invalid,
             "invalid_by_reason": self.invalid_by_reason,
             "problems": [p.to_json() for p in self.problems],
@@ -121,16 +128,20 @@ class ValidationReport:
         if self.error is not None:
             out += [f"error: {self.error}", self.verdict()]
             return "\n".join(out)
-        out.append(f"rows read: {self.rows_read}   valid: {self.valid}   invalid: {self.invalid}")
+        labels = f" ({self.desirable} desirable, {self.undesirable} undesirable)" if self.unpaired else ""
+        out.append(f"rows read: {self.rows_read}   valid: {self.valid}{labels}   invalid: {self.invalid}")
         for reason, n in self.invalid_by_reason.items():
             out.append(f"  {reason}: {n}")
         for p in self.problems[:show]:
             out.append(f"    {p}")
         if len(self.problems) > show:
             out.append(f"    ... and {len(self.problems) - show} more (--show N, or --json for all)")
-        out.append(f"identical chosen/rejected: {self.identical}")
+        if not self.unpaired:
+            out.append(f"identical chosen/rejected: {self.identical}")
         out.append(f"duplicates: {len(self.duplicates)}" + _examples(self.duplicates, "repeats", show))
-        out.append(f"contradictory (chosen/rejected swapped in another row): {len(self.contradictory)}"
+        what = ("the same completion labelled the other way" if self.unpaired else
+                "chosen/rejected swapped")
+        out.append(f"contradictory ({what} in another row): {len(self.contradictory)}"
                    + _examples(self.contradictory, "swaps", show))
         over = f"over max_length: {len(self.over_max_length)}"
         if self.over_max_length:
@@ -152,8 +163,14 @@ def validate_data(source: str, tokenizer, settings: TokenizeSettings | None = No
     settings = settings if settings is not None else TokenizeSettings()
     report = ValidationReport(source, model, settings, split=split, skip_invalid=skip_invalid, format=format)
     problems = Problems("collect")
+    labels: dict[str, bool] | None = None
     try:
-        read = read_preferences(source, split=split, problems=problems, format=format)
+        if _schema(source, split, format) == "kto":  # unpaired rows, read as KTO reads them
+            read = read_preferences(source, split=split, problems=problems, format=format, use="labelled")
+            labels = {where: row["label"] for where, row in RowReader(source, split, Problems("collect"), format="kto")
+                      if isinstance(row, dict)}
+        else:
+            read = read_preferences(source, split=split, problems=problems, format=format)
         report.detected = read.format
         pairs = encode_records(read.records, tokenizer, problems)
     except DataError as e:
@@ -162,7 +179,7 @@ def validate_data(source: str, tokenizer, settings: TokenizeSettings | None = No
         report.problems = problems.rows
         return report
     report.rows_read = read.rows_read
-    report.duplicates, report.contradictory = _repeats(read.records)
+    report.duplicates, report.contradictory = _repeats(read.records, labels)
     for p in pairs:
         if len(p.prompt) + max(len(p.chosen), len(p.rejected)) > settings.max_length:
             report.over_max_length.append(p.source)
@@ -172,19 +189,42 @@ def validate_data(source: str, tokenizer, settings: TokenizeSettings | None = No
     report.valid = len(kept)
     report.truncated_prompt, report.truncated_completion = stats.truncated_prompt, stats.truncated_completion
     report.problems = problems.rows
-    report.lengths = length_stats(pairs)
+    if labels is not None:
+        report.desirable = sum(labels[p.source] for p in kept)
+        report.undesirable = report.valid - report.desirable
+        report.lengths = completion_length_stats(pairs)
+    else:
+        report.lengths = length_stats(pairs)
     return report
+
+
+def _schema(source: str, split: str, format: str) -> str | None:
+    """The schema of `source`: `format`, or for `auto` the one its first row (or a table's columns) names."""
+    if format != "auto":
+        return format
+    rows = RowReader(source, split, Problems("collect"), format=format)
+    next(iter(rows), None)
+    return rows.format
+
+
+def completion_length_stats(pairs: list[TokenizedPair]) -> dict | None:
+    """Token counts of the prompts and the completions of unpaired rows (with EOS, before truncation)."""
+    if not pairs:
+        return None
+    return {"completions": len(pairs), "prompt": _summary([len(p.prompt) for p in pairs]),
+            "completion": _summary([len(p.chosen) for p in pairs])}
+
+
+def _summary(values: list[int]) -> dict:
+    return {"mean": round(statistics.fmean(values), 2), "median": statistics.median(values),
+            "min": min(values), "max": max(values)}
 
 
 def length_stats(pairs: list[TokenizedPair]) -> dict | None:
     """Token counts of prompts and completions (with EOS, before truncation), and which side is longer."""
     if not pairs:
         return None
-
-    def summary(values: list[int]) -> dict:
-        return {"mean": round(statistics.fmean(values), 2), "median": statistics.median(values),
-                "min": min(values), "max": max(values)}
-
+    summary = _summary
     chosen = [len(p.chosen) for p in pairs]
     rejected = [len(p.rejected) for p in pairs]
     n = len(pairs)
@@ -200,12 +240,19 @@ def length_stats(pairs: list[TokenizedPair]) -> dict | None:
     }
 
 
-def _repeats(records: list[PreferenceRecord]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+def _repeats(records: list[PreferenceRecord], labels: dict[str, bool] | None = None
+             ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Rows that repeat an earlier one, and rows that contradict one: a pair with its sides swapped, or
+    (unpaired rows, `labels` by source) the same completion with the other label."""
     seen: dict[str, str] = {}
     duplicates, contradictory = [], []
     for r in records:
-        key = json.dumps([r.prompt, r.chosen, r.rejected], sort_keys=True)
-        swapped = json.dumps([r.prompt, r.rejected, r.chosen], sort_keys=True)
+        if labels is not None:
+            key = json.dumps([r.prompt, r.chosen, labels[r.source]], sort_keys=True)
+            swapped = json.dumps([r.prompt, r.chosen, not labels[r.source]], sort_keys=True)
+        else:
+            key = json.dumps([r.prompt, r.chosen, r.rejected], sort_keys=True)
+            swapped = json.dumps([r.prompt, r.rejected, r.chosen], sort_keys=True)
         if key in seen:
             duplicates.append((r.source, seen[key]))
             continue
@@ -228,15 +275,19 @@ def _examples(rows: list[tuple[str, str]], verb: str, show: int) -> str:
 
 def _render_lengths(lengths: dict) -> list[str]:
     rows = [["", "mean", "median", "min", "max"]]
-    for key in ("prompt", "chosen", "rejected"):
+    unpaired = "completions" in lengths
+    for key in ("prompt", "completion") if unpaired else ("prompt", "chosen", "rejected"):
         s = lengths[key]
         rows.append([key, f"{s['mean']:.1f}", f"{s['median']:.10g}", str(s["min"]), str(s["max"])])
     # the usual widths, widened where a number needs it so a space always separates two columns
     # (.10g: plain digits up to 10 figures where :g turns 1234567 into 1.23457e+06)
     widths = [max(minimum, *(len(row[i]) + 1 for row in rows)) for i, minimum in enumerate((9, 9, 9, 7, 7))]
-    out = [f"tokens over {_n(lengths['pairs'], 'pair')} (completions with EOS, before truncation):"]
+    count = _n(lengths["completions"], "completion") if unpaired else _n(lengths["pairs"], "pair")
+    out = [f"tokens over {count} (completions with EOS, before truncation):"]
     for name, *numbers in rows:
         out.append("  " + name.ljust(widths[0]) + "".join(n.rjust(w) for n, w in zip(numbers, widths[1:])))
+    if unpaired:
+        return out
     out.append(f"  chosen longer in {lengths['chosen_longer']:.1%} of pairs, rejected longer in "
                f"{lengths['rejected_longer']:.1%}, same length in {lengths['same_length']:.1%} "
                f"(mean chosen - rejected: {lengths['mean_difference']:+.10g} tokens)")
@@ -259,11 +310,13 @@ def add_validate(sub) -> argparse.ArgumentParser:
         help="check a preference dataset without training",
         description="Check a preference dataset as `dpokit train` would read it, without training, and "
                     "report invalid rows (by reason, with file and line), duplicates, rows over the length "
-                    "limits with the model's tokenizer and chosen/rejected length statistics. Exit status: 0 "
+                    "limits with the model's tokenizer and chosen/rejected length statistics (for unpaired KTO "
+                    "rows: desirable and undesirable counts, and completions labelled both ways). Exit status: 0 "
                     "when the data would train as is with these settings, 1 when it would not, 2 when the "
                     "check cannot run (a bad option or model, a source that cannot be read at all).",
     )
-    p.add_argument("data", help="preference pairs: .jsonl/.json/.parquet/.csv file, datasets directory or hub name")
+    p.add_argument("data", help="preference pairs, or unpaired KTO rows (prompt, completion, label): "
+                                ".jsonl/.json/.parquet/.csv file, datasets directory or hub name")
     p.add_argument("--model", default=model.name, help=f"whose tokenizer counts tokens (default: {model.name})")
     p.add_argument("--split", default=data.train_split, help="split of a datasets dataset (default: %(default)s)")
     p.add_argument("--max-length", type=int, default=data.max_length, help="data.max_length (default: %(default)s)")

@@ -154,9 +154,10 @@ def test_tr_dpo_reference_follows_the_policy(tiny_config, tmp_path, lora):
         trainer.close()
 
 
-def test_tr_dpo_resume_carries_the_moving_reference(tiny_config, tmp_path, monkeypatch):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_tr_dpo_resume_carries_the_moving_reference(tiny_config, tmp_path, monkeypatch, lora):
     common = ("reference.sync_every=1", "reference.sync_alpha=0.3", "train.max_steps=5", "train.epochs=2",
-              "checkpoint.every=2")
+              "checkpoint.every=2", *(["lora.enabled=true", "lora.r=4", "train.lr=5e-3"] if lora else []))
     straight = train(tiny_config(*common, f"output.dir={tmp_path / 'straight'}"))
     cfg = tiny_config(*common, f"output.dir={tmp_path / 'interrupted'}")
     real_step = Trainer.train_step

@@ -137,7 +137,10 @@ LABELS = {True: True, False: False, "true": True, "false": False}  # 1 and 0 equ
 
 
 def _kto(row: dict, where: str, problems) -> dict | None:
-    label = row.get("label")
+    if "label" not in row:
+        problems.add(where, "missing_field", "missing field 'label' (true: desirable, false: undesirable)")
+        return None
+    label = row["label"]
     key = label.strip().lower() if isinstance(label, str) else label  # CSV cells are strings
     if isinstance(key, float) or key not in LABELS:
         problems.add(where, "wrong_type", f"'label' must be true (desirable) or false (undesirable), got {label!r}")

@@ -111,7 +111,7 @@ class DPO:
         """KTO on completions (the `chosen` side) with their mismatched pairs (the `rejected` side)."""
         o = self.cfg.objective
         desirable = labels.to(logps.chosen.device)
-        z0 = kto_reference_point(logps.rejected, ref.rejected)
+        z0 = kto_reference_point(logps.rejected, ref.rejected, self.rt.all_reduce_sum)  # over every rank's batch
         ratios = logps.chosen - ref.chosen
         losses = kto(ratios, desirable, z0, beta=o.beta, desirable_weight=o.kto_desirable_weight,
                      undesirable_weight=o.kto_undesirable_weight)
