@@ -94,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                          (pipeline.add_sample, pipeline.sample_command),
                          (pipeline.add_label, pipeline.label_command),
                          (pipeline.add_evaluate, pipeline.evaluate_command),
-                         (pipeline.add_frontier, pipeline.frontier_command)):
+                         (pipeline.add_frontier, pipeline.frontier_command),
+                         (pipeline.add_generate, pipeline.generate_command),
+                         (pipeline.add_chat, pipeline.chat_command)):
         add(sub).set_defaults(func=command)
     return parser
 

@@ -54,6 +54,9 @@ class TrainingSamples:
 
             judge = build_judge(t.sample_judge, model=t.sample_judge_model,
                                 options=parse_options(t.sample_judge_options, "train.sample_judge_options"))
+            if getattr(judge, "pairwise", False):
+                raise ConfigError("train.sample_judge scores each generation: the llm judge compares pairs unless "
+                                  "train.sample_judge_options has mode=score")
         return cls(cfg, tokenizer, prompts, judge)
 
     def generate(self, model, step: int) -> tuple[list[dict], dict]:

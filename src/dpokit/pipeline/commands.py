@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from dpokit import models
 from dpokit.config import add_arguments, from_arguments
 from dpokit.errors import ConfigError
-from dpokit.pipeline.settings import PairingSettings, Placement, SamplingSettings
+from dpokit.pipeline.settings import ChatSettings, PairingSettings, Placement, SamplingSettings
 
 if TYPE_CHECKING:
     from dpokit.pipeline.evaluate import Evaluator
@@ -34,14 +34,17 @@ EVAL_SEED = 1234
 def _add_judge(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     g = p.add_argument_group("judge")
     g.add_argument("--judge", required=required, default=None,
-                   help="sentiment (VADER), reward-model, length, keywords, or module:function (a Python callable "
+                   help="sentiment (VADER), reward-model, length, keywords, llm (a language model compares two "
+                        "completions or scores one), or module:function (a Python callable "
                         "fn(prompt, completion) -> float; the module may be a .py path)")
     g.add_argument("--judge-model", default=None,
-                   help="model of the reward-model judge, or a sentiment classifier to use instead of VADER "
-                        "(hub id or local directory)")
+                   help="model of the reward-model judge, a sentiment classifier to use instead of VADER (hub id or "
+                        "local directory), or the llm judge's local model (anything model.name accepts)")
     g.add_argument("--judge-option", action="append", default=[], metavar="KEY=VALUE",
                    help="judge setting, repeatable: on=text|completion, label=NAME (classifiers), unit=words|chars "
-                        "and target=N (length), words=a,b,c and weight=W (keywords), batch_size=N")
+                        "and target=N (length), words=a,b,c and weight=W (keywords), batch_size=N; llm: "
+                        "url=http://host:port/v1 and model=NAME (an OpenAI-compatible server), mode=pairwise|score, "
+                        "template=FILE, max_new_tokens=N, api_key=KEY, workers=N")
 
 
 def _judge(args: argparse.Namespace):
@@ -129,20 +132,32 @@ def _add_evaluation(p: argparse.ArgumentParser) -> None:
                    help="reference samples from `dpokit sample` at temperature 1 (reused instead of sampling the "
                         "reference again; their prompts, max-new-tokens and template are used)")
     p.add_argument("--pairs", default=None, help="held-out preference pairs for the preference accuracy")
+    p.add_argument("--against", choices=("reference", "chosen"), default="reference",
+                   help="the win rate's opponents: the reference's samples, or the chosen completions of the "
+                        "--prompts file (a preference file), as the DPO paper's GPT-4 win rates (default reference)")
     _add_judge(p)
     add_arguments(p, SamplingSettings, GENERATION, defaults={"seed": EVAL_SEED})
     add_arguments(p, Placement)
 
 
-def _evaluator(args: argparse.Namespace, reference: str) -> Evaluator:
-    from dpokit.pipeline.evaluate import Evaluator
+def _evaluator(args: argparse.Namespace, reference: str, *, scores: str | None = None) -> Evaluator:
+    """The evaluator of the arguments; `scores` names what needs a judge that scores (not a pairwise one)."""
+    from dpokit.pipeline.evaluate import Evaluator, read_chosen
     from dpokit.pipeline.prompts import read_prompts
 
     settings = from_arguments(SamplingSettings, args).check()
     prompts = read_prompts(args.prompts) if args.prompts else None
+    if args.against == "chosen" and prompts is None:
+        raise ConfigError("--against chosen reads the chosen completions from --prompts (a preference file)")
+    chosen = read_chosen(args.prompts) if args.against == "chosen" else None
+    judge = _judge(args)
+    if scores is not None and getattr(judge, "pairwise", False):
+        raise ConfigError(f"{scores} needs a judge that scores each completion; the llm judge compares pairs unless "
+                          "--judge-option mode=score")
     placement = from_arguments(Placement, args)
-    return Evaluator(reference, _judge(args), settings, prompts=prompts, reference_samples=args.reference_samples,
-                     pairs=args.pairs, device=placement.device, dtype=placement.dtype)
+    return Evaluator(reference, judge, settings, prompts=prompts, reference_samples=args.reference_samples,
+                     pairs=args.pairs, device=placement.device, dtype=placement.dtype, against=args.against,
+                     chosen=chosen)
 
 
 BEST_OF_HELP = ("the reference's Best-of-N as a policy: each of the --n samples per prompt is the judge's best of N "
@@ -197,12 +212,16 @@ def evaluate_command(args: argparse.Namespace) -> int:
         _best_of([args.best_of])
         if args.pairs is not None:
             raise ConfigError("--pairs: best-of-N has no log-probs for a preference accuracy; leave --pairs out")
-        evaluator = _evaluator(args, _best_of_reference(args))
+        evaluator = _evaluator(args, _best_of_reference(args), scores="--best-of")
         result = evaluator.evaluate_best_of(args.best_of, samples_out=args.samples_out)
     else:
         check_model(args.policy)  # a missing policy path is the error, not the reference it would imply
         evaluator = _evaluator(args, resolve_reference(args.policy, args.reference))
         result = evaluator.evaluate(args.policy, samples_out=args.samples_out)
+    note = evaluator.judge.note() if hasattr(evaluator.judge, "note") else None
+    if note:
+        result.extra["judge_unparsed"] = evaluator.judge.unparsed
+        print(note)
     print_result(result)
     if args.out:
         print(f"result written to {write_result(result, args.out)}")
@@ -247,7 +266,7 @@ def frontier_command(args: argparse.Namespace) -> int:
                               + ("are not dpokit runs" if not bases else f"start from different models: {sorted(bases)}"))
         reference = bases.pop()
     targets += best_of_targets(best_of, reference)
-    return frontier(targets, _evaluator(args, reference), args.out)
+    return frontier(targets, _evaluator(args, reference, scores="the frontier (mean reward against KL)"), args.out)
 
 
 def frontier(targets: list[Target], evaluator: Evaluator, out: str | Path) -> int:
@@ -270,4 +289,80 @@ def frontier(targets: list[Target], evaluator: Evaluator, out: str | Path) -> in
         table.add_row(pt.target.series, pt.target.label, kl, f"{r.reward_policy.mean:.3f}", f"{r.win_rate.mean:.3f}")
     Console().print(table)
     print(f"written: {Path(out) / 'frontier.csv'}, {Path(out) / 'frontier.png'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ chat, generate
+
+
+def add_chat(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("chat", help="chat with a model: a dpokit run, checkpoint or any model",
+                       description="An interactive chat with the model: each line is a user turn, the reply streams "
+                                   "as it is generated (chat template applied). /reset starts a new conversation, "
+                                   "/exit or end of input leaves. Reads piped input too.")
+    p.add_argument("model", metavar="RUN_OR_MODEL",
+                   help="dpokit run directory (its exported model), checkpoint, local dir, .gguf, hub id or "
+                        f"{models.DEFAULT_MODEL}")
+    add_arguments(p, ChatSettings)
+    add_arguments(p, Placement)
+    return p
+
+
+def chat_command(args: argparse.Namespace) -> int:
+    import sys
+
+    from dpokit.pipeline.chat import Chat, chat_loop
+    from dpokit.pipeline.runs import check_model
+
+    settings = from_arguments(ChatSettings, args).check()
+    check_model(args.model)
+    placement = from_arguments(Placement, args)
+    chat = Chat.load(args.model, device=placement.device, dtype=placement.dtype, system=settings.system,
+                     temperature=settings.temperature, top_p=settings.top_p, max_new_tokens=settings.max_new_tokens,
+                     seed=settings.seed)
+    return chat_loop(chat, sys.stdin, sys.stdout, interactive=sys.stdin.isatty())
+
+
+def add_generate(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("generate", help="generate completions for a prompt file (no judge)",
+                       description="Completions for every prompt of a file, greedy unless --temperature is set: "
+                                   "printed, or written as JSONL rows (prompt, completions, token counts) with --out.")
+    p.add_argument("prompts", help="prompt file: .jsonl/.json rows with 'prompt' (string or messages), or .txt lines")
+    p.add_argument("--model", default=models.DEFAULT_MODEL,
+                   help=f"model: dpokit run or checkpoint, local dir, .gguf, hub id or {models.DEFAULT_MODEL}")
+    p.add_argument("--out", default=None, help="write JSONL rows here instead of printing")
+    add_arguments(p, SamplingSettings, (*GENERATION, "temperature", "top_p"),
+                  defaults={"n": 1, "temperature": 0.0, "max_new_tokens": 128})
+    add_arguments(p, Placement)
+    return p
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    return generate(args.prompts, from_arguments(SamplingSettings, args), model=args.model, out=args.out,
+                    placement=from_arguments(Placement, args))
+
+
+def generate(prompts: str | Path, settings: SamplingSettings, *, model: str = models.DEFAULT_MODEL,
+             out: str | Path | None = None, placement: Placement = Placement()) -> int:
+    from dpokit.pipeline.chat import generate_rows
+    from dpokit.pipeline.jsonl import write_jsonl
+    from dpokit.pipeline.llm_judge import query_text
+    from dpokit.pipeline.prompts import read_prompts
+    from dpokit.pipeline.runs import check_model
+    from dpokit.pipeline.sample import Sampler
+
+    settings.check()
+    items = read_prompts(prompts)
+    check_model(model)
+    sampler = Sampler.load(model, settings, device=placement.device, dtype=placement.dtype)
+    rows = generate_rows(sampler, items, batch_prompts=max(1, settings.batch_size // settings.n))
+    if out is not None:
+        write_jsonl(out, rows)
+        print(f"{sum(len(r['completions']) for r in rows)} completions for {len(rows)} prompts → {out}")
+        return 0
+    for row in rows:
+        print(f"### {query_text(row['prompt'])}")
+        for completion in row["completions"]:
+            print(completion)
+        print()
     return 0

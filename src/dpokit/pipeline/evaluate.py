@@ -13,6 +13,14 @@ and the judge scores every completion. Reported, with standard errors over promp
                 chosen completion, (log π − log π_ref)(y_w) > (log π − log π_ref)(y_l), as `dpokit train`
                 reports it (rewards/accuracies)
 
+Against the dataset (`against="chosen"`, `--against chosen`): the win rate compares the policy's samples with
+each prompt's chosen completion from the held-out file instead of the reference's samples, as the DPO
+paper's GPT-4 win rates against the TL;DR reference summaries and the dialogue data's chosen responses.
+
+A pairwise judge (`--judge llm`, `llm_judge.py`) gives no rewards, only which of two completions is better:
+the win rate is then the judge's, each policy sample against one opponent of its prompt (the reference's
+sample of the same index, or the chosen completion), both orders asked; the mean rewards are not reported.
+
 Best-of-N (`Evaluator.evaluate_best_of`) is the policy made of the reference and the judge: each of its
 `n` samples per prompt is the judge's best of N fresh reference samples (the first on ties). It is
 reported like a policy (same reward, win-rate and standard-error estimators, against the same reference
@@ -110,6 +118,9 @@ def best_index(scores: Sequence[float]) -> int:
     return max(range(len(scores)), key=lambda i: (scores[i], -i))
 
 
+AGAINST = ("reference", "chosen")
+NO_SCORE = Estimate(math.nan, math.nan, 0)  # what a pairwise judge reports for a mean reward
+
 BEST_OF_SEED = 1_000_000  # round j of best-of-N candidates is sampled with seed + BEST_OF_SEED + j
 
 
@@ -142,6 +153,8 @@ class EvalResult:
     tokens_policy: float = math.nan  # mean completion length in tokens
     tokens_reference: float = math.nan
     kl_kind: str = "estimate"  # estimate: sequence log-ratios on the policy's samples; bound: best-of-N's log N − (N−1)/N
+    against: str = "reference"  # the win rate's opponents: the reference's samples, or the held-out chosen completions
+    reward_chosen: Estimate | None = None  # against chosen, a pointwise judge: mean reward of the chosen completions
     best_of: int | None = None  # N when the policy is the reference's best-of-N
     reward_candidates: Estimate | None = None  # best-of-N: mean reward of all its candidates (reference samples)
     seconds_candidates: float | None = None  # best-of-N: wall-clock of sampling and judging its N rounds
@@ -171,7 +184,12 @@ class Evaluator:
 
     def __init__(self, reference: str, judge: Judge, settings: SamplingSettings, *,
                  prompts: Sequence[Prompt] | None = None, reference_samples: str | Path | None = None,
-                 pairs: str | Path | None = None, device: str = "auto", dtype: str = "float32", progress: bool = True):
+                 pairs: str | Path | None = None, device: str = "auto", dtype: str = "float32", progress: bool = True,
+                 against: str = "reference", chosen: Sequence[str] | None = None):
+        if against not in AGAINST:
+            raise ConfigError(f"against must be one of {', '.join(AGAINST)}; got {against!r}")
+        if (against == "chosen") != (chosen is not None):
+            raise ConfigError("a win rate against the chosen completions needs them (one per prompt), and only then")
         if (settings.temperature, settings.top_p) != (1.0, 1.0):
             raise ConfigError(f"evaluation samples at temperature 1 without top-p (the KL estimate needs samples of "
                               f"π itself), not at temperature {settings.temperature}, top-p {settings.top_p}")
@@ -194,7 +212,16 @@ class Evaluator:
                 raise DataError(f"{reference_samples}: its prompts are not those of --prompts")
         self.prompts = [r["prompt"] for r in ref_rows]
         self.reference_rows = ref_rows
-        self.reference_scores = score_rows(judge, ref_rows)
+        self.against, self.pairwise = against, bool(getattr(judge, "pairwise", False))
+        self.reference_scores = None if self.pairwise else score_rows(judge, ref_rows)
+        self.chosen, self.chosen_scores = None, None
+        if chosen is not None:
+            if len(chosen) != len(self.prompts):
+                raise DataError(f"{len(chosen)} chosen completions for {len(self.prompts)} prompts")
+            self.chosen = list(chosen)
+            if not self.pairwise:
+                self.chosen_scores = score_rows(judge, [{"prompt": p, "completions": [c]}
+                                                        for p, c in zip(self.prompts, self.chosen)])
         self.rounds: list[CandidateRound] = []  # best-of-N candidates, drawn on demand
         self.pairs: list[TokenizedPair] = []
         if pairs is not None:
@@ -230,7 +257,7 @@ class Evaluator:
         model = models.load_model(policy, dtype=self.dtype).to(self.device).eval()
         sampler = Sampler(model, self.tokenizer, s)
         drawn = self._draw(sampler)
-        policy_scores = score_rows(self.judge, [d.row(i) for i, d in enumerate(drawn)])
+        policy_scores = None if self.pairwise else score_rows(self.judge, [d.row(i) for i, d in enumerate(drawn)])
         flat_prompts = [d.prompt_ids for d in drawn for _ in d.completions]
         flat = [c.ids for d in drawn for c in d.completions]
         ref_flat = iter(self.reference.logps(flat_prompts, flat))
@@ -238,8 +265,9 @@ class Evaluator:
         result = EvalResult(
             policy=policy, reference=self.reference_name, judge=self.judge.name, prompts=len(drawn),
             samples_per_prompt=s.n,
-            reward_policy=mean_over_prompts(policy_scores), reward_reference=mean_over_prompts(self.reference_scores),
-            win_rate=win_rate(policy_scores, self.reference_scores),
+            reward_policy=self._mean_reward(policy_scores), reward_reference=self._mean_reward(self.reference_scores),
+            win_rate=self._win_rate([d.texts for d in drawn], policy_scores),
+            against=self.against, reward_chosen=self._mean_reward(self.chosen_scores) if self.chosen_scores else None,
             kl=sequence_kl([d.logps for d in drawn], ref_logps),
             tokens_policy=_mean(len(c.ids) for d in drawn for c in d.completions),
             tokens_reference=_mean(n for r in self.reference_rows for n in r["num_tokens"]),
@@ -249,10 +277,24 @@ class Evaluator:
             result.preference_accuracy = preference_accuracy(lp[0], lp[1], *self.pairs_reference)
             result.pairs = len(self.pairs)
         if samples_out is not None:
-            write_jsonl(samples_out, [{**d.row(i), "scores": sc, "reference_logps": rl}
-                                      for i, (d, sc, rl) in enumerate(zip(drawn, policy_scores, ref_logps))])
+            write_jsonl(samples_out, [{**d.row(i), "scores": sc, "reference_logps": rl} for i, (d, sc, rl)
+                                      in enumerate(zip(drawn, policy_scores or [None] * len(drawn), ref_logps))])
         del model, sampler
         return result
+
+    def _mean_reward(self, scores: list[list[float]] | None) -> Estimate:
+        return NO_SCORE if scores is None else mean_over_prompts(scores)
+
+    def _win_rate(self, texts: list[list[str]], scores: list[list[float]] | None) -> Estimate:
+        """Win rate of the samples `texts` (their `scores` from a pointwise judge) against the opponents:
+        the reference's samples or the chosen completions."""
+        if self.pairwise:
+            from dpokit.pipeline.llm_judge import pairwise_win_rate
+
+            opponents = ([[c] for c in self.chosen] if self.chosen is not None
+                         else [r["completions"] for r in self.reference_rows])
+            return mean_over_prompts(pairwise_win_rate(self.judge, self.prompts, texts, opponents))
+        return win_rate(scores, self.chosen_scores if self.chosen is not None else self.reference_scores)
 
     def _draw(self, sampler: Sampler) -> list[PromptSamples]:
         from tqdm.auto import tqdm
@@ -271,6 +313,9 @@ class Evaluator:
         """The reference's best-of-`n` as a policy: each of `settings.n` samples per prompt is the judge's
         best of `n` candidates (rounds 0..n-1, see the module docstring), scored against the reference's
         samples like a policy; the KL is the analytic `best_of_n_kl(n)`."""
+        if self.pairwise:
+            raise ConfigError("best-of-N picks each candidate by its score: a pairwise judge gives none (the llm judge "
+                              "scores with --judge-option mode=score)")
         kl = best_of_n_kl(n)
         rounds = self.candidates(n)
         k = self.settings.n
@@ -281,7 +326,8 @@ class Evaluator:
             policy=f"best-of-{n}", reference=self.reference_name, judge=self.judge.name, prompts=len(self.prompts),
             samples_per_prompt=k,
             reward_policy=mean_over_prompts(scores), reward_reference=mean_over_prompts(self.reference_scores),
-            win_rate=win_rate(scores, self.reference_scores),
+            win_rate=self._win_rate([], scores), against=self.against,
+            reward_chosen=self._mean_reward(self.chosen_scores) if self.chosen_scores else None,
             kl=Estimate(kl, 0.0, len(self.prompts)),  # analytic: no sampling error
             tokens_policy=_mean(len(c.ids) for cs in chosen for c in cs),
             tokens_reference=_mean(t for r in self.reference_rows for t in r["num_tokens"]),
@@ -334,6 +380,24 @@ def read_pairs(path: str | Path, tokenizer) -> list[TokenizedPair]:
     return pairs
 
 
+def read_chosen(path: str | Path) -> list[str]:
+    """Each row's chosen completion, in order, from a .jsonl / .json preference file (a string, or the last
+    message's content of a list): the opponents of a win rate against the chosen completions."""
+    path = Path(path)
+    if path.suffix not in (".jsonl", ".json"):
+        raise DataError(f"{path}: the chosen completions are read from a .jsonl or .json preference file")
+    rows = read_jsonl(path) if path.suffix == ".jsonl" else json.loads(path.read_text(encoding="utf-8"))
+    chosen = []
+    for i, row in enumerate(rows, 1):
+        c = row.get("chosen") if isinstance(row, dict) else None
+        if isinstance(c, list) and c and isinstance(c[-1], dict):
+            c = c[-1].get("content")
+        if not isinstance(c, str):
+            raise DataError(f"{path}: row {i} has no 'chosen' completion (a string or messages) to compare with")
+        chosen.append(c)
+    return chosen
+
+
 def pair_logps(scorer: CompletionLogProbs, pairs: Sequence[TokenizedPair], pad_id: int,
                batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of every pair's chosen and rejected completion (padded batches)."""
@@ -349,6 +413,8 @@ def resolve_reference(policy: str, reference: str | None) -> str:
 
 
 def format_estimate(e: Estimate, digits: int = 3) -> str:
+    if math.isnan(e.mean):
+        return "—"
     if math.isnan(e.se):
         return f"{e.mean:.{digits}f}"
     return f"{e.mean:.{digits}f} ± {e.se:.{digits}f}"
@@ -374,7 +440,12 @@ def result_table(result: EvalResult, *, title: str | None = None):
     if result.reward_candidates is not None:
         table.add_row(f"mean reward of the candidates ({bon * result.samples_per_prompt} per prompt)",
                       format_estimate(result.reward_candidates), "—")
-    table.add_row("win rate vs reference", "0.500", format_estimate(result.win_rate))
+    if result.reward_chosen is not None:
+        table.add_row("mean reward of the chosen completions", format_estimate(result.reward_chosen), "—")
+    if result.against == "chosen":
+        table.add_row("win rate vs the chosen completions", "—", format_estimate(result.win_rate))
+    else:
+        table.add_row("win rate vs reference", "0.500", format_estimate(result.win_rate))
     if result.kl_kind == "bound":
         table.add_row("KL, nats: bound log N − (N−1)/N", "0", f"{result.kl.mean:.2f}")
         if result.seconds_candidates is not None:

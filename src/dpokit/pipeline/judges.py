@@ -8,6 +8,8 @@
                   label), else the probability of `label`.
     length        completion length in words (or characters), or -|length - target| with a target.
     keywords      occurrences of the given words in the completion (whole words, case-insensitive).
+    llm           a language model asked which of two completions is better, or to score one
+                  (`llm_judge.py`: a local transformers model or an OpenAI-compatible endpoint).
     module:fn     a user's Python callable `fn(prompt, completion) -> float` (or an object with `score`,
                   or a callable marked `fn.batched = True` taking the two lists); the module may be a
                   .py file path.
@@ -198,6 +200,12 @@ def _sentiment(model: str | None = None, **options) -> Judge:
     return VaderSentiment(**options) if model is None else SequenceClassifier(model, **options)
 
 
+def _llm(local_model: str | None = None, **options) -> Judge:
+    from dpokit.pipeline.llm_judge import build_llm_judge
+
+    return build_llm_judge(local_model, **options)
+
+
 def _reward_model(model: str | None = None, **options) -> Judge:
     if model is None:
         raise ConfigError("the reward-model judge needs a model: --judge-model PATH_OR_HUB_ID")
@@ -209,6 +217,7 @@ JUDGES: dict[str, Callable[..., Judge]] = {
     "reward-model": _reward_model,
     "length": WordLength,
     "keywords": KeywordCount,
+    "llm": _llm,  # --judge-model is its local model; --judge-option model= names an endpoint's model
 }
 
 
@@ -227,9 +236,11 @@ def build_judge(spec: str, *, model: str | None = None, options: dict[str, Any] 
     """A judge by name (`sentiment`, `reward-model`, `length`, `keywords`) or a `module:function` spec."""
     options = dict(options or {})
     if spec in JUDGES:
-        if model is not None and spec not in ("sentiment", "reward-model"):
+        if model is not None and spec not in ("sentiment", "reward-model", "llm"):
             raise ConfigError(f"--judge-model does not apply to the {spec} judge")
         kwargs = dict(options, model=model) if spec in ("sentiment", "reward-model") else options
+        if spec == "llm":
+            kwargs = dict(options, local_model=model)
         try:
             judge = JUDGES[spec](**kwargs)
         except TypeError as e:

@@ -47,9 +47,10 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, top_p: float, max_new_tokens: int,
-             stop_ids: Sequence[int], pad_id: int, seed: int) -> list[Completion]:
+             stop_ids: Sequence[int], pad_id: int, seed: int, streamer=None) -> list[Completion]:
     """One sampled completion per row of `prompt_ids` (repeat a prompt to get several). Every logits
-    processor but temperature and top-p is switched off, so temperature 1 / top-p 1 samples from π itself."""
+    processor but temperature and top-p is switched off, so temperature 1 / top-p 1 samples from π itself.
+    A transformers streamer (one prompt) receives the tokens as they are generated (`dpokit chat`)."""
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
@@ -70,7 +71,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                             generation_config=config)
+                             generation_config=config, streamer=streamer)
     stops = set(stop_ids)
     completions = []
     for row in out[:, width:].tolist():

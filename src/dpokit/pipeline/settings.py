@@ -42,6 +42,19 @@ class PairingSettings:
 
 
 @dataclass(frozen=True)
+class ChatSettings:
+    system: str = opt("", "a system message that begins every conversation (empty: none)")
+    temperature: float = opt(0.7, "sampling temperature of the replies, 0 for greedy", min=0.0)
+    top_p: float = opt(0.9, "nucleus sampling mass, 1 for off", min=0.0, min_exclusive=True, max=1.0)
+    max_new_tokens: int = opt(256, "most tokens per reply", min=1)
+    seed: int = opt(0, "sampling seed (reply k of a session is sampled with seed + k)")
+
+    def check(self) -> ChatSettings:
+        check_fields(self)
+        return self
+
+
+@dataclass(frozen=True)
 class Placement:
     """Where the models run, and in which precision."""
 
