@@ -1,0 +1,409 @@
+"""`dpokit estimate`: the peak memory of a training step per device, before any weights load.
+
+The model's shapes come from its config, built on the meta device (no weights read). The peak is the sum of what
+is resident while the backward pass begins, the largest moment of a step:
+
+    runtime      the process itself (Python, torch, transformers, the tokenizer); on a GPU, PyTorch's own
+                 allocations only (the CUDA context, ~0.5 GB, is outside them)
+    freed heap   on a CPU, what glibc keeps of the heap freed by earlier steps (measured: the lean benchmark
+                 run peaked 0.46 GB lower with a fixed MALLOC_MMAP_THRESHOLD_); on a GPU nothing, as
+                 torch.cuda.max_memory_allocated does not count the caching allocator's free blocks
+    weights      the policy (quantized linear layers with model.quantization, plus LoRA adapters)
+    gradients    every trainable parameter's (with optimizer_in_backward: the two largest tensors at most)
+    optimizer    AdamW 8 bytes a parameter, adamw8bit 2 (+ block scales), adamw4bit 1, RMSprop 4; tensors
+                 under 4096 values keep 32-bit state in the low-bit optimizers
+    reference    a frozen copy's weights (reference.strategy=copy); nothing for adapters, precomputed or none
+    activations  what autograd keeps for the backward pass of one micro-batch: per token and decoder layer
+                 8d + 2·kv + 4·ff + 2·head_dim values for a Llama-type layer (measured with saved-tensor hooks on
+                 SmolLM2: 11,190 values, the formula 11,264); with gradient checkpointing d per layer plus one
+                 layer's full set while it is recomputed
+    LM head      the selective head's chunk of logits, its log-softmax and their gradient: 3 · chunk · V
+                 (train.lm_head=full: 3 · positions · V, TRL's and the plain path's [2B, width, V] logits)
+
+On a CPU the loading is a second candidate for the peak: the weights file is memory-mapped while the weights are
+copied out of it (and a reference copy made), so the estimate is the larger of the two. Under FSDP2 the
+weights, gradients and optimizer state are divided by the number of processes (plus two decoder layers gathered
+at a time); with distributed.cpu_offload they live in host memory instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+GB = 1e9
+CPU_RUNTIME_BYTES = 0.45e9  # python + torch + transformers + tokenizer, measured as a process's RSS before loading
+CPU_FREED_HEAP_BYTES = 0.45e9  # freed heap glibc keeps resident after the first steps (see the module's docstring)
+SMALL_TENSOR = 4096  # bitsandbytes and torchao keep 32-bit state for tensors with fewer values
+
+
+@dataclass
+class Shape:
+    """What the estimate needs to know of a model, from its config on the meta device."""
+
+    params: int  # unique parameters (tied embeddings once)
+    linear_params: int  # the decoder's linear layers (what quantization and LoRA apply to)
+    linear_shapes: list[tuple[str, int, int]]  # (name, in, out) of each of them
+    layers: int
+    hidden: int
+    intermediate: int
+    kv_dim: int
+    head_dim: int
+    vocab: int
+    tensors: list[int]  # numel of every parameter tensor
+    file_bytes: int  # size of the weights as stored (fp32 unless the config says otherwise)
+
+    @property
+    def activation_values(self) -> int:
+        """Values autograd saves per token and decoder layer without checkpointing (Llama-type layer)."""
+        return 8 * self.hidden + 2 * self.kv_dim + 4 * self.intermediate + 2 * self.head_dim
+
+
+def model_shape(name: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Shape:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dpokit import models
+
+    path = models.model_dir(name)
+    config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    head = model.get_output_embeddings()
+    linears = [(n, m.in_features, m.out_features) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and m is not head]
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    params = list(model.parameters())
+    dtype = getattr(config, "dtype", None)
+    stored = 2 if str(dtype).endswith(("bfloat16", "float16")) else 4
+    return Shape(params=sum(p.numel() for p in params), linear_params=sum(i * o for _, i, o in linears),
+                 linear_shapes=linears, layers=text.num_hidden_layers, hidden=text.hidden_size,
+                 intermediate=getattr(text, "intermediate_size", None) or 4 * text.hidden_size, kv_dim=kv * head_dim,
+                 head_dim=head_dim, vocab=head.weight.shape[0], tensors=[p.numel() for p in params],
+                 file_bytes=stored * sum(p.numel() for p in params))
+
+
+# ------------------------------------------------------------------------------------------ lengths
+
+
+@dataclass
+class Lengths:
+    """One micro-batch as the layout computes it."""
+
+    tokens: int  # positions the decoder runs over
+    completion_tokens: int  # positions the selective LM head scores
+    pairs: int
+    source: str
+
+
+def micro_batch_lengths(pairs: list[tuple[int, int, int]], layout: str, source: str) -> Lengths:
+    """`pairs`: (prompt, chosen, rejected) token counts of one micro-batch."""
+    if layout == "padded":
+        width = max(p + max(c, r) for p, c, r in pairs)
+        tokens = 2 * len(pairs) * width
+    elif layout == "packed":
+        tokens = sum(2 * p + c + r for p, c, r in pairs)
+    else:
+        tokens = sum(p + c + r for p, c, r in pairs)
+    return Lengths(tokens, sum(c + r for _, c, r in pairs), len(pairs), source)
+
+
+def configured_lengths(cfg) -> Lengths:
+    """The configured worst case: micro_batch_size pairs with the longest prompt truncation keeps
+    (max_prompt_length) and completions filling max_length."""
+    d = cfg.data
+    p = d.max_prompt_length
+    c = d.max_length - p
+    pairs = [(p, c, c)] * cfg.train.micro_batch_size
+    return micro_batch_lengths(pairs, cfg.train.layout,
+                               f"{cfg.train.micro_batch_size} pairs of {p} prompt + 2 × {c} completion tokens "
+                               "(data.max_prompt_length, data.max_length)")
+
+
+def data_lengths(cfg, tokenizer) -> Lengths:
+    """The largest micro-batch the training data can form: its micro_batch_size longest pairs."""
+    from dpokit.data.dataset import prepare_data
+
+    data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed, use="pairs")
+    sizes = sorted(((len(x.prompt), len(x.chosen), len(x.rejected)) for x in data.train), key=sum, reverse=True)
+    return micro_batch_lengths(sizes[:cfg.train.micro_batch_size], cfg.train.layout,
+                               f"the {cfg.train.micro_batch_size} longest pairs of {cfg.data.train}")
+
+
+# ------------------------------------------------------------------------------------------ the estimate
+
+
+@dataclass
+class Estimate:
+    parts: dict[str, float]  # bytes of the step's peak, by what holds them
+    loading: float  # bytes while the weights load (CPU), a peak of its own
+    host: dict[str, float]  # bytes kept in host memory instead (FSDP2 CPU offload)
+    lengths: Lengths
+    device: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def step(self) -> float:
+        return sum(self.parts.values())
+
+    @property
+    def peak(self) -> float:
+        return max(self.step, self.loading)
+
+
+def estimate(cfg, *, lengths: Lengths | None = None, shape: Shape | None = None, world: int = 1,
+             device: str = "cpu") -> Estimate:
+    """The expected peak memory per device of a training step under `cfg` (after its first update, with the
+    optimizer state) for micro-batches of `lengths` (default: the configured worst case)."""
+    t = cfg.train
+    shape = shape or model_shape(cfg.model.name, revision=cfg.model.revision,
+                                 trust_remote_code=cfg.model.trust_remote_code)
+    lengths = lengths or configured_lengths(cfg)
+    precision = t.precision if t.precision != "auto" else ("bf16-mixed" if device == "cuda" else "fp32")
+    weight_bytes = 2 if precision == "bf16" else 4
+    act_bytes = {"fp32": 4, "bf16": 2, "bf16-mixed": 3}[precision]  # autocast: matmul outputs in bf16, the rest fp32
+    notes = []
+
+    # weights: the base (quantized linears with QLoRA) and the adapters
+    q = cfg.model.quantization if cfg.lora.enabled else "none"
+    quant_bytes = {"none": weight_bytes, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}[q]
+    rest = shape.params - shape.linear_params
+    weights = shape.linear_params * quant_bytes + rest * weight_bytes
+    if q == "int8":
+        weights += 4 * sum(o for _, _, o in shape.linear_shapes)  # row scales
+    trainable_tensors = shape.tensors
+    if cfg.lora.enabled:
+        targets = cfg.lora.target_modules
+        chosen = [(i, o) for n, i, o in shape.linear_shapes
+                  if targets == ["all-linear"] or any(n == x or n.endswith("." + x) for x in targets)]
+        trainable_tensors = [x for i, o in chosen for x in (cfg.lora.r * i, cfg.lora.r * o)]
+        weights += 4 * sum(trainable_tensors)
+    trainable = sum(trainable_tensors)
+    grad_bytes = 4 if cfg.lora.enabled else weight_bytes
+    largest = sorted(trainable_tensors, reverse=True)[:2]
+    gradients = grad_bytes * (sum(largest) if t.optimizer_in_backward else trainable)
+    optimizer = _optimizer_bytes(t.optimizer, trainable_tensors, weight_bytes if not cfg.lora.enabled else 4)
+
+    from dpokit.reference import resolve_strategy
+
+    strategy = resolve_strategy(cfg.reference.strategy, needs_reference=cfg.objective.needs_reference,
+                                lora=cfg.lora.enabled, named=cfg.reference.name is not None,
+                                follows=bool(cfg.reference.sync_every))
+    ref_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.reference.dtype or "", weight_bytes)
+    reference = shape.params * ref_bytes if strategy == "copy" else 0.0
+    if strategy == "copy" and cfg.reference.name is not None:
+        notes.append(f"reference.name: assumed the size of {cfg.model.name}")
+
+    # activations of one micro-batch, and the LM head's working set
+    n = lengths.tokens
+    full_layer = n * shape.activation_values * act_bytes
+    if t.gradient_checkpointing:
+        activations = shape.layers * n * (shape.hidden + 4) * act_bytes + full_layer
+    else:
+        activations = shape.layers * full_layer
+    if t.lm_head == "full":
+        head = 3 * n * shape.vocab * 4
+    else:
+        head = 3 * min(t.logps_chunk_tokens, lengths.completion_tokens) * shape.vocab * 4
+        head += lengths.completion_tokens * shape.hidden * act_bytes  # the gathered hidden states it keeps
+    if t.activation_offload and device == "cuda":
+        notes.append("activation_offload: the saved activations are in pinned host memory, one layer's on the GPU")
+        activations = full_layer * 2
+
+    # sharding and offload
+    host = {}
+    sharded = world > 1 and cfg.distributed.strategy == "fsdp"
+    if sharded:
+        layer = (shape.params - rest) / max(shape.layers, 1) * weight_bytes
+        if cfg.distributed.cpu_offload:
+            host = {"weights": weights / world, "gradients": gradients / world, "optimizer": optimizer / world}
+            weights, gradients, optimizer = 2 * layer + rest * weight_bytes, 2 * layer, 0.0
+        else:
+            weights, gradients, optimizer = weights / world + 2 * layer, gradients / world + 2 * layer, optimizer / world
+        reference = reference / world + (2 * layer if reference else 0)
+
+    runtime = CPU_RUNTIME_BYTES if device == "cpu" else 0.0
+    if device == "cuda":
+        notes.append("GPU: PyTorch's allocations (torch.cuda.max_memory_allocated); the CUDA context adds ~0.5 GB")
+    freed_heap = CPU_FREED_HEAP_BYTES if device == "cpu" else 0.0
+    parts = {"runtime": runtime, "freed_heap": freed_heap, "weights": weights, "gradients": gradients,
+             "optimizer": optimizer, "reference": reference, "activations": activations, "lm_head": head}
+    # loading on a CPU: the file is mapped while the policy's weights are copied out of it (and the reference
+    # copy made from the policy)
+    loading = 0.0
+    if device == "cpu":
+        loading = runtime + shape.file_bytes + shape.params * weight_bytes + reference
+    return Estimate(parts, loading, host, lengths, device, notes)
+
+
+def _optimizer_bytes(name: str, tensors: list[int], weight_bytes: int) -> float:
+    small = sum(x for x in tensors if x < SMALL_TENSOR)
+    big = sum(x for x in tensors if x >= SMALL_TENSOR)
+    if name == "adamw":
+        return 2 * weight_bytes * (small + big)
+    if name == "adamw8bit":  # two uint8 moments, an fp32 absmax per 256 values each
+        return 8 * small + big * (2 + 8 / 256)
+    if name == "adamw4bit":  # two 4-bit moments, an fp32 scale per 128 values each
+        return 8 * small + big * (1 + 8 / 128)
+    if name == "rmsprop":
+        return 4 * (small + big)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+# ------------------------------------------------------------------------------------------ what fits
+
+# settings to try when the estimate does not fit, cheapest in time first; each row adds to the ones before
+SUGGESTIONS = [
+    ("gradient checkpointing", ["train.gradient_checkpointing=true"]),
+    ("precomputed reference", ["reference.strategy=precomputed"]),
+    ("8-bit AdamW", ["train.optimizer=adamw8bit"]),
+    ("lean preset", ["train.preset=lean"]),
+    ("LoRA", ["train.preset=lean", "lora.enabled=true"]),
+    ("QLoRA nf4", ["train.preset=lean", "lora.enabled=true", "model.quantization=nf4"]),
+]
+
+
+def suggestions(cfg, device_bytes: float, *, shape: Shape, lengths_of, world: int, device: str) -> list[dict]:
+    """Each suggestion's overrides on top of `cfg` (the earlier ones' too, unless the lean preset replaces them),
+    its estimate and whether it fits `device_bytes`, up to the first that fits; then halving micro_batch_size.
+    A suggestion the config refuses (a reference-free objective has no reference to precompute) is left out,
+    and so is one that lowers nothing (the peak is elsewhere)."""
+    from dpokit.errors import ConfigError
+
+    def row(label: str, overrides: list[str]) -> dict | None:
+        try:
+            trial = _with(cfg, overrides)
+        except ConfigError:
+            return None
+        peak = estimate(trial, lengths=lengths_of(trial), shape=shape, world=world, device=device).peak
+        return {"label": label, "overrides": list(overrides), "peak": peak, "fits": peak <= device_bytes,
+                "micro_batch_size": trial.train.micro_batch_size}
+
+    rows: list[dict] = []
+    accumulated: list[str] = []
+    best = estimate(cfg, lengths=lengths_of(cfg), shape=shape, world=world, device=device).peak
+    for label, extra in SUGGESTIONS:
+        trying = extra if "train.preset=lean" in extra else accumulated + extra
+        r = row(label, trying)
+        if r is None:
+            continue
+        accumulated = trying
+        if r["peak"] < best:
+            rows.append(r)
+            best = r["peak"]
+            if r["fits"]:
+                return rows
+    base, mb = (rows[-1]["overrides"], rows[-1]["micro_batch_size"]) if rows else ([], cfg.train.micro_batch_size)
+    while mb > 1:
+        mb //= 2
+        r = row(f"{mb} pair(s) per forward", base + [f"train.micro_batch_size={mb}",
+                                                     "train.optimizer_in_backward=false"])
+        if r is None or r["peak"] >= best:  # refused, or the peak is not the activations
+            break
+        rows.append(r)
+        best = r["peak"]
+        if r["fits"]:
+            break
+    return rows
+
+
+def _with(cfg, overrides: list[str]):
+    """A copy of `cfg` with `section.key=value` overrides, its preset applied and validated."""
+    import copy
+
+    import yaml
+
+    new = copy.deepcopy(cfg)
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        new.set(key, yaml.safe_load(raw))
+    new.apply_preset()
+    new.validate()
+    return new
+
+
+# ------------------------------------------------------------------------------------------ the command
+
+
+def add_estimate(sub):
+    p = sub.add_parser("estimate", help="expected peak memory per device of a training step, before loading",
+                       description="The expected peak memory per device of a training step for CONFIG (weights, "
+                                   "gradients, optimizer state, reference, activations at the configured lengths), "
+                                   "from the model's config alone; with --device-gb, the settings that fit.")
+    p.add_argument("config", nargs="?", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--device-gb", type=float, default=None, help="memory of one device in GB: suggest settings that fit")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where training runs (auto: cuda when a GPU is visible)")
+    p.add_argument("--world", type=int, default=1, help="processes under torchrun (FSDP2 shards over them)")
+    p.add_argument("--from-data", action="store_true",
+                   help="activations for the largest micro-batch of data.train (reads the tokenizer and the data) "
+                        "instead of the configured worst case")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return p
+
+
+def estimate_command(args) -> int:
+    import json
+
+    from dpokit.config import Config
+
+    config, overrides = args.config, args.overrides
+    if config and "=" in config:
+        config, overrides = None, [config, *overrides]
+    cfg = Config.load(config, overrides)
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    shape = model_shape(cfg.model.name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = None
+    if args.from_data:
+        from dpokit import models
+
+        tokenizer = models.load_tokenizer(cfg.model.name, revision=cfg.model.revision,
+                                          trust_remote_code=cfg.model.trust_remote_code)
+
+    def lengths_of(c):
+        return data_lengths(c, tokenizer) if tokenizer is not None else configured_lengths(c)
+
+    est = estimate(cfg, lengths=lengths_of(cfg), shape=shape, world=args.world, device=device)
+    fits = None
+    if args.device_gb:
+        fits = suggestions(cfg, args.device_gb * GB, shape=shape, lengths_of=lengths_of, world=args.world,
+                           device=device) if est.peak > args.device_gb * GB else []
+    if args.json:
+        print(json.dumps({"peak_bytes": est.peak, "step_bytes": est.step, "loading_bytes": est.loading,
+                          "parts_bytes": est.parts, "host_bytes": est.host, "lengths": dataclasses.asdict(est.lengths),
+                          "device": device, "notes": est.notes, "device_gb": args.device_gb,
+                          "fits": None if fits is None else est.peak <= args.device_gb * GB,
+                          "suggestions": fits}, indent=1))
+        return 0
+    print(f"{cfg.model.name}: {shape.params / 1e6:.0f}M parameters; micro-batch: {est.lengths.source} = "
+          f"{est.lengths.tokens} tokens ({cfg.train.layout}); {device}, {args.world} process(es)")
+    for k, v in est.parts.items():
+        print(f"  {k:<12} {v / GB:7.2f} GB")
+    print(f"  {'step peak':<12} {est.step / GB:7.2f} GB")
+    if est.loading:
+        print(f"  {'loading':<12} {est.loading / GB:7.2f} GB  (weights file mapped while the weights are copied)")
+    for k, v in est.host.items():
+        print(f"  host {k:<7} {v / GB:7.2f} GB  (CPU offload)")
+    print(f"expected peak per device: {est.peak / GB:.2f} GB")
+    for note in est.notes:
+        print(f"  note: {note}")
+    if args.device_gb:
+        if est.peak <= args.device_gb * GB:
+            print(f"fits {args.device_gb:g} GB")
+        else:
+            print(f"does not fit {args.device_gb:g} GB; settings to try, each adding to the ones before:")
+            for row in fits:
+                mark = "fits" if row["fits"] else "    "
+                print(f"  {mark} {row['peak'] / GB:7.2f} GB  {row['label']}: {' '.join(row['overrides'])}")
+            if not any(r["fits"] for r in fits):
+                print("  none of them fits: a smaller model, shorter data.max_length, or FSDP2 over more devices "
+                      "(--world N with distributed.strategy=fsdp)")
+    return 0
