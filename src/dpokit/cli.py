@@ -83,7 +83,7 @@ def print_before_after(before: dict, after: dict, *, title: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """Every `dpokit` command, in the order `--help` lists them: its module declares the options (`add_*`)
     and runs it (`*_command`)."""
-    from dpokit import validate
+    from dpokit import estimate, validate
     from dpokit.pipeline import commands as pipeline
 
     parser = argparse.ArgumentParser(prog="dpokit", description="Direct Preference Optimization for causal LMs.")
@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in TRAINERS:
         add_trainer(sub, name).set_defaults(func=train_command)
     for add, command in ((validate.add_validate, validate.validate_command),
+                         (estimate.add_estimate, estimate.estimate_command),
                          (pipeline.add_sample, pipeline.sample_command),
                          (pipeline.add_label, pipeline.label_command),
                          (pipeline.add_evaluate, pipeline.evaluate_command),
