@@ -132,6 +132,8 @@ def measure(args) -> list[tuple[str, float, float]]:
                 print(f"{name}: the run failed\n{out.stderr[-2000:]}", file=sys.stderr)
                 continue
             rows.append((name, est.peak, peak))
+            print(f"{name}: estimate {est.peak / 1e9:.2f} GB, measured {peak / 1e9:.2f} GB", file=sys.stderr,
+                  flush=True)  # as each finishes: a long run cut short keeps what it measured
     return rows
 
 
