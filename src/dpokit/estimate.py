@@ -225,6 +225,9 @@ def estimate(cfg, *, lengths: Lengths | None = None, shape: Shape | None = None,
             weights, gradients, optimizer = weights / world + 2 * layer, gradients / world + 2 * layer, optimizer / world
         reference = reference / world + (2 * layer if reference else 0)
 
+    if device == "cpu" and t.optimizer == "adamw8bit":
+        notes.append("adamw8bit on a CPU: bitsandbytes' step holds fp32 working copies of the tensor it updates, "
+                     "not counted here (the lean preset on the embedded model peaked 1.5x this estimate)")
     runtime = CPU_RUNTIME_BYTES if device == "cpu" else 0.0
     if device == "cuda":
         notes.append("GPU: PyTorch's allocations (torch.cuda.max_memory_allocated); the CUDA context adds ~0.5 GB")
