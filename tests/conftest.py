@@ -74,13 +74,14 @@ def pairs_file(tmp_path) -> Path:
 
 @pytest.fixture
 def tiny_config(tmp_path, tiny_model_dir, pairs_file):
-    """A fast config: the tiny model, 16 pairs, 4 steps of 4."""
+    """A fast config: the tiny model, 16 pairs, 4 steps of 4, in fp32 (precision=auto picks bf16 on CPUs
+    with AMX, which the tests' tolerances are not set for; tests of other precisions set it)."""
     from dpokit.config import Config
 
     def make(*overrides: str) -> Config:
         base = [f"model.name={tiny_model_dir}", f"data.train={pairs_file}", f"output.dir={tmp_path / 'run'}",
                 "train.batch_size=4", "train.micro_batch_size=2", "train.lr=1e-3", "train.max_steps=4",
-                "checkpoint.every=0", "output.tensorboard=false", f"reference.cache_dir={tmp_path / 'refcache'}"]
+                "checkpoint.every=0", "output.tensorboard=false", "train.precision=fp32", f"reference.cache_dir={tmp_path / 'refcache'}"]
         return Config.load(None, base + list(overrides))
 
     return make

@@ -61,6 +61,9 @@ def test_label_rows_match_the_prompt_format_and_train_reads_them(tmp_path):
     read = read_preferences(str(path))
     assert len(read.records) == 6
     assert read.records[0].chosen == " great" and read.records[0].rejected == " awful"
+    # the rows carry score_chosen/score_rejected, UltraFeedback's names: their prompts must still be read
+    assert read.records[0].prompt == "The film was"
+    assert read.records[-1].prompt == [{"role": "user", "content": "Review it."}]
 
 
 def test_label_file_uses_scores_in_the_rows_and_writes_counts(tmp_path):

@@ -92,8 +92,15 @@ def _ultrafeedback(row: dict, where: str, problems) -> dict | None:
         problems.add(where, "scores_disagree", f"score_chosen {row['score_chosen']} is below score_rejected "
                                                f"{row['score_rejected']}")
         return None
-    # chosen and rejected repeat the user turn: the messages they share become the prompt
-    return {"chosen": row.get("chosen"), "rejected": row.get("rejected")}
+    # UltraFeedback's chosen and rejected repeat the user turn: the messages they share become the prompt.
+    # Rows whose replies do not repeat it (`dpokit label` writes its scores under the same names) keep theirs.
+    out = {"chosen": row.get("chosen"), "rejected": row.get("rejected")}
+    chosen = out["chosen"]
+    repeats_prompt = isinstance(chosen, list) and bool(chosen) and isinstance(chosen[0], dict) \
+        and chosen[0].get("role") != "assistant"
+    if "prompt" in row and not repeats_prompt:
+        out["prompt"] = row["prompt"]
+    return out
 
 
 def _summarize_from_feedback(row: dict, where: str, problems) -> dict | None:
