@@ -87,6 +87,25 @@ def tiny_config(tmp_path, tiny_model_dir, pairs_file):
     return make
 
 
+def crash_then_resume(cfg, monkeypatch, *, at_step: int = 3):
+    """Train `cfg` until a crash inside step `at_step` (the checkpoints before it written), then resume it
+    in the same process: the resumed run's result, to compare with an uninterrupted run."""
+    from dpokit.train import Trainer, train
+
+    real_step = Trainer.train_step
+
+    def crash(self, ids):
+        if self.step == at_step:
+            raise RuntimeError("simulated crash")
+        return real_step(self, ids)
+
+    monkeypatch.setattr(Trainer, "train_step", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    return train(cfg, resume=True)
+
+
 def launch(cfg, *extra, **popen) -> subprocess.Popen:
     """`dpokit train` on `cfg` in a child process, output merged into stdout."""
     import yaml

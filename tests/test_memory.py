@@ -11,6 +11,7 @@ from dpokit.config import PRESETS
 from dpokit.errors import ConfigError
 from dpokit.metrics import read_metrics
 from dpokit.train import Trainer, train
+from tests.conftest import crash_then_resume, tiny_llama
 
 pytest.importorskip("bitsandbytes")
 
@@ -87,18 +88,7 @@ def test_low_precision_optimizer_state_resumes_exactly(tiny_config, tmp_path, mo
     common = ("train.max_steps=4", "train.epochs=2", "checkpoint.every=2", *overrides)
     straight = train(tiny_config(*common, f"output.dir={tmp_path / 'straight'}"))
     cfg = tiny_config(*common, f"output.dir={tmp_path / 'interrupted'}")
-    real_step = Trainer.train_step
-
-    def crash_at_3(self, ids):
-        if self.step == 3:  # checkpoint 2 written, step 3 done but not checkpointed
-            raise RuntimeError("simulated crash")
-        return real_step(self, ids)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_3)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(cfg)
-    monkeypatch.setattr(Trainer, "train_step", real_step)
-    resumed = train(cfg, resume=True)
+    resumed = crash_then_resume(cfg, monkeypatch)  # checkpoint 2 written, step 3 done but not checkpointed
     assert losses(resumed.run_dir) == losses(straight.run_dir)
     a, b = weights(straight.model_dir), weights(resumed.model_dir)
     assert a.keys() == b.keys()
@@ -125,7 +115,6 @@ def test_adamw8bit_keeps_8bit_moments_and_follows_adamw(tiny_config, tmp_path):
 def quantizable_model_dir(tmp_path_factory, tokenizer) -> str:
     """The tiny Llama at width 64: bitsandbytes' CPU 4-bit kernels on AVX512-BF16/AMX CPUs repack weights in
     blocks of 64 input features and fail on the usual 32 (real models are hundreds wide)."""
-    from tests.conftest import tiny_llama
 
     path = tmp_path_factory.mktemp("tiny-llama-64")
     tiny_llama(seed=0, hidden_size=64, intermediate_size=128).save_pretrained(path)

@@ -16,7 +16,7 @@ from dpokit.methods.dpo import DPO
 from dpokit.metrics import MeanMetrics, read_metrics
 from dpokit.train import Trainer, train
 
-from ..conftest import PAIRS, tiny_llama, write_jsonl
+from ..conftest import PAIRS, crash_then_resume, tiny_llama, write_jsonl
 
 
 def train_rows(cfg):
@@ -160,18 +160,7 @@ def test_tr_dpo_resume_carries_the_moving_reference(tiny_config, tmp_path, monke
               "checkpoint.every=2", *(["lora.enabled=true", "lora.r=4", "train.lr=5e-3"] if lora else []))
     straight = train(tiny_config(*common, f"output.dir={tmp_path / 'straight'}"))
     cfg = tiny_config(*common, f"output.dir={tmp_path / 'interrupted'}")
-    real_step = Trainer.train_step
-
-    def crash_at_3(self, ids):
-        if self.step == 3:
-            raise RuntimeError("simulated crash")
-        return real_step(self, ids)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_3)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(cfg)
-    monkeypatch.setattr(Trainer, "train_step", real_step)
-    resumed = train(cfg, resume=True)
+    resumed = crash_then_resume(cfg, monkeypatch)  # checkpoint 2 written, step 3 done but not checkpointed
     losses = [[r["loss"] for r in read_metrics(run.run_dir) if "loss" in r] for run in (straight, resumed)]
     assert losses[0] == pytest.approx(losses[1], abs=0)  # the loss reads the reference: it moved identically
     a = torch.load(sorted((tmp_path / "straight" / "checkpoints").iterdir())[-1] / "trainer_state.pt")
