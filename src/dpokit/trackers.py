@@ -121,9 +121,7 @@ class WandB:
         self.run.log(_numbers(row), step=step)
 
     def log_samples(self, rows: list[dict], step: int) -> None:
-        table = self.wandb.Table(columns=list(SAMPLE_COLUMNS),
-                                 data=[[_cell(r.get(c)) for c in SAMPLE_COLUMNS] for r in rows])
-        self.run.log({"samples": table}, step=step)
+        self.run.log({"samples": _sample_table(self.wandb.Table, rows)}, step=step)
 
     def finish(self, model_dir: Path | None) -> None:
         if model_dir is not None:
@@ -193,6 +191,11 @@ def _mlflow_key(name: str) -> str:
     return "".join(c if c.isalnum() or c in "_-. /:" else "_" for c in name)
 
 
+def _sample_table(table: type, rows: list[dict]):
+    """The samples as a W&B-style table (`wandb.Table`, `trackio.Table`: the same constructor)."""
+    return table(columns=list(SAMPLE_COLUMNS), data=[[_cell(r.get(c)) for c in SAMPLE_COLUMNS] for r in rows])
+
+
 class Trackio:
     """trackio (local-first, W&B-like API): logs to its local database (TRACKIO_DIR) or a Space."""
 
@@ -214,9 +217,7 @@ class Trackio:
         self.run.log(_numbers(row), step=step)
 
     def log_samples(self, rows: list[dict], step: int) -> None:
-        table = self.trackio.Table(columns=list(SAMPLE_COLUMNS),
-                                   data=[[_cell(r.get(c)) for c in SAMPLE_COLUMNS] for r in rows])
-        self.run.log({"samples": table}, step=step)
+        self.run.log({"samples": _sample_table(self.trackio.Table, rows)}, step=step)
 
     def finish(self, model_dir: Path | None) -> None:
         if model_dir is not None:
