@@ -28,7 +28,8 @@ from workload import logical_tokens
 HERE = Path(__file__).resolve().parent
 
 # name → how it is run. dpokit rows are overrides on top of the common settings; "plain" is the TRL-like path
-# inside dpokit (padded rows, full-vocabulary LM head, frozen reference copy).
+# inside dpokit (padded rows, full-vocabulary LM head, frozen reference copy). BATCH stands for the update's pairs.
+BATCH = "batch_size"
 DPOKIT_MODES = {
     "plain": {"train.layout": "padded", "train.lm_head": "full"},
     "padded+selective": {"train.layout": "padded", "train.lm_head": "selective"},
@@ -36,13 +37,20 @@ DPOKIT_MODES = {
     "prefix_shared": {},  # dpokit's defaults
     "precomputed": {"reference.strategy": "precomputed"},
     "grad_ckpt": {"train.gradient_checkpointing": True},
+    "adamw8bit": {"train.optimizer": "adamw8bit"},
+    # full fine-tuning at the default's speed in less memory: activations recomputed, 8-bit optimizer state
+    "ckpt_8bit": {"train.gradient_checkpointing": True, "train.optimizer": "adamw8bit"},
+    # the step in the backward pass allows no accumulation and no global-norm clipping
+    "in_backward": {"train.optimizer_in_backward": True, "train.micro_batch_size": BATCH, "train.max_grad_norm": 0.0},
     "bf16": {"train.precision": "bf16-mixed"},
     "compile": {"train.compile": True},
-    # the least memory: no reference model in memory, activations recomputed, one pair per forward pass
-    "lean": {"reference.strategy": "precomputed", "train.gradient_checkpointing": True, "train.micro_batch_size": 1},
+    "lean": {"train.preset": "lean"},  # the least memory: see dpokit.config.PRESETS
+    "lora": {"lora.enabled": True},
+    "qlora": {"lora.enabled": True, "model.quantization": "nf4"},
+    "qlora_int8": {"lora.enabled": True, "model.quantization": "int8"},
+    "lora_lean": {"lora.enabled": True, "train.preset": "lean"},
+    "qlora_lean": {"lora.enabled": True, "model.quantization": "nf4", "train.preset": "lean"},
 }
-# modes whose reference forward happens in a one-time pass before training
-PRECOMPUTED = {m for m, o in DPOKIT_MODES.items() if o.get("reference.strategy") == "precomputed"}
 LABELS = {
     "plain": "dpokit plain (padded, full LM head)",
     "padded+selective": "dpokit padded + selective head",
@@ -50,9 +58,17 @@ LABELS = {
     "prefix_shared": "dpokit default (prefix_shared)",
     "precomputed": "dpokit default + precomputed ref",
     "grad_ckpt": "dpokit default + grad checkpointing",
+    "adamw8bit": "dpokit default + adamw8bit",
+    "ckpt_8bit": "dpokit default + grad checkpointing + adamw8bit",
+    "in_backward": "dpokit default + optimizer step in backward",
     "bf16": "dpokit default, bf16-mixed",
     "compile": "dpokit default + torch.compile",
-    "lean": "dpokit memory-lean (precomputed ref, grad ckpt, 1 pair/forward)",
+    "lean": "dpokit train.preset=lean",
+    "lora": "dpokit LoRA (r 16, adapters-off reference)",
+    "qlora": "dpokit QLoRA nf4",
+    "qlora_int8": "dpokit QLoRA int8",
+    "lora_lean": "dpokit LoRA + train.preset=lean",
+    "qlora_lean": "dpokit QLoRA nf4 + train.preset=lean",
     "trl": "TRL 1.16 DPOTrainer (defaults)",
     "trl_bf16": "TRL 1.16 DPOTrainer, bf16",
 }
@@ -66,16 +82,44 @@ def kind_and_mode(name: str) -> tuple[str, str]:
     return "dpokit", name
 
 
+def micro_batch(batch: int) -> int:
+    """dpokit's default pairs per forward pass (gradient accumulation makes up the batch), or the largest divisor
+    of `batch` below it: the same micro-batching a user of the defaults gets."""
+    from dpokit.config import TrainSection
+
+    default = TrainSection().micro_batch_size
+    return max(d for d in range(1, min(default, batch) + 1) if batch % d == 0)
+
+
+def mode_overrides(mode: str, batch: int) -> dict:
+    """The mode's overrides for updates of `batch` pairs: dpokit's default micro-batching unless the mode (or its
+    preset) sets its own."""
+    own = DPOKIT_MODES[mode]
+    micro = {} if "train.preset" in own else {"train.micro_batch_size": micro_batch(batch)}
+    return micro | {k: batch if v == BATCH else v for k, v in own.items()}
+
+
+def resolved(mode: str):
+    """dpokit's config for the mode, its preset applied (not validated: there is no data file)."""
+    from dpokit.config_loader import from_dict, set_value
+
+    cfg = from_dict({}, source="benchmark")
+    for key, value in mode_overrides(mode, cfg.train.batch_size).items():
+        set_value(cfg, key, value, source="benchmark")
+    cfg.apply_preset()
+    return cfg
+
+
+# modes whose reference forward happens in a one-time pass before training
+PRECOMPUTED = {m for m in DPOKIT_MODES if resolved(m).reference.strategy == "precomputed"}
+
+
 def computation(kind: str, mode: str) -> dict:
     """What one update of the contender computes, as `measure.Flops.executed` takes it."""
     if kind == "trl":  # padded batches, chunked LM head on every position, gradient checkpointing, a reference copy
         return {"layout": "padded", "lm_head": "chunked_full", "checkpointing": True, "reference": True}
-    from dpokit.config import TrainSection
-
-    overrides, default = DPOKIT_MODES[mode], TrainSection()
-    return {"layout": overrides.get("train.layout", default.layout),
-            "lm_head": overrides.get("train.lm_head", default.lm_head),
-            "checkpointing": overrides.get("train.gradient_checkpointing", default.gradient_checkpointing),
+    train = resolved(mode).train
+    return {"layout": train.layout, "lm_head": train.lm_head, "checkpointing": train.gradient_checkpointing,
             "reference": mode not in PRECOMPUTED}
 
 
@@ -201,9 +245,9 @@ def run_dpokit(spec: dict, result: dict) -> None:
     overrides = {
         "model.name": spec["model"], "data.train": spec["data"], "data.max_length": spec["max_length"],
         "output.dir": str(tmp / "run"), "output.overwrite": True, "output.tensorboard": False,
-        "checkpoint.every": 0, "train.batch_size": b, "train.micro_batch_size": micro_batch(b), "train.lr": spec["lr"],
-        "objective.beta": spec["beta"], "train.precision": "fp32", "train.max_steps": total, "train.seed": spec["seed"],
-        "reference.cache_dir": str(tmp / "refcache"), **DPOKIT_MODES[spec["mode"]],
+        "checkpoint.every": 0, "train.batch_size": b, "train.lr": spec["lr"], "objective.beta": spec["beta"],
+        "train.precision": "fp32", "train.max_steps": total, "train.seed": spec["seed"],
+        "reference.cache_dir": str(tmp / "refcache"), **spec.get("overrides", {}), **mode_overrides(spec["mode"], b),
     }
     cfg = Config.load(None, [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in overrides.items()])
     result["config"] = {k: str(v) for k, v in overrides.items() if not k.startswith(("output.", "reference.cache"))}
@@ -288,15 +332,6 @@ def dpokit_trainer(cfg, device: str) -> SimpleNamespace:
     return SimpleNamespace(setup_seconds=setup_seconds, precision=trainer.precision,
                            reference=trainer.method.reference.name, pairs=trainer.method.train_set,
                            precompute=precompute, step=step, close=trainer.close)
-
-
-def micro_batch(batch: int) -> int:
-    """dpokit's default pairs per forward pass (gradient accumulation makes up the batch), or the largest divisor
-    of `batch` below it: the same micro-batching a user of the defaults gets."""
-    from dpokit.config import TrainSection
-
-    default = TrainSection().micro_batch_size
-    return max(d for d in range(1, min(default, batch) + 1) if batch % d == 0)
 
 
 # ------------------------------------------------------------------------------------------ TRL

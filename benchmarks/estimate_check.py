@@ -69,7 +69,7 @@ def worst_lengths(pairs, micro_batch_size: int, layout: str):
 
 
 def recorded(args) -> list[tuple[str, float, float]]:
-    from contenders import DPOKIT_MODES, micro_batch
+    from contenders import DPOKIT_MODES, mode_overrides
     from workload import length_plan
 
     from dpokit.config import Config
@@ -92,8 +92,8 @@ def recorded(args) -> list[tuple[str, float, float]]:
             if r["mode"] in ("compile", "bf16"):  # compiled graphs and a bf16 CPU path: not modelled
                 continue
             overrides = {"model.name": s["model"], "data.train": f.name, "data.max_length": s["max_length"],
-                         "train.batch_size": s["batch"], "train.micro_batch_size": micro_batch(s["batch"]),
-                         "train.precision": "fp32", **DPOKIT_MODES[r["mode"]]}
+                         "train.batch_size": s["batch"], "train.precision": "fp32",
+                         **mode_overrides(r["mode"], s["batch"])}
             cfg = Config.load(None, [f"{k}={v}" for k, v in overrides.items()])
             est = estimate(cfg, lengths=worst_lengths(timed, cfg.train.micro_batch_size, cfg.train.layout),
                            shape=shape, device="cpu")

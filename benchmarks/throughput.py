@@ -8,9 +8,11 @@ One command, one run (`python benchmarks/throughput.py`, see benchmarks/README.m
    measurements);
 3. the contenders (contenders.py): dpokit's modes and TRL's DPOTrainer, each in its own process, `--warmup`
    untimed updates then `--steps` timed ones;
-4. the memory sweep: peak memory of dpokit's default, memory-lean and plain paths against batch size and sequence
+4. the memory sweep: peak memory of dpokit's default, lean-preset and plain paths against batch size and sequence
    length;
-5. the report (report.py): rates, ratios, the tables and targets, printed and written as JSON and markdown to
+5. the losses: every dpokit mode trains `--loss-steps` updates on short pairs and its losses are compared with the
+   default's (QLoRA's with LoRA's), against the tolerances in report.py;
+6. the report (report.py): rates, ratios, the tables and targets, printed and written as JSON and markdown to
    benchmarks/results/.
 """
 
@@ -30,7 +32,7 @@ import contenders
 import measure
 import report
 from measure import WAITED, Flops, LoadSampler, model_dims, wait_quiet
-from workload import Workload, logical_tokens, tokenized_lengths
+from workload import Workload, length_plan, logical_tokens, make_pairs, tokenized_lengths
 
 from dpokit.config import ModelSection
 from dpokit.pipeline.jsonl import write_jsonl
@@ -73,6 +75,13 @@ def parse_args(argv=None):
     ap.add_argument("--sweep-lengths", default="256,512,1024", help="tokens per sequence for the length sweep")
     ap.add_argument("--sweep-length-batch", type=int, default=2, help="pairs per update in the length sweep")
     ap.add_argument("--sweep-trl", action="store_true", help="include TRL in the memory sweep (slow)")
+    ap.add_argument("--losses", choices=("yes", "no"), default="yes", help="run the loss comparison")
+    ap.add_argument("--loss-steps", type=int, default=20, help="updates per mode in the loss comparison")
+    ap.add_argument("--loss-batch", type=int, default=4, help="pairs per update in the loss comparison")
+    ap.add_argument("--loss-length-scale", type=float, default=0.25,
+                    help="token lengths of the loss comparison's pairs relative to the timed ones (default: %(default)s)")
+    ap.add_argument("--loss-lr", type=float, default=1e-5,
+                    help="learning rate of the loss comparison, large enough for the losses to move in 20 updates")
     ap.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                     help="before each contender, wait up to SECONDS for other processes to use under 0.15 cores "
                          "(on a shared machine; default: do not wait)")
@@ -98,8 +107,10 @@ def main(argv=None) -> int:
         skipped = contenders.drop_skipped(names, args, peaks)
         rows = run_contenders(args, work, names, flops, peaks, tmp)
         sweep = run_sweep(args, work, tmp, rows, flops) if args.sweep == "yes" else []
+        losses = run_losses(args, work, names, tmp) if args.losses == "yes" else []
         load_samples = list(load.samples)
-    finish(args, env, {"model": dims, "workload": workload, "peaks": peaks}, rows, skipped, sweep, load_samples)
+    finish(args, env, {"model": dims, "workload": workload, "peaks": peaks}, rows, skipped, sweep, losses,
+           load_samples)
     return 0
 
 
@@ -176,7 +187,7 @@ def run_worker(args, spec: dict, tmp: Path) -> dict:
 
 
 def run_sweep(args, work: Workload, tmp: Path, rows: list[dict], flops: Flops) -> list[dict]:
-    """Peak memory of dpokit's default, memory-lean and plain paths (and TRL with --sweep-trl), one update per process.
+    """Peak memory of dpokit's default, lean-preset and plain paths (and TRL with --sweep-trl), one update per process.
     Batch axis: the first pairs of the first timed update; length axis: pairs of a fixed length."""
     names = SWEEP_CONTENDERS + (["trl"] if args.sweep_trl else [])
     main_rows = {r["name"]: r for r in rows if r.get("ok")}
@@ -212,8 +223,26 @@ def run_sweep(args, work: Workload, tmp: Path, rows: list[dict], flops: Flops) -
     return out
 
 
+def run_losses(args, work: Workload, names: list[str], tmp: Path) -> list[dict]:
+    """Every dpokit mode's losses over `--loss-steps` updates of the same short pairs, compared (report.py). All modes
+    run without global-norm clipping, which the step in the backward pass (and so the lean preset) excludes."""
+    modes = [n for n in names if contenders.kind_and_mode(n)[0] == "dpokit"]
+    modes = ["prefix_shared", "lora"] + [m for m in modes if m not in ("prefix_shared", "lora")]
+    plan = length_plan(args.loss_steps * args.loss_batch, args.seed + 3, args.length_scale * args.loss_length_scale)
+    data = write_jsonl(tmp / "losses.jsonl", make_pairs(work.tokenizer, plan, args.seed + 3))
+    losses = {}
+    for name in modes:
+        spec = contenders.make_spec(args, name, data=data, batch=args.loss_batch, warmup=0, steps=args.loss_steps,
+                                    first_update=0, tag="losses")
+        spec.update(lr=args.loss_lr, overrides={"train.max_grad_norm": 0.0})
+        print(f"losses: {name}, {args.loss_steps} updates of {args.loss_batch} pairs ...", flush=True)
+        raw = run_worker(args, spec, tmp)
+        losses[name] = [s["loss"] for s in raw.get("steps") or []] if raw.get("ok") else raw.get("error")
+    return report.loss_comparison(losses, args.loss_steps)
+
+
 def finish(args, env: dict, measured: dict, rows: list[dict], skipped: dict, sweep: list[dict],
-           load_samples: list[float]) -> None:
+           losses: list[dict], load_samples: list[float]) -> None:
     """Print the tables and targets; write the JSON (`measured`: the model, workload and peaks) and markdown."""
     load_before, load_after = env["load_before"], os.getloadavg()
     started, machine, versions = env["started"], env["machine"], env["versions"]
@@ -222,7 +251,7 @@ def finish(args, env: dict, measured: dict, rows: list[dict], skipped: dict, swe
              f"{machine['gpu'] or machine['cpu']} ({machine['cores']} cores), torch {versions['torch']}, transformers "
              f"{versions['transformers']}; {args.model}, {args.batch} pairs/update, lr {args.lr}, β {args.beta}")
     targets = report.evaluate_targets(rows)
-    md = report.show(title, rows, sweep, targets, skipped)
+    md = report.show(title, rows, sweep, losses, targets, skipped)
     max_load = max(load_samples, default=load_after[0])
     print(f"load average (1 min) before {load_before[0]:.2f}, max during {max_load:.2f}, after {load_after[0]:.2f}")
     result = {
@@ -233,7 +262,7 @@ def finish(args, env: dict, measured: dict, rows: list[dict], skipped: dict, swe
                          "max_1min": max_load},
         "settings": {k: v for k, v in vars(args).items() if k != "worker"}, **measured,
         "definitions": report.DEFINITIONS, "contenders": [report.jsonable(r) for r in rows],
-        "skipped": skipped, "memory_sweep": sweep, "targets": targets, "markdown": md,
+        "skipped": skipped, "memory_sweep": sweep, "losses": losses, "targets": targets, "markdown": md,
     }
     out_path = env["out_path"]
     out_path.write_text(json.dumps(result, indent=1, default=str) + "\n")

@@ -22,7 +22,8 @@ P = SHAPE.params
 
 def parts(cfg, **kwargs):
     est = estimate(cfg, lengths=LENGTHS, shape=SHAPE, **kwargs)
-    assert est.step == pytest.approx(sum(est.parts.values())) and est.peak == max(est.step, est.loading)
+    assert est.step == pytest.approx(sum(est.parts.values()))
+    assert est.peak == max(est.step, est.loading, est.stepping)
     return est
 
 
@@ -55,6 +56,15 @@ def test_each_memory_option_lowers_its_part_only(tiny_config, overrides, changed
     default = parts(tiny_config()).parts
     est = parts(tiny_config(*overrides)).parts
     assert est == pytest.approx({**default, **changed}) and sum(est.values()) < sum(default.values())
+
+
+def test_cpu_8bit_step_and_the_released_heap(tiny_config):
+    est = parts(tiny_config("train.optimizer=adamw8bit"))
+    resident = sum(v for k, v in est.parts.items() if k not in ("activations", "lm_head"))
+    assert est.stepping == pytest.approx(resident + 20 * 32000)  # fp32 working copies for the embeddings' step
+    assert parts(tiny_config("train.optimizer=adamw8bit"), device="cuda").stepping == 0
+    assert parts(tiny_config()).stepping == 0
+    assert parts(tiny_config("train.release_freed_memory=true")).parts["freed_heap"] == 0
 
 
 def test_lora_and_qlora(tiny_config):
@@ -117,7 +127,7 @@ def test_cli_breakdown_adds_up(tiny_model_dir, pairs_file, capsys):
     code, out = run(capsys, *common, "--json")
     report = json.loads(out)
     assert code == 0 and report["step_bytes"] == pytest.approx(sum(report["parts_bytes"].values()))
-    assert report["peak_bytes"] == max(report["step_bytes"], report["loading_bytes"])
+    assert report["peak_bytes"] == max(report["step_bytes"], report["loading_bytes"], report["optimizer_step_bytes"])
     assert report["lengths"]["tokens"] == 4 * (64 + 192 + 192)  # 4 pairs a micro-batch, each prompt once
     code, out = run(capsys, *common)
     lines = out.splitlines()

@@ -55,6 +55,7 @@ def test_lean_preset_sets_its_keys_unless_given(tiny_model_dir, pairs_file):
     assert cfg.train.optimizer == "adamw8bit" and cfg.train.optimizer_in_backward
     assert cfg.train.micro_batch_size == cfg.train.batch_size == 6 and cfg.train.max_grad_norm == 0
     assert cfg.train.logps_chunk_tokens == PRESETS["lean"]["train.logps_chunk_tokens"]
+    assert cfg.train.release_freed_memory
     mine = load("train.optimizer=adamw", "reference.strategy=copy")
     assert mine.train.optimizer == "adamw" and mine.reference.strategy == "copy"
     assert load("lora.enabled=true").reference.strategy == "auto"  # disabled adapters take no memory
@@ -85,11 +86,14 @@ def test_optimizer_in_backward_matches_the_optimizer_after_backward(tiny_config,
 def test_low_precision_optimizer_state_resumes_exactly(tiny_config, tmp_path, monkeypatch, overrides):
     if "train.optimizer=adamw4bit" in overrides:
         pytest.importorskip("torchao")
+    released = []  # the lean preset's release_freed_memory, recorded: it would change this pytest process's malloc
+    monkeypatch.setattr("dpokit.host_memory.release_freed_memory", lambda: released.append(True) or True)
     common = ("train.max_steps=4", "train.epochs=2", "checkpoint.every=2", *overrides)
     straight = train(tiny_config(*common, f"output.dir={tmp_path / 'straight'}"))
     cfg = tiny_config(*common, f"output.dir={tmp_path / 'interrupted'}")
     resumed = crash_then_resume(cfg, monkeypatch)  # checkpoint 2 written, step 3 done but not checkpointed
     assert losses(resumed.run_dir) == losses(straight.run_dir)
+    assert bool(released) == ("train.preset=lean" in overrides)
     a, b = weights(straight.model_dir), weights(resumed.model_dir)
     assert a.keys() == b.keys()
     for k in a:

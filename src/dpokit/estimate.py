@@ -5,8 +5,8 @@ is resident while the backward pass begins, the largest moment of a step:
 
     runtime      the process itself (Python, torch, transformers, the tokenizer); on a GPU, PyTorch's own
                  allocations only (the CUDA context, ~0.5 GB, is outside them)
-    freed heap   on a CPU, what glibc keeps of the heap freed by earlier steps (measured: the lean benchmark
-                 run peaked 0.46 GB lower with a fixed MALLOC_MMAP_THRESHOLD_); on a GPU nothing, as
+    freed heap   on a CPU, what glibc keeps of the heap freed by earlier steps (nothing with
+                 train.release_freed_memory, see dpokit.host_memory); on a GPU nothing, as
                  torch.cuda.max_memory_allocated does not count the caching allocator's free blocks
     weights      the policy (quantized linear layers with model.quantization, plus LoRA adapters)
     gradients    every trainable parameter's (with optimizer_in_backward: the two largest tensors at most)
@@ -20,8 +20,11 @@ is resident while the backward pass begins, the largest moment of a step:
     LM head      the selective head's chunk of logits, its log-softmax and their gradient: 3 · chunk · V
                  (train.lm_head=full: 3 · positions · V, TRL's and the plain path's [2B, width, V] logits)
 
-On a CPU the loading is a second candidate for the peak: the weights file is memory-mapped while the weights are
-copied out of it (and a reference copy made), so the estimate is the larger of the two. Under FSDP2 the
+Two more candidates for the peak, and the estimate is the largest of the three: on a CPU the loading (the weights
+file is memory-mapped while the weights are copied out of it, and a reference copy made), and the optimizer step
+once the activations are freed, when an optimizer needs working memory: bitsandbytes' 8-bit AdamW on a CPU holds
+fp32 working copies of the tensor it updates (measured on SmolLM2's 28M-value embedding, the lean preset's last
+step of the backward pass: +0.56 GB, 20 bytes a value with the embedding's fresh gradient). Under FSDP2 the
 weights, gradients and optimizer state are divided by the number of processes (plus two decoder layers gathered
 at a time); with distributed.cpu_offload they live in host memory instead.
 """
@@ -35,6 +38,7 @@ GB = 1e9
 CPU_RUNTIME_BYTES = 0.45e9  # python + torch + transformers + tokenizer, measured as a process's RSS before loading
 CPU_FREED_HEAP_BYTES = 0.45e9  # freed heap glibc keeps resident after the first steps (see the module's docstring)
 SMALL_TENSOR = 4096  # bitsandbytes and torchao keep 32-bit state for tensors with fewer values
+CPU_ADAMW8BIT_STEP_BYTES = 20  # per value of the tensor bitsandbytes' CPU 8-bit step updates (see the docstring)
 
 
 @dataclass
@@ -140,6 +144,7 @@ def data_lengths(cfg, tokenizer) -> Lengths:
 class Estimate:
     parts: dict[str, float]  # bytes of the step's peak, by what holds them
     loading: float  # bytes while the weights load (CPU), a peak of its own
+    stepping: float  # bytes while the optimizer steps its largest tensor, activations freed (0: not a peak)
     host: dict[str, float]  # bytes kept in host memory instead (FSDP2 CPU offload)
     lengths: Lengths
     device: str
@@ -151,7 +156,7 @@ class Estimate:
 
     @property
     def peak(self) -> float:
-        return max(self.step, self.loading)
+        return max(self.step, self.loading, self.stepping)
 
 
 def estimate(cfg, *, lengths: Lengths | None = None, shape: Shape | None = None, world: int = 1,
@@ -225,21 +230,22 @@ def estimate(cfg, *, lengths: Lengths | None = None, shape: Shape | None = None,
             weights, gradients, optimizer = weights / world + 2 * layer, gradients / world + 2 * layer, optimizer / world
         reference = reference / world + (2 * layer if reference else 0)
 
-    if device == "cpu" and t.optimizer == "adamw8bit":
-        notes.append("adamw8bit on a CPU: bitsandbytes' step holds fp32 working copies of the tensor it updates, "
-                     "not counted here (the lean preset on the embedded model peaked 1.5x this estimate)")
     runtime = CPU_RUNTIME_BYTES if device == "cpu" else 0.0
     if device == "cuda":
         notes.append("GPU: PyTorch's allocations (torch.cuda.max_memory_allocated); the CUDA context adds ~0.5 GB")
-    freed_heap = CPU_FREED_HEAP_BYTES if device == "cpu" else 0.0
+    freed_heap = CPU_FREED_HEAP_BYTES if device == "cpu" and not t.release_freed_memory else 0.0
     parts = {"runtime": runtime, "freed_heap": freed_heap, "weights": weights, "gradients": gradients,
              "optimizer": optimizer, "reference": reference, "activations": activations, "lm_head": head}
+    stepping = 0.0
+    if device == "cpu" and t.optimizer == "adamw8bit" and trainable_tensors:
+        resident = sum(v for k, v in parts.items() if k not in ("activations", "lm_head"))
+        stepping = resident + CPU_ADAMW8BIT_STEP_BYTES * max(trainable_tensors) / (world if sharded else 1)
     # loading on a CPU: the file is mapped while the policy's weights are copied out of it (and the reference
     # copy made from the policy)
     loading = 0.0
     if device == "cpu":
         loading = runtime + shape.file_bytes + shape.params * weight_bytes + reference
-    return Estimate(parts, loading, host, lengths, device, notes)
+    return Estimate(parts, loading, stepping, host, lengths, device, notes)
 
 
 def _optimizer_bytes(name: str, tensors: list[int], weight_bytes: int) -> float:
@@ -381,6 +387,7 @@ def estimate_command(args) -> int:
                            device=device) if est.peak > args.device_gb * GB else []
     if args.json:
         print(json.dumps({"peak_bytes": est.peak, "step_bytes": est.step, "loading_bytes": est.loading,
+                          "optimizer_step_bytes": est.stepping,
                           "parts_bytes": est.parts, "host_bytes": est.host, "lengths": dataclasses.asdict(est.lengths),
                           "device": device, "notes": est.notes, "device_gb": args.device_gb,
                           "fits": None if fits is None else est.peak <= args.device_gb * GB,
@@ -393,6 +400,9 @@ def estimate_command(args) -> int:
     print(f"  {'step peak':<12} {est.step / GB:7.2f} GB")
     if est.loading:
         print(f"  {'loading':<12} {est.loading / GB:7.2f} GB  (weights file mapped while the weights are copied)")
+    if est.stepping:
+        print(f"  {'optim. step':<12} {est.stepping / GB:7.2f} GB  (activations freed, the optimizer's working copies "
+              "of its largest tensor)")
     for k, v in est.host.items():
         print(f"  host {k:<7} {v / GB:7.2f} GB  (CPU offload)")
     print(f"expected peak per device: {est.peak / GB:.2f} GB")

@@ -8,12 +8,13 @@ import contextlib
 import functools
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from dpokit import checkpoint, models
+from dpokit import checkpoint, host_memory, models
 from dpokit.config import Config
 from dpokit.data.tokenize import use_chat_template
 from dpokit.distributed import Runtime, decoder_layer_classes, init_runtime
@@ -94,6 +95,9 @@ class Trainer:
         if t.activation_offload and runtime.device.type != "cuda":
             raise ConfigError("train.activation_offload=true moves saved activations from GPU to CPU memory; on "
                               f"{runtime.device.type} there is nothing to offload: turn it off")
+        if t.release_freed_memory and runtime.device.type == "cpu" and not host_memory.release_freed_memory():
+            warnings.warn("train.release_freed_memory: this C library has no mallopt; freed memory stays in the heap",
+                          stacklevel=2)
         torch.manual_seed(t.seed)
 
         with runtime.main_first():  # the first load may convert the GGUF default model
