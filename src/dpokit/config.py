@@ -267,7 +267,7 @@ class TrainSection:
                        "full: all logits (the plain path, for comparison)", choices=("selective", "full"))
     logps_chunk_tokens: int = opt(1024, "completion tokens per LM-head chunk (bounds the logits memory)", min=1)
     release_freed_memory: bool = opt(False, "CPU only: give freed tensor memory back to the system at once (glibc's "
-                                     "mmap threshold fixed at 4 MB, dpokit.host_memory) instead of keeping it in the "
+                                     "mmap threshold fixed at 64 kB, dpokit.host_memory) instead of keeping it in the "
                                      "heap: a lower peak for 20-30% more time per step; nothing on a GPU")
     seed: int = opt(42, "seed for data order and initialisation")
     eval_every: int = opt(0, "evaluate on held-out pairs every N steps (0: before and after training only)", min=0)

@@ -2,9 +2,11 @@
 
 glibc serves large allocations from its heap once freed ones have raised its mmap threshold (up to 32 MB), and a
 heap with live tensors between freed ones cannot shrink: a training step's temporaries, freed layer after layer,
-stay resident. Measured on the lean preset's benchmark step (SmolLM2-135M, 8 pairs, CPU): peak RSS 3.83 GB with
-the dynamic threshold, 2.28 GB with it fixed at 4 MB, each step 20-30% slower (fresh pages are faulted in). The
-CUDA caching allocator is unaffected: this is for training on a CPU.
+stay resident. Measured on the benchmark's step (SmolLM2-135M, 8 pairs, CPU), peak RSS: the lean preset 3.83 GB
+with the dynamic threshold, 2.2 GB with it fixed at 4 MB or 64 kB; LoRA 6.02 GB at 4 MB, whose small live
+tensors (each adapter's [tokens, r] output) pin freed ones of a few MB, and 4.16 GB at 64 kB. Each step is
+20-30% slower (fresh pages are faulted in). The CUDA caching allocator is unaffected: this is for training on a
+CPU.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import ctypes.util
 import functools
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-RELEASE_THRESHOLD = 4 << 20  # allocations from 4 MB up get their own mapping, returned to the system when freed
+RELEASE_THRESHOLD = 64 << 10  # allocations from 64 kB up get their own mapping, returned to the system when freed
 
 
 @functools.cache
