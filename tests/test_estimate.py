@@ -14,7 +14,7 @@ LINEARS = [(f"model.layers.{i}.{name}", i_, o) for i in range(2) for name, i_, o
     ("self_attn.o_proj", 32, 32), ("mlp.gate_proj", 32, 64), ("mlp.up_proj", 32, 64), ("mlp.down_proj", 64, 32))]
 TENSORS = [1000 * 32] + [i * o for _, i, o in LINEARS] + [32] * 5  # embeddings, linears, 2 norms a layer + the last
 SHAPE = Shape(params=sum(TENSORS), linear_params=sum(i * o for _, i, o in LINEARS), linear_shapes=LINEARS, layers=2,
-              hidden=32, intermediate=64, kv_dim=16, head_dim=8, vocab=1000, tensors=TENSORS,
+              hidden=32, intermediate=64, kv_dim=16, q_dim=32, head_dim=8, vocab=1000, tensors=TENSORS,
               file_bytes=4 * sum(TENSORS))
 LENGTHS = Lengths(tokens=100, completion_tokens=60, pairs=2, source="test")
 P = SHAPE.params
@@ -67,6 +67,29 @@ def test_cpu_8bit_step_and_the_released_heap(tiny_config):
     assert parts(tiny_config("train.release_freed_memory=true")).parts["freed_heap"] == 0
 
 
+def test_padded_rows_and_the_full_lm_head(tiny_config):
+    default = parts(tiny_config()).parts
+    padded = parts(tiny_config("train.layout=padded")).parts
+    # keys and values repeated to the 4 query heads (2 × (32 - 16) values) and the layer's mask (width 25 of 100
+    # tokens in 2 pairs' 4 rows)
+    assert padded["activations"] == 2 * 100 * (SHAPE.activation_values + 2 * (32 - 16) + 25) * 4
+    full = parts(tiny_config("train.lm_head=full")).parts
+    assert full["lm_head"] == (100 + 2 * 60) * 1000 * 4  # the logits (or their gradient), the gathered rows twice
+    assert {k: v for k, v in full.items() if k != "lm_head"} == {k: v for k, v in default.items() if k != "lm_head"}
+
+
+def test_heap_allowance_on_a_cpu(tiny_config):
+    long = Lengths(tokens=10**6, completion_tokens=600, pairs=2, source="test")
+    activations = 2 * 10**6 * SHAPE.activation_values * 4
+    full = estimate(tiny_config(), lengths=long, shape=SHAPE)
+    assert full.heap_allowance == pytest.approx(0.45 * activations - 0.45e9)  # beyond the 0.45 GB counted
+    lora = estimate(tiny_config("lora.enabled=true"), lengths=long, shape=SHAPE)
+    assert lora.heap_allowance == pytest.approx(1.4 * activations - 0.45e9)  # small saved tensors pin freed heap
+    assert estimate(tiny_config(), lengths=LENGTHS, shape=SHAPE).heap_allowance == 0  # never below zero
+    assert estimate(tiny_config("train.release_freed_memory=true"), lengths=long, shape=SHAPE).heap_allowance == 0
+    assert estimate(tiny_config(), lengths=long, shape=SHAPE, device="cuda").heap_allowance == 0
+
+
 def test_lora_and_qlora(tiny_config):
     full = parts(tiny_config()).parts
     adapters = 4 * sum(4 * (i + o) for _, i, o in LINEARS)  # r=4 on every linear layer: A (r × in), B (out × r)
@@ -106,8 +129,8 @@ def test_the_model_shape_from_its_config(tiny_model_dir):
     shape = model_shape(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     assert shape.params == sum(p.numel() for p in model.parameters())  # tied embeddings counted once
-    assert (shape.layers, shape.hidden, shape.intermediate, shape.kv_dim, shape.head_dim, shape.vocab) == \
-        (2, 32, 64, 16, 8, 49152)
+    assert (shape.layers, shape.hidden, shape.intermediate, shape.kv_dim, shape.q_dim, shape.head_dim, shape.vocab) \
+        == (2, 32, 64, 16, 32, 8, 49152)
     assert len(shape.linear_shapes) == 14 and shape.file_bytes == 4 * shape.params
 
 
@@ -158,3 +181,14 @@ def test_cli_suggests_leaner_settings_for_a_small_device(smol_dir, pairs_file, c
 
     none_fit = run(capsys, *common[:-1], "--device-gb", "0.01")[1].splitlines()
     assert none_fit[-1].startswith("  none of them fits")
+
+
+def test_cli_counts_the_heap_allowance_on_a_cpu(smol_dir, pairs_file, capsys):
+    common = (f"data.train={pairs_file}", "lora.enabled=true", "--device", "cpu")
+    report = json.loads(run(capsys, *common, "--json")[1])
+    peak, allowance = report["peak_bytes"], report["freed_heap_allowance_bytes"]
+    assert allowance > 1e9  # LoRA: up to 1.4 × a micro-batch's activations of the embedded model at 1,024 tokens
+    between = f"{(peak + allowance / 2) / GB:.2f}"
+    out = run(capsys, *common, "--device-gb", between)[1].splitlines()
+    assert out[-1] == f"fits {between} GB unless glibc keeps more freed heap: train.release_freed_memory=true to be sure"
+    assert json.loads(run(capsys, *common, "--json", "--device-gb", between)[1])["fits"] is False
