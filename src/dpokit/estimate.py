@@ -215,21 +215,7 @@ def estimate(cfg, *, lengths: Lengths | None = None, shape: Shape | None = None,
     if strategy == "copy" and cfg.reference.name is not None:
         notes.append(f"reference.name: assumed the size of {cfg.model.name}")
 
-    # activations of one micro-batch, and the LM head's working set
-    n = lengths.tokens
-    per_token = shape.activation_values
-    if t.layout == "padded":  # keys and values repeated to every query head, and the layer's padding mask
-        per_token += 2 * (shape.q_dim - shape.kv_dim) + n // (2 * lengths.pairs)
-    full_layer = n * per_token * act_bytes
-    if t.gradient_checkpointing:
-        activations = shape.layers * n * (shape.hidden + 4) * act_bytes + full_layer
-    else:
-        activations = shape.layers * full_layer
-    if t.lm_head == "full":
-        head = (n + 2 * lengths.completion_tokens) * shape.vocab * 4
-    else:
-        head = 3 * min(t.logps_chunk_tokens, lengths.completion_tokens) * shape.vocab * 4
-        head += lengths.completion_tokens * shape.hidden * act_bytes  # the gathered hidden states it keeps
+    full_layer, activations, head = _activation_bytes(t, shape, lengths, act_bytes)
     if t.activation_offload and device == "cuda":
         notes.append("activation_offload: the saved activations are in pinned host memory, one layer's on the GPU")
         activations = full_layer * 2
@@ -266,6 +252,26 @@ def estimate(cfg, *, lengths: Lengths | None = None, shape: Shape | None = None,
     if device == "cpu":
         loading = runtime + shape.file_bytes + shape.params * weight_bytes + reference
     return Estimate(parts, loading, stepping, host, lengths, device, notes, allowance)
+
+
+def _activation_bytes(t, shape: Shape, lengths: Lengths, act_bytes: float) -> tuple[float, float, float]:
+    """(one decoder layer's saved activations, the micro-batch's, the LM head's working set) under the train
+    section `t`, in bytes."""
+    n = lengths.tokens
+    per_token = shape.activation_values
+    if t.layout == "padded":  # keys and values repeated to every query head, and the layer's padding mask
+        per_token += 2 * (shape.q_dim - shape.kv_dim) + n // (2 * lengths.pairs)
+    full_layer = n * per_token * act_bytes
+    if t.gradient_checkpointing:
+        activations = shape.layers * n * (shape.hidden + 4) * act_bytes + full_layer
+    else:
+        activations = shape.layers * full_layer
+    if t.lm_head == "full":
+        head = (n + 2 * lengths.completion_tokens) * shape.vocab * 4
+    else:
+        head = 3 * min(t.logps_chunk_tokens, lengths.completion_tokens) * shape.vocab * 4
+        head += lengths.completion_tokens * shape.hidden * act_bytes  # the gathered hidden states it keeps
+    return full_layer, activations, head
 
 
 def _optimizer_bytes(name: str, tensors: list[int], weight_bytes: int) -> float:
