@@ -101,3 +101,19 @@ def test_label_counts_prompts_with_one_completion_as_skipped(tmp_path, capsys):
     counts = json.loads((tmp_path / "pairs.jsonl.meta.json").read_text())["counts"]
     assert (counts["prompts"], counts["too_few"], counts["pairs"]) == (2, 1, 1)
     assert len(read_preferences(str(out)).records) == 1
+
+
+def test_label_with_every_candidate_dropped_is_an_error_and_keeps_the_scores(tmp_path, capsys):
+    import json
+
+    from dpokit.cli import main
+
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "x", "completions": ["a", "b"], "scores": [1, 1]},
+                                                 {"prompt": "y", "completions": ["c", "c"], "scores": [1, 2]}])
+    out, scored = tmp_path / "pairs.jsonl", tmp_path / "scored.jsonl"
+    assert main(["label", str(samples), "--out", str(out), "--scored-out", str(scored)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {samples}: no preference pair: 0 pairs from 2 prompts (2 candidates, 2 dropped: identical: 1, "
+        "tie: 1); a pair needs two different, non-empty completions of one prompt with different scores\n")
+    assert not out.exists() and not (tmp_path / "pairs.jsonl.meta.json").exists()
+    assert [json.loads(line)["scores"] for line in scored.read_text().splitlines()] == [[1.0, 1.0], [1.0, 2.0]]

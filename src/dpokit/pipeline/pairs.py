@@ -8,7 +8,8 @@ A candidate pair is dropped, and counted by reason, when a completion is empty (
 stopped at once; `dpokit train` refuses empty completions), its two completions are the same text
 (`identical`), score the same (`tie`), or differ by less than `margin` (`below_margin`). A prompt with
 fewer than two completions has nothing to pair and is counted as skipped (`too_few`); when no prompt
-has two, labelling stops with an error instead of writing an empty file.
+has two, or every candidate is dropped, labelling stops with an error instead of writing an empty file
+(the scores, when asked for, are written first).
 """
 
 from __future__ import annotations
@@ -134,13 +135,17 @@ def label_file(samples: str | Path, out: str | Path, judge=None, *, mode: str = 
         scores = [[float(s) for s in r["scores"]] for r in rows]
     else:
         scores = score_rows(judge, rows, batch_size=batch_size)
+    if scored_out is not None:  # first: the judge's work is kept even when no pair comes of it
+        write_jsonl(scored_out, [{**r, "scores": s, "judge": getattr(judge, "name", r.get("judge"))}
+                                 for r, s in zip(rows, scores)])
     pairs, counts = label_rows(rows, scores, mode=mode, margin=margin)
+    if not pairs:
+        hint = f" (--margin {margin:g} or less)" if counts.dropped["below_margin"] else ""
+        raise DataError(f"{samples}: no preference pair: {counts.summary()}; a pair needs two different, "
+                        f"non-empty completions of one prompt with different scores{hint}")
     write_jsonl(out, pairs)
     meta = {"samples": str(samples), "judge": getattr(judge, "name", "scores in the samples"), "mode": mode,
             "margin": margin, "counts": counts.to_json()}
     write_meta(out, meta)
-    if scored_out is not None:
-        write_jsonl(scored_out, [{**r, "scores": s, "judge": getattr(judge, "name", r.get("judge"))}
-                                 for r, s in zip(rows, scores)])
     flat = [s for row in scores for s in row]
     return LabelSummary(Path(out), counts, sum(flat) / max(1, len(flat)))
