@@ -1,8 +1,9 @@
 """Run under torchrun by tests/test_distributed.py: several trainings in one process group.
 
 usage: torchrun --nproc-per-node 2 tests/distributed_worker.py RUNS.json
-RUNS.json: {"name": [override, ...], ...}; a name ending in "-crash" raises at step 2 (both ranks, after
-the step-2 checkpoint), then the same run resumes to the end.
+RUNS.json: {"name": [override, ...], ...}; a name starting "sft-", "reward-" or "ppo-" trains that method
+(DPO otherwise); a name ending in "-crash" raises at step 2 (both ranks, after the step-2 checkpoint), then the
+same run resumes to the end.
 """
 
 import json
@@ -12,7 +13,15 @@ from pathlib import Path
 import torch.distributed as dist
 
 from dpokit.config import Config
+from dpokit.methods.dpo import DPO
+from dpokit.methods.ppo import PPO
+from dpokit.methods.reward import RewardModel
+from dpokit.methods.sft import SFT
 from dpokit.train import Trainer, train
+
+
+def method_of(name: str) -> type:
+    return {"sft": SFT, "reward": RewardModel, "ppo": PPO}.get(name.split("-")[0], DPO)
 
 
 def main() -> None:
@@ -29,13 +38,13 @@ def main() -> None:
 
             Trainer.train_step = crash
             try:
-                train(cfg)
+                train(cfg, method=method_of(name))
             except RuntimeError as e:
                 assert "simulated crash" in str(e)
             Trainer.train_step = real_step
-            train(cfg, resume=True)
+            train(cfg, resume=True, method=method_of(name))
         else:
-            train(cfg)
+            train(cfg, method=method_of(name))
     dist.destroy_process_group()
 
 

@@ -1,5 +1,6 @@
 """torchrun with 2 CPU processes (gloo): the same losses and weights as 1 process with the same global batch,
-for DDP and FSDP2, full fine-tuning and LoRA; resume in the 2-rank run; the CLI under torchrun."""
+for DDP and FSDP2, full fine-tuning and LoRA, and for SFT, the reward model and PPO; resume in the 2-rank run;
+the CLI under torchrun."""
 
 import json
 import os
@@ -28,6 +29,13 @@ CASES = {
     "fsdp-offload": ["distributed.strategy=fsdp", "distributed.cpu_offload=true"],
 }
 
+# the other methods on the loop, each under DDP and FSDP2 (PPO samples its rollouts through FSDP2's root)
+METHOD_CASES = {f"{method}-{strategy}": [f"distributed.strategy={strategy}", *extra]
+                for method, extra in (("sft", ["data.use=chosen"]), ("reward", []),
+                                      ("ppo", ["ppo.judge=length", "ppo.max_new_tokens=8", "ppo.template=none",
+                                               "ppo.minibatch_size=2", "ppo.epochs=2", "train.precision=fp32"]))
+                for strategy in ("ddp", "fsdp")}
+
 
 def torchrun(*args, timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
@@ -49,7 +57,7 @@ def setup(tmp_path_factory, tiny_model_dir):
                 "train.epochs=2", "checkpoint.every=2", "output.tensorboard=false", "output.overwrite=true",
                 f"reference.cache_dir={root / 'refcache'}", *extra]
 
-    runs = {f"{name}-2rank": overrides(f"{name}-2rank", *extra) for name, extra in CASES.items()}
+    runs = {f"{name}-2rank": overrides(f"{name}-2rank", *extra) for name, extra in (CASES | METHOD_CASES).items()}
     runs["ddp-full-2rank-crash"] = overrides("ddp-full-2rank-crash", *CASES["ddp-full"])
     runs["fsdp-lora-2rank-crash"] = overrides("fsdp-lora-2rank-crash", *CASES["fsdp-lora"])
     spec = root / "runs.json"
@@ -79,6 +87,19 @@ def test_two_ranks_match_one_rank(setup, name):
     assert w1.keys() == w2.keys()
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=1e-5), k
+
+
+@pytest.mark.parametrize("name", list(METHOD_CASES))
+def test_other_methods_on_two_ranks_match_one_rank(setup, name):
+    from .distributed_worker import method_of
+
+    root, overrides = setup
+    one = train(Config.load(None, overrides(f"{name}-1rank", *METHOD_CASES[name])), method=method_of(name))
+    losses_1 = [r["loss"] for r in read_metrics(one.run_dir) if "loss" in r and "step" in r]
+    losses_2 = [r["loss"] for r in read_metrics(root / f"{name}-2rank") if "loss" in r and "step" in r]
+    assert len(losses_2) == 4 and losses_2 == pytest.approx(losses_1, abs=1e-5)
+    w1, w2 = weights(one.run_dir), weights(root / f"{name}-2rank")
+    assert w1.keys() == w2.keys() and all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
 
 
 @pytest.mark.parametrize("name", ["ddp-full", "fsdp-lora"])

@@ -90,14 +90,28 @@ def shard_module(module: nn.Module, layer_classes: tuple[type, ...], *, cpu_offl
     (CPUOffloadPolicy) the sharded parameters, their gradients and so the optimizer state live in CPU memory; each
     group's parameters are copied to the device for its forward and backward, the gradients back after its
     reduce-scatter, and the optimizer steps on the CPU."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        OffloadPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
 
     policy = CPUOffloadPolicy(pin_memory=device is not None and device.type == "cuda") if cpu_offload else OffloadPolicy()
     for sub in module.modules():
         if layer_classes and isinstance(sub, layer_classes):
             fully_shard(sub, offload_policy=policy)
     fully_shard(module, offload_policy=policy)
+    for name in ("generate", "token_logps"):  # entry points besides forward (PPO's rollouts and their scoring):
+        if hasattr(module, name):  # each gathers the root's parameters as forward does
+            register_fsdp_forward_method(module, name)
     return module
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
 
 
 def init_runtime(strategy: str = "ddp", backend: str = "auto") -> Runtime:

@@ -62,6 +62,12 @@ class CompletionLogProbs(nn.Module):
         self.wpo = wpo  # also WPO's per-sequence log-weights
         self._scale, self._softcap = _logit_transform(causal_lm(model).config)
 
+    def generate(self, **kwargs):
+        """The causal LM's `generate` (transformers), called on this module so that FSDP2, which shards it as
+        the root, gathers the root's parameters around it (`distributed.shard_module` registers it, and
+        `token_logps`, as forward methods)."""
+        return self.model.generate(**kwargs)
+
     def forward(self, batch: Batch) -> SequenceLogps:
         token_logps, log_sum_sq = self._token_outputs(batch)
         n = 2 * batch.num_pairs

@@ -32,7 +32,8 @@ KL: the penalty and the logged `kl` use the single-sample estimate Σ_t (log π 
 sampled tokens (k1, Ziegler et al., TRL), whose mean is the sequence KL that `dpokit evaluate` reports.
 Rewards are used as the judge gives them (no reward-model normalisation); advantages are whitened.
 
-Under several processes each rank samples the whole batch (the same seeds) and trains on its share.
+Under several processes each rank samples the whole batch (the same seeds) and trains on its share; under
+FSDP2 the rollouts are sampled through the sharded module (its `generate`), every rank stepping until all finish.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dpokit import models, reference, rl
+from dpokit import distributed, models, reference, rl
 from dpokit.config import Config
 from dpokit.data.layouts import collate
 from dpokit.data.tokenize import TokenizedPair
@@ -181,10 +182,10 @@ class PPO:
         cfg, p = self.cfg, self.cfg.ppo
         self.step = step
         items = [self.train_set[i] for i in item_ids]
-        with self.autocast():
-            completions = generate(self.policy.model, [it.ids for it in items], temperature=1.0, top_p=1.0,
+        with self.autocast():  # the module itself: under FSDP2 its generate gathers the root's parameters
+            completions = generate(self.policy, [it.ids for it in items], temperature=1.0, top_p=1.0,
                                    max_new_tokens=p.max_new_tokens, stop_ids=self.stop_ids, pad_id=self.pad_id,
-                                   seed=cfg.train.seed * 1_000_003 + step)
+                                   seed=cfg.train.seed * 1_000_003 + step, synced=distributed.is_sharded(policy))
         stops = set(self.stop_ids)
         texts = [self.tokenizer.decode([t for t in c.ids if t not in stops], skip_special_tokens=True)
                  for c in completions]

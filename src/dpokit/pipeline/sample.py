@@ -47,10 +47,12 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, top_p: float, max_new_tokens: int,
-             stop_ids: Sequence[int], pad_id: int, seed: int, streamer=None) -> list[Completion]:
+             stop_ids: Sequence[int], pad_id: int, seed: int, streamer=None, synced: bool = False) -> list[Completion]:
     """One sampled completion per row of `prompt_ids` (repeat a prompt to get several). Every logits
     processor but temperature and top-p is switched off, so temperature 1 / top-p 1 samples from π itself.
-    A transformers streamer (one prompt) receives the tokens as they are generated (`dpokit chat`)."""
+    A transformers streamer (one prompt) receives the tokens as they are generated (`dpokit chat`).
+    `synced`: every process of a sharded model runs forward passes until all have finished (FSDP2 gathers
+    each layer's parameters collectively)."""
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
@@ -71,7 +73,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                             generation_config=config, streamer=streamer)
+                             generation_config=config, streamer=streamer, synced_gpus=synced)
     stops = set(stop_ids)
     completions = []
     for row in out[:, width:].tolist():
