@@ -42,6 +42,18 @@ def test_chat_streams_keeps_the_conversation_and_resets(saying):
         ("system", "Answer with one letter."), ("user", "New topic."), ("assistant", "A A A A A")]
 
 
+def test_chat_samples_are_seeded(tiny_model_dir):
+    """At temperature 1 a reply is a sample (the tiny random model spreads over its 49k tokens): the same
+    seed replays the same conversation, another seed gives another."""
+    def conversation(seed):
+        chat = Chat.load(tiny_model_dir, temperature=1.0, top_p=1.0, max_new_tokens=6, seed=seed)
+        return [chat.reply("Hi"), chat.reply("Hi")]
+
+    first = conversation(3)
+    assert conversation(3) == first and conversation(4) != first
+    assert len({*first}) == 2  # the second turn samples anew
+
+
 def test_chat_command_reads_piped_turns(saying, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n/reset\nHi again\n"))
     assert main(["chat", saying(" A"), "--temperature", "0", "--max-new-tokens", "3"]) == 0
