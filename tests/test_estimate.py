@@ -84,7 +84,7 @@ def test_heap_allowance_on_a_cpu(tiny_config):
     full = estimate(tiny_config(), lengths=long, shape=SHAPE)
     assert full.heap_allowance == pytest.approx(0.45 * activations - 0.45e9)  # beyond the 0.45 GB counted
     lora = estimate(tiny_config("lora.enabled=true"), lengths=long, shape=SHAPE)
-    assert lora.heap_allowance == pytest.approx(1.4 * activations - 0.45e9)  # small saved tensors pin freed heap
+    assert lora.heap_allowance == pytest.approx(1.4 * activations - 0.45e9)  # measured higher with adapters
     assert estimate(tiny_config(), lengths=LENGTHS, shape=SHAPE).heap_allowance == 0  # never below zero
     assert estimate(tiny_config("train.release_freed_memory=true"), lengths=long, shape=SHAPE).heap_allowance == 0
     assert estimate(tiny_config(), lengths=long, shape=SHAPE, device="cuda").heap_allowance == 0

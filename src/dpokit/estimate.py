@@ -10,9 +10,10 @@ is resident while the backward pass begins, the largest moment of a step:
                  torch.cuda.max_memory_allocated does not count the caching allocator's free blocks.
                  How much glibc keeps depends on the order of allocations, not on sizes alone: in the
                  benchmark 0.4 GB for the default full fine-tuning, up to 0.43 × one micro-batch's activations
-                 for full fine-tuning (padded rows) and 1.38 × with LoRA and QLoRA (their small saved tensors
-                 pin freed regions). The estimate counts 0.45 GB and reports what more was measured as
-                 `heap_allowance` (0.45 and 1.4 × the activations, less the 0.45 GB counted).
+                 for full fine-tuning (padded rows) and 1.38 × with LoRA and QLoRA (QLoRA int8; the same
+                 LoRA run kept 2.7 GB at the benchmark's lengths and 0.5 at half of them). The estimate
+                 counts 0.45 GB and reports the most measured as `heap_allowance` (0.45 and 1.4 × the
+                 activations, less the 0.45 GB counted).
     weights      the policy (quantized linear layers with model.quantization, plus LoRA adapters)
     gradients    every trainable parameter's (with optimizer_in_backward: the two largest tensors at most)
     optimizer    AdamW 8 bytes a parameter, adamw8bit 2 (+ block scales), adamw4bit 1, RMSprop 4; tensors

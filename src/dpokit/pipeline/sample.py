@@ -52,7 +52,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, 
     processor but temperature and top-p is switched off, so temperature 1 / top-p 1 samples from π itself.
     A transformers streamer (one prompt) receives the tokens as they are generated (`dpokit chat`).
     `synced`: every process of a sharded model runs forward passes until all have finished (FSDP2 gathers
-    each layer's parameters collectively)."""
+    each layer's parameters collectively); otherwise transformers decides (DeepSpeed ZeRO-3, FSDP1)."""
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
@@ -73,7 +73,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                             generation_config=config, streamer=streamer, synced_gpus=synced)
+                             generation_config=config, streamer=streamer, synced_gpus=synced or None)
     stops = set(stop_ids)
     completions = []
     for row in out[:, width:].tolist():
