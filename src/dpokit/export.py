@@ -13,7 +13,7 @@ import yaml
 from dpokit import attention
 from dpokit.errors import TrainingError
 from dpokit.logps import causal_lm
-from dpokit.models import load_model, nonfinite_parameters
+from dpokit.models import load_model, load_reward_model, nonfinite_parameters
 from dpokit.rundir import RunDir
 from dpokit.storage import atomic_dir
 
@@ -61,7 +61,11 @@ def export(model, tokenizer, directory: Path, *, merge_lora: bool, config: dict,
         if merge_lora and lora:
             # merge through a plain copy: the adapter saved, then loaded onto its base and merged
             save_pretrained(model, tmp / "adapter", state_dict=state_dict)
-            model, state_dict, lora = load_model(str(tmp / "adapter")), None, False
+            if method == "reward":  # the sequence-classification model, its trained head from the adapter
+                model, _ = load_reward_model(str(tmp / "adapter"), pad_token_id=tokenizer.pad_token_id)
+            else:
+                model = load_model(str(tmp / "adapter"))
+            state_dict, lora = None, False
             shutil.rmtree(tmp / "adapter")
         save_pretrained(model, tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)

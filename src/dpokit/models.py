@@ -204,7 +204,9 @@ def load_reward_model(name: str, *, pad_token_id: int, seed: int = 0, dtype: str
 
             base, _ = load_reward_model(_adapter_base(src.path), pad_token_id=pad_token_id, seed=seed, dtype=dtype,
                                         trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
-            model, info = PeftModel.from_pretrained(base, src.path).merge_and_unload(), {"missing_keys": ["score"]}
+            model = PeftModel.from_pretrained(base, src.path).merge_and_unload()
+            # a reward model's adapter (dpokit reward with LoRA) carries its trained head; a causal LM's has none
+            info = {"missing_keys": [] if _adapter_config(src.path).get("task_type") == "SEQ_CLS" else ["score"]}
         else:
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 src.path, revision=revision, local_files_only=local_files_only(src, revision), use_safetensors=True,
@@ -277,9 +279,12 @@ def converted_gguf(gguf: Path) -> Path:
     return target
 
 
+def _adapter_config(adapter_dir: str) -> dict:
+    return json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+
+
 def _adapter_base(adapter_dir: str) -> str:
-    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-    return cfg["base_model_name_or_path"]
+    return _adapter_config(adapter_dir)["base_model_name_or_path"]
 
 
 def model_dir(name: str) -> str:
@@ -287,7 +292,8 @@ def model_dir(name: str) -> str:
     return _loadable(resolve(name)).path
 
 
-def apply_lora(model, lora_cfg):
+def apply_lora(model, lora_cfg, task_type: str = "CAUSAL_LM"):
+    """LoRA adapters on `model` (PEFT). task_type SEQ_CLS (a reward model) also trains the `score` head whole."""
     from peft import LoraConfig, get_peft_model
 
     targets = lora_cfg.target_modules
@@ -296,7 +302,7 @@ def apply_lora(model, lora_cfg):
         lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout,
         target_modules=targets[0] if targets == ["all-linear"] else targets,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     return get_peft_model(model, config)
 

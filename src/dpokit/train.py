@@ -385,7 +385,8 @@ class Trainer:
         if not self.rt.is_main:
             return None
         clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        out = export(self.policy.model, self.tokenizer, self.run_dir / "model", merge_lora=self.cfg.lora.merge_on_export,
+        merge = self.cfg.lora.merge_on_export or getattr(self.method, "exports_merged", False)
+        out = export(self.policy.model, self.tokenizer, self.run_dir / "model", merge_lora=merge,
                      config=self.cfg.to_dict(), metrics=clean, base_model=self.cfg.model.name, state_dict=state,
                      method=self.method.name)
         self._echo(f"model written to {out}")

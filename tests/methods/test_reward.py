@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from dpokit import models
 from dpokit.cli import main
 from dpokit.data.layouts import LAYOUTS, collate, last_non_pad_index
 from dpokit.data.tokenize import TokenizedPair
@@ -133,9 +134,9 @@ def test_margins_come_from_the_rows_and_enter_the_loss(tiny_config, tmp_path):
                        method.tokenizer).margins is None
 
 
-def test_reward_model_refuses_lora_and_single_completions(tiny_config, tmp_path):
-    with pytest.raises(ConfigError, match="trains all weights"):
-        train(tiny_config("lora.enabled=true"), method=RewardModel)
+def test_reward_model_refuses_qlora_and_single_completions(tiny_config, tmp_path):
+    with pytest.raises(ConfigError, match="QLoRA"):
+        train(tiny_config("lora.enabled=true", "model.quantization=nf4"), method=RewardModel)
     with pytest.raises(ConfigError, match="preference pairs"):
         train(tiny_config("data.use=chosen"), method=RewardModel)
 
@@ -181,6 +182,42 @@ def test_reward_model_resumes_exactly(tiny_config):
     straight = train(cfg, method=RewardModel)
     expected = load_file(str(straight.model_dir / "model.safetensors"))
     assert "score.weight" in expected
+    shutil.rmtree(straight.model_dir)
+    shutil.rmtree(checkpoint.checkpoints(straight.run_dir)[-1])  # only checkpoint 2 survived
+    resumed = train(cfg, method=RewardModel, resume=True)
+    got = load_file(str(resumed.model_dir / "model.safetensors"))
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_lora_reward_model_trains_adapters_and_head_resumes_and_exports_merged(tiny_config, pairs_file):
+    """LoRA on the trunk, the head trained whole; a run killed after its step-2 checkpoint (adapters and
+    head) resumes to the uninterrupted run's weights; the export is a full model that scores as training did."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from dpokit import checkpoint
+    from dpokit.pipeline.judges import build_judge
+
+    cfg = tiny_config(f"data.eval={pairs_file}", "lora.enabled=true", "lora.r=4", "train.lr=5e-3",
+                      "train.max_steps=4", "checkpoint.every=2", "train.layout=prefix_shared")
+    method = RewardModel(cfg, Runtime(), models.load_tokenizer(cfg.model.name))
+    module = method.build(precision="fp32", autocast=None, resume_from=None, echo=print)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or ".score." in n for n in trainable)
+    assert any(".score." in n for n in trainable)  # the new head is trained, not only adapters
+
+    straight = train(cfg, method=RewardModel)
+    assert (checkpoint.checkpoints(straight.run_dir)[-1] / "model" / "adapter_config.json").is_file()
+    expected = load_file(str(straight.model_dir / "model.safetensors"))  # merged: full weights, no adapter
+    assert "score.weight" in expected and not any("lora" in k for k in expected)
+    after = straight.eval_after
+    judge = build_judge("reward-model", model=str(straight.model_dir))
+    prompts = [[{"role": "user", "content": p}] for p, _, _ in PAIRS]
+    n = len(PAIRS)
+    assert sum(judge.score(prompts, [c for _, c, _ in PAIRS])) / n == pytest.approx(after["rewards/chosen"], abs=1e-4)
+    assert sum(judge.score(prompts, [r for _, _, r in PAIRS])) / n == pytest.approx(after["rewards/rejected"], abs=1e-4)
+    assert AutoModelForSequenceClassification.from_pretrained(straight.model_dir).config.num_labels == 1
+
     shutil.rmtree(straight.model_dir)
     shutil.rmtree(checkpoint.checkpoints(straight.run_dir)[-1])  # only checkpoint 2 survived
     resumed = train(cfg, method=RewardModel, resume=True)

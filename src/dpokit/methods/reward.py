@@ -11,8 +11,9 @@ EOS. Every layout applies: the trunk runs on the padded, packed or prefix-shared
 one position per sequence (`layouts.last_non_pad_index`).
 
 A per-pair margin m comes from the rows' `reward.margin_field` field (TRL's `margin` column) when they
-have one. LoRA is not supported: the judge and PPO load a full model directory, and a reward model of
-the size dpokit trains on one machine is trained whole.
+have one. With LoRA (`lora.enabled`, as TRL's RewardTrainer with a peft_config) the trunk gets adapters and
+the head is trained whole; checkpoints hold the adapters and the head, and the exported model is always
+merged, a full directory as the judge and PPO load it. A quantized base (QLoRA) is not supported.
 """
 
 from __future__ import annotations
@@ -50,15 +51,16 @@ class ScalarRewards(nn.Module):
 class RewardModel:
     name = "reward"
     unit = "pairs"
+    exports_merged = True  # with LoRA too: the judge and PPO load a full model directory
     metric_names = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
 
     def __init__(self, cfg: Config, runtime: Runtime, tokenizer):
         if cfg.data.use not in ("auto", "pairs"):
             raise ConfigError(f"data.use={cfg.data.use} reads single completions; dpokit reward trains on "
                               "preference pairs (data.use=pairs)")
-        if cfg.lora.enabled:
-            raise ConfigError("dpokit reward trains all weights: the judge and PPO load a full model directory; "
-                              "remove lora.enabled=true")
+        if cfg.lora.enabled and cfg.model.quantization != "none":
+            raise ConfigError(f"dpokit reward loads its base in float: model.quantization={cfg.model.quantization} "
+                              "(QLoRA) is not supported for reward models; LoRA alone is")
         self.cfg, self.rt, self.tokenizer = cfg, runtime, tokenizer
         self.data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed, use="pairs")
         if not self.data.train:
@@ -72,7 +74,7 @@ class RewardModel:
         load = dict(pad_token_id=self.tokenizer.pad_token_id, seed=cfg.train.seed,
                     dtype="bfloat16" if precision == "bf16" else "float32", revision=cfg.model.revision,
                     trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
-        if resume_from is not None:
+        if resume_from is not None and not cfg.lora.enabled:
             load["revision"] = None
             model, _ = models.load_reward_model(str(resume_from), **load)
             self.new_head = None  # the checkpoint's head: whether the run began with a new one is not known here
@@ -80,10 +82,17 @@ class RewardModel:
             with self.rt.main_first():  # the first load may convert the GGUF default model
                 model, self.new_head = models.load_reward_model(cfg.model.name, **load)
             head = model.score
-            if self.new_head:
+            if self.new_head and resume_from is None:
                 echo(f"reward head: new linear {head.in_features} → 1, initialised N(0, 1/{head.in_features + 1})")
         models.disable_dropout(model)
         models.use_layout(model, cfg.train.layout)
+        if cfg.lora.enabled and resume_from is None:
+            model = models.apply_lora(model, cfg.lora, task_type="SEQ_CLS")
+        elif cfg.lora.enabled:  # the checkpoint's adapters and head on the start model
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(resume_from), is_trainable=True)
+            self.new_head = None
         module = ScalarRewards(model).to(self.rt.device)
         models.enable_training_features(module.model, cfg.train)
         return module
