@@ -32,6 +32,7 @@ CASES = {
 # the other methods on the loop, each under DDP and FSDP2 (PPO samples its rollouts through FSDP2's root)
 METHOD_CASES = {f"{method}-{strategy}": [f"distributed.strategy={strategy}", *extra]
                 for method, extra in (("sft", ["data.use=chosen"]), ("reward", []),
+                                      ("reward-lora", ["lora.enabled=true", "lora.r=4", "train.lr=5e-3"]),
                                       ("ppo", ["ppo.judge=length", "ppo.max_new_tokens=8", "ppo.template=none",
                                                "ppo.minibatch_size=2", "ppo.epochs=2", "train.precision=fp32"]))
                 for strategy in ("ddp", "fsdp")}
