@@ -32,6 +32,11 @@ class Runtime:
     def distributed(self) -> bool:
         return self.world > 1
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP2 over several processes: each holds a shard of the parameters."""
+        return self.distributed and self.strategy == "fsdp"
+
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.distributed:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -106,12 +111,6 @@ def shard_module(module: nn.Module, layer_classes: tuple[type, ...], *, cpu_offl
         if hasattr(module, name):  # each gathers the root's parameters as forward does
             register_fsdp_forward_method(module, name)
     return module
-
-
-def is_sharded(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
 
 
 def init_runtime(strategy: str = "ddp", backend: str = "auto") -> Runtime:

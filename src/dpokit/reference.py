@@ -61,7 +61,7 @@ class FrozenCopy(Reference):
         if dtype is not None:
             self.module.to(dtype)
         self.module.eval().requires_grad_(False)
-        if runtime is not None and runtime.distributed and runtime.strategy == "fsdp":
+        if runtime is not None and runtime.sharded:
             shard_module(self.module, decoder_layer_classes(self.module.model))
 
     @torch.no_grad()
@@ -75,7 +75,7 @@ class NamedModel(FrozenCopy):
     def __init__(self, module: CompletionLogProbs, label: str, runtime: Runtime | None = None):
         self.name = f"{label} (reference.name)"
         self.module = module.eval().requires_grad_(False)
-        if runtime is not None and runtime.distributed and runtime.strategy == "fsdp":
+        if runtime is not None and runtime.sharded:
             shard_module(self.module, decoder_layer_classes(self.module.model))
 
 

@@ -334,7 +334,7 @@ class Trainer:
 
     def _full_state_dict(self) -> dict | None:
         """Under FSDP2 every rank takes part in gathering the full weights; rank 0 writes them."""
-        if not (self.rt.distributed and self.rt.strategy == "fsdp"):
+        if not self.rt.sharded:
             return None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

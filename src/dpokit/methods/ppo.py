@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dpokit import distributed, models, reference, rl
+from dpokit import models, reference, rl
 from dpokit.config import Config
 from dpokit.data.layouts import collate
 from dpokit.data.tokenize import TokenizedPair
@@ -185,7 +185,7 @@ class PPO:
         with self.autocast():  # the module itself: under FSDP2 its generate gathers the root's parameters
             completions = generate(self.policy, [it.ids for it in items], temperature=1.0, top_p=1.0,
                                    max_new_tokens=p.max_new_tokens, stop_ids=self.stop_ids, pad_id=self.pad_id,
-                                   seed=cfg.train.seed * 1_000_003 + step, synced=distributed.is_sharded(policy))
+                                   seed=cfg.train.seed * 1_000_003 + step, synced=self.rt.sharded)
         stops = set(self.stop_ids)
         texts = [self.tokenizer.decode([t for t in c.ids if t not in stops], skip_special_tokens=True)
                  for c in completions]
