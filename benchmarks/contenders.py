@@ -99,6 +99,11 @@ def mode_overrides(mode: str, batch: int) -> dict:
     return micro | {k: batch if v == BATCH else v for k, v in own.items()}
 
 
+def override_args(overrides: dict) -> list[str]:
+    """`section.key=value` strings as `Config.load` takes them (booleans as YAML's true and false)."""
+    return [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in overrides.items()]
+
+
 def resolved(mode: str):
     """dpokit's config for the mode, its preset applied (not validated: there is no data file)."""
     from dpokit.config_loader import from_dict, set_value
@@ -249,7 +254,7 @@ def run_dpokit(spec: dict, result: dict) -> None:
         "train.precision": "fp32", "train.max_steps": total, "train.seed": spec["seed"],
         "reference.cache_dir": str(tmp / "refcache"), **spec.get("overrides", {}), **mode_overrides(spec["mode"], b),
     }
-    cfg = Config.load(None, [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in overrides.items()])
+    cfg = Config.load(None, override_args(overrides))
     result["config"] = {k: str(v) for k, v in overrides.items() if not k.startswith(("output.", "reference.cache"))}
 
     trainer = dpokit_trainer(cfg, spec["device"])

@@ -79,7 +79,7 @@ def newest_results() -> list[Path]:
 
 
 def recorded_rows(path: Path) -> list[tuple[str, float, float]]:
-    from contenders import DPOKIT_MODES, mode_overrides
+    from contenders import DPOKIT_MODES, mode_overrides, override_args
     from workload import length_plan
 
     from dpokit.config import Config
@@ -103,7 +103,7 @@ def recorded_rows(path: Path) -> list[tuple[str, float, float]]:
             overrides = {"model.name": s["model"], "data.train": f.name, "data.max_length": s["max_length"],
                          "train.batch_size": s["batch"], "train.precision": "fp32",
                          **mode_overrides(r["mode"], s["batch"])}
-            cfg = Config.load(None, [f"{k}={v}" for k, v in overrides.items()])
+            cfg = Config.load(None, override_args(overrides))
             est = estimate(cfg, lengths=worst_lengths(timed, cfg.train.micro_batch_size, cfg.train.layout),
                            shape=shape, device="cpu")
             rows.append((r["label"], est.peak, r["peak_memory_bytes"], est.heap_allowance))
@@ -111,7 +111,7 @@ def recorded_rows(path: Path) -> list[tuple[str, float, float]]:
 
 
 def measure(args) -> list[tuple[str, float, float]]:
-    from contenders import DPOKIT_MODES, mode_overrides
+    from contenders import DPOKIT_MODES, mode_overrides, override_args
     from workload import length_plan, make_pairs
 
     from dpokit import models
@@ -128,8 +128,7 @@ def measure(args) -> list[tuple[str, float, float]]:
         for name in args.settings.split(","):
             if name not in DPOKIT_MODES:
                 raise SystemExit(f"unknown setting {name!r}; choose from {', '.join(DPOKIT_MODES)}")
-            mode = [f"{k}={json.dumps(v) if isinstance(v, bool) else v}"
-                    for k, v in mode_overrides(name, args.batch).items()]
+            mode = override_args(mode_overrides(name, args.batch))
             overrides = [f"model.name={MODEL}", f"data.train={data}", f"train.batch_size={args.batch}",
                          "train.max_steps=2", "checkpoint.every=0", "output.report_to=[]", "train.precision=fp32",
                          f"output.dir={Path(tmp) / name}", f"reference.cache_dir={Path(tmp) / 'cache'}",

@@ -172,6 +172,11 @@ class Estimate:
     def peak(self) -> float:
         return max(self.step, self.loading, self.stepping)
 
+    @property
+    def bound(self) -> float:
+        """The peak with the freed heap glibc may keep on top: what deciding whether a device fits uses."""
+        return self.peak + self.heap_allowance
+
 
 def estimate(cfg, *, lengths: Lengths | None = None, shape: Shape | None = None, world: int = 1,
              device: str = "cpu") -> Estimate:
@@ -317,21 +322,23 @@ def suggestions(cfg, device_bytes: float, *, shape: Shape, lengths_of, world: in
             return None
         est = estimate(trial, lengths=lengths_of(trial), shape=shape, world=world, device=device)
         return {"label": label, "overrides": list(overrides), "peak": est.peak, "heap_allowance": est.heap_allowance,
-                "fits": est.peak + est.heap_allowance <= device_bytes, "micro_batch_size": trial.train.micro_batch_size}
+                "fits": est.bound <= device_bytes, "micro_batch_size": trial.train.micro_batch_size}
+
+    def bound(r: dict) -> float:
+        return r["peak"] + r["heap_allowance"]
 
     rows: list[dict] = []
     accumulated: list[str] = []
-    first = estimate(cfg, lengths=lengths_of(cfg), shape=shape, world=world, device=device)
-    best = first.peak + first.heap_allowance  # what each suggestion must lower: the peak with its heap allowance
+    best = estimate(cfg, lengths=lengths_of(cfg), shape=shape, world=world, device=device).bound  # to be lowered
     for label, extra in SUGGESTIONS:
         trying = extra if "train.preset=lean" in extra else accumulated + extra
         r = row(label, trying)
         if r is None:
             continue
         accumulated = trying
-        if r["peak"] + r["heap_allowance"] < best:
+        if bound(r) < best:
             rows.append(r)
-            best = r["peak"] + r["heap_allowance"]
+            best = bound(r)
             if r["fits"]:
                 return rows
     base, mb = (rows[-1]["overrides"], rows[-1]["micro_batch_size"]) if rows else ([], cfg.train.micro_batch_size)
@@ -339,10 +346,10 @@ def suggestions(cfg, device_bytes: float, *, shape: Shape, lengths_of, world: in
         mb //= 2
         r = row(f"{mb} pair(s) per forward", base + [f"train.micro_batch_size={mb}",
                                                      "train.optimizer_in_backward=false"])
-        if r is None or r["peak"] + r["heap_allowance"] >= best:  # refused, or the peak is not the activations
+        if r is None or bound(r) >= best:  # refused, or the peak is not the activations
             break
         rows.append(r)
-        best = r["peak"] + r["heap_allowance"]
+        best = bound(r)
         if r["fits"]:
             break
     return rows
@@ -413,13 +420,13 @@ def estimate_command(args) -> int:
     fits = None
     if args.device_gb:
         fits = suggestions(cfg, args.device_gb * GB, shape=shape, lengths_of=lengths_of, world=args.world,
-                           device=device) if est.peak + est.heap_allowance > args.device_gb * GB else []
+                           device=device) if est.bound > args.device_gb * GB else []
     if args.json:
         print(json.dumps({"peak_bytes": est.peak, "step_bytes": est.step, "loading_bytes": est.loading,
                           "optimizer_step_bytes": est.stepping, "freed_heap_allowance_bytes": est.heap_allowance,
                           "parts_bytes": est.parts, "host_bytes": est.host, "lengths": dataclasses.asdict(est.lengths),
                           "device": device, "notes": est.notes, "device_gb": args.device_gb,
-                          "fits": None if fits is None else est.peak + est.heap_allowance <= args.device_gb * GB,
+                          "fits": None if fits is None else est.bound <= args.device_gb * GB,
                           "suggestions": fits}, indent=1))
         return 0
     print(f"{cfg.model.name}: {shape.params / 1e6:.0f}M parameters; micro-batch: {est.lengths.source} = "
@@ -442,7 +449,7 @@ def estimate_command(args) -> int:
     for note in est.notes:
         print(f"  note: {note}")
     if args.device_gb:
-        if est.peak + est.heap_allowance <= args.device_gb * GB:
+        if est.bound <= args.device_gb * GB:
             print(f"fits {args.device_gb:g} GB")
         elif est.peak <= args.device_gb * GB:
             print(f"fits {args.device_gb:g} GB unless glibc keeps more freed heap: train.release_freed_memory=true "

@@ -3,8 +3,8 @@
 glibc serves large allocations from its heap once freed ones have raised its mmap threshold (up to 32 MB), and a
 heap with live tensors between freed ones cannot shrink: a training step's temporaries, freed layer after layer,
 stay resident. Measured on the benchmark's step (SmolLM2-135M, 8 pairs, CPU), peak RSS: the lean preset 3.83 GB
-with the dynamic threshold, 2.2 GB with it fixed at 4 MB or 64 kB; LoRA 6.02 GB at 4 MB, whose small live
-tensors (each adapter's [tokens, r] output) pin freed ones of a few MB, and 4.16 GB at 64 kB. Each step is
+with the dynamic threshold, 2.2 GB with it fixed at 4 MB or 64 kB; LoRA 6.02 GB at 4 MB and 4.16 GB at 64 kB
+(which of LoRA's allocations keep the heap from shrinking was not established). Each step is
 20-30% slower (fresh pages are faulted in). The CUDA caching allocator is unaffected: this is for training on a
 CPU.
 """
