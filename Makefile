@@ -20,13 +20,13 @@ $(STAMP): pyproject.toml Makefile
 
 # the DPO paper's sentiment experiment end to end: sample, label, train, evaluate, frontier (~10 min on 2 CPU cores)
 demo: $(STAMP)
-	$(BIN)/python -m dpokit.pipeline.demo --config configs/sentiment.yaml \
+	$(BIN)/python -m dpokit.experiments.demo --config configs/sentiment.yaml \
 		--train-prompts data/sentiment/prompts_train.jsonl --heldout-prompts data/sentiment/prompts_heldout.jsonl
 
 # the DPO paper's comparison: DPO, Preferred-FT, Unlikelihood, reward model + PPO, PPO-GT and Best-of-N on one
-# reward-KL frontier (src/dpokit/pipeline/paper.py)
+# reward-KL frontier (src/dpokit/experiments/paper.py)
 paper: $(STAMP)
-	$(BIN)/python -m dpokit.pipeline.paper --configs configs/paper \
+	$(BIN)/python -m dpokit.experiments.paper --configs configs/paper \
 		--train-prompts data/sentiment/prompts_train.jsonl --heldout-prompts data/sentiment/prompts_heldout.jsonl
 
 quickstart: $(STAMP)

@@ -106,9 +106,9 @@ def override_args(overrides: dict) -> list[str]:
 
 def resolved(mode: str):
     """dpokit's config for the mode, its preset applied (not validated: there is no data file)."""
-    from dpokit.config_loader import from_dict, set_value
+    from dpokit.config_loader import config_from_dict, set_value
 
-    cfg = from_dict({}, source="benchmark")
+    cfg = config_from_dict({}, source="benchmark")
     for key, value in mode_overrides(mode, cfg.train.batch_size).items():
         set_value(cfg, key, value, source="benchmark")
     cfg.apply_preset()
@@ -243,7 +243,7 @@ def _progress(spec: dict, done: int, total: int, seconds: float) -> None:
 
 
 def run_dpokit(spec: dict, result: dict) -> None:
-    from dpokit.config import Config
+    from dpokit.config_loader import load_config
 
     tmp = Path(spec["tmp"])
     b, total = spec["batch"], spec["warmup"] + spec["steps"]
@@ -254,7 +254,7 @@ def run_dpokit(spec: dict, result: dict) -> None:
         "train.precision": "fp32", "train.max_steps": total, "train.seed": spec["seed"],
         "reference.cache_dir": str(tmp / "refcache"), **spec.get("overrides", {}), **mode_overrides(spec["mode"], b),
     }
-    cfg = Config.load(None, override_args(overrides))
+    cfg = load_config(None, override_args(overrides))
     result["config"] = {k: str(v) for k, v in overrides.items() if not k.startswith(("output.", "reference.cache"))}
 
     trainer = dpokit_trainer(cfg, spec["device"])
@@ -348,7 +348,7 @@ def run_trl(spec: dict, result: dict) -> None:
     from trl import DPOConfig, DPOTrainer
 
     from dpokit import models
-    from dpokit.pipeline.jsonl import read_jsonl
+    from dpokit.generation.jsonl import read_jsonl
 
     tmp = Path(spec["tmp"])
     rows = read_jsonl(spec["data"])

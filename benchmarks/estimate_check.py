@@ -41,8 +41,9 @@ CHILD = """
 import json, resource, sys
 import torch
 from dpokit.config import Config
+from dpokit.config_loader import load_config
 from dpokit.train import train
-cfg = Config.load(None, json.loads(sys.argv[1]))
+cfg = load_config(None, json.loads(sys.argv[1]))
 train(cfg)
 if torch.cuda.is_available():
     peak = torch.cuda.max_memory_allocated()
@@ -82,7 +83,7 @@ def recorded_rows(path: Path) -> list[tuple[str, float, float]]:
     from contenders import DPOKIT_MODES, mode_overrides, override_args
     from workload import length_plan
 
-    from dpokit.config import Config
+    from dpokit.config_loader import load_config
     from dpokit.estimate import estimate, model_shape
 
     results = json.loads(path.read_text())
@@ -103,7 +104,7 @@ def recorded_rows(path: Path) -> list[tuple[str, float, float]]:
             overrides = {"model.name": s["model"], "data.train": f.name, "data.max_length": s["max_length"],
                          "train.batch_size": s["batch"], "train.precision": "fp32",
                          **mode_overrides(r["mode"], s["batch"])}
-            cfg = Config.load(None, override_args(overrides))
+            cfg = load_config(None, override_args(overrides))
             est = estimate(cfg, lengths=worst_lengths(timed, cfg.train.micro_batch_size, cfg.train.layout),
                            shape=shape, device="cpu")
             rows.append((r["label"], est.peak, r["peak_memory_bytes"], est.heap_allowance))
@@ -115,7 +116,7 @@ def measure(args) -> list[tuple[str, float, float]]:
     from workload import length_plan, make_pairs
 
     from dpokit import models
-    from dpokit.config import Config
+    from dpokit.config_loader import load_config
     from dpokit.estimate import data_lengths, estimate, model_shape
 
     tokenizer = models.load_tokenizer(MODEL)
@@ -133,7 +134,7 @@ def measure(args) -> list[tuple[str, float, float]]:
                          "train.max_steps=2", "checkpoint.every=0", "output.report_to=[]", "train.precision=fp32",
                          f"output.dir={Path(tmp) / name}", f"reference.cache_dir={Path(tmp) / 'cache'}",
                          *mode, *args.set]
-            cfg = Config.load(None, overrides)
+            cfg = load_config(None, overrides)
             est = estimate(cfg, lengths=data_lengths(cfg, tokenizer), shape=shape, device=args.device)
             out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(overrides)], capture_output=True,
                                  text=True, timeout=args.timeout)

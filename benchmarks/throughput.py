@@ -35,7 +35,7 @@ from measure import WAITED, Flops, LoadSampler, model_dims, wait_quiet
 from workload import Workload, length_plan, logical_tokens, make_pairs, tokenized_lengths
 
 from dpokit.config import ModelSection
-from dpokit.pipeline.jsonl import write_jsonl
+from dpokit.generation.jsonl import write_jsonl
 
 HERE = Path(__file__).resolve().parent
 SWEEP_CONTENDERS = ["prefix_shared", "lean", "plain"]

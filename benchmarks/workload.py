@@ -13,7 +13,7 @@ import random
 import statistics
 from pathlib import Path
 
-from dpokit.pipeline.jsonl import write_jsonl
+from dpokit.generation.jsonl import write_jsonl
 
 Lengths = tuple[int, int, int]  # (prompt, chosen, rejected) tokens of one pair
 

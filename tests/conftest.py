@@ -1,16 +1,14 @@
-"""Shared fixtures: the embedded model's tokenizer, tiny models built from a config, small pair files."""
+"""Shared fixtures: the embedded model's tokenizer, tiny models built from a config, small pair files
+(the helpers they use are in helpers.py)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.helpers import PAIRS, tiny_llama, write_jsonl
 
 
 @pytest.fixture(scope="session")
@@ -28,17 +26,6 @@ def tokenizer(smol_dir):
     return models.load_tokenizer(smol_dir)
 
 
-def tiny_llama(vocab_size: int = 49152, seed: int = 0, **overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-               bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    cfg.update(overrides)
-    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
     """A 2-layer Llama with the SmolLM2 tokenizer, saved as an HF directory: the trainer loads it by path."""
@@ -48,21 +35,37 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
     return str(path)
 
 
-PAIRS = [
-    ("What is the capital of France?", "Paris.", "I don't care."),
-    ("What is 2 plus 3?", "2 plus 3 is 5.", "It is 7, obviously."),
-    ("Name a color.", "Blue is a color.", "Go away."),
-    ("What sound does a cat make?", "A cat meows.", "A cat barks. Duh."),
-    ("Which day comes after Monday?", "Tuesday.", "Ask someone else."),
-    ("What is the opposite of hot?", "Cold.", "Hot, obviously."),
-    ("How many legs does a dog have?", "A dog has four legs.", "Whatever."),
-    ("What is the capital of Italy?", "Rome.", "The capital of Italy is Paris."),
-]
+@pytest.fixture(scope="session")
+def saying(tmp_path_factory, tokenizer):
+    """`saying(text)`: the directory of a tiny Llama (with the SmolLM2 tokenizer and chat template) whose
+    every next token is `text` (one token), whatever it is shown: greedy, it answers `text` repeated.
+    Built from a config: every position's hidden state is the same vector, which only `text`'s row of the
+    output layer matches."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
+    made: dict[str, str] = {}
 
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
+    def make(text: str) -> str:
+        if text not in made:
+            (token,) = tokenizer.encode(text, add_special_tokens=False)
+            cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                              tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+            model = LlamaForCausalLM(cfg).eval()
+            with torch.no_grad():
+                model.model.embed_tokens.weight.fill_(1.0)
+                for layer in model.model.layers:  # blocks add nothing to the residual stream
+                    layer.self_attn.o_proj.weight.zero_()
+                    layer.mlp.down_proj.weight.zero_()
+                model.lm_head.weight.zero_()
+                model.lm_head.weight[token] = 1.0
+            path = tmp_path_factory.mktemp("saying")
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            made[text] = str(path)
+        return made[text]
+
+    return make
 
 
 @pytest.fixture
@@ -77,52 +80,14 @@ def tiny_config(tmp_path, tiny_model_dir, pairs_file):
     """A fast config: the tiny model, 16 pairs, 4 steps of 4, in fp32 (precision=auto picks bf16 on CPUs
     with AMX, which the tests' tolerances are not set for; tests of other precisions set it)."""
     from dpokit.config import Config
+    from dpokit.config_loader import load_config
 
     def make(*overrides: str) -> Config:
         base = [f"model.name={tiny_model_dir}", f"data.train={pairs_file}", f"output.dir={tmp_path / 'run'}",
                 "train.batch_size=4", "train.micro_batch_size=2", "train.lr=1e-3", "train.max_steps=4",
                 "checkpoint.every=0", "output.tensorboard=false", "train.precision=fp32", f"reference.cache_dir={tmp_path / 'refcache'}"]
-        return Config.load(None, base + list(overrides))
+        return load_config(None, base + list(overrides))
 
     return make
 
 
-def crash_then_resume(cfg, monkeypatch, *, at_step: int = 3):
-    """Train `cfg` until a crash inside step `at_step` (the checkpoints before it written), then resume it
-    in the same process: the resumed run's result, to compare with an uninterrupted run."""
-    from dpokit.train import Trainer, train
-
-    real_step = Trainer.train_step
-
-    def crash(self, ids):
-        if self.step == at_step:
-            raise RuntimeError("simulated crash")
-        return real_step(self, ids)
-
-    monkeypatch.setattr(Trainer, "train_step", crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(cfg)
-    monkeypatch.setattr(Trainer, "train_step", real_step)
-    return train(cfg, resume=True)
-
-
-def launch(cfg, *extra, **popen) -> subprocess.Popen:
-    """`dpokit train` on `cfg` in a child process, output merged into stdout."""
-    import yaml
-
-    path = Path(cfg.output.dir).with_suffix(".yaml")
-    path.write_text(yaml.safe_dump(cfg.to_dict()))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "dpokit", "train", str(path), *extra], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
-
-
-def wait_for(predicate, proc, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.002)
-    raise TimeoutError

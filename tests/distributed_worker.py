@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from dpokit.config import Config
+from dpokit.config_loader import load_config
 from dpokit.methods.dpo import DPO
 from dpokit.methods.ppo import PPO
 from dpokit.methods.reward import RewardModel
@@ -29,7 +29,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     real_step = Trainer.train_step
     for name, overrides in runs.items():
-        cfg = Config.load(None, overrides)
+        cfg = load_config(None, overrides)
         if name.endswith("-crash"):
             def crash(self, ids):
                 if self.step == 2:

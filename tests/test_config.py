@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpokit.config import F_DIVERGENCE_LOSSES, NEEDS_REFERENCE, Config
+from dpokit.config import F_DIVERGENCE, Config
+from dpokit.config_loader import load_config
 from dpokit.errors import ConfigError
+from dpokit.objectives.registry import OBJECTIVES
 
 
 @pytest.fixture
@@ -20,7 +22,7 @@ def data_file(tmp_path, monkeypatch) -> str:
 
 
 def load(*overrides: str, path: str | None = None) -> Config:
-    return Config.load(path, ["data.train=pairs.jsonl", *overrides])
+    return load_config(path, ["data.train=pairs.jsonl", *overrides])
 
 
 def error_of(*overrides: str, path: str | None = None) -> str:
@@ -85,13 +87,13 @@ OVERRIDE_ERRORS = [
      "objective.loss=sigmoid needs a reference model; reference.strategy=none only fits simpo, unlikelihood or "
      "orpo"),
     # objectives and their options
-    (["objective.loss=[sigmoid, nope]"], "objective.loss must be one of " + ", ".join(NEEDS_REFERENCE) + "; got 'nope' (did you mean 'orpo'?)"),
+    (["objective.loss=[sigmoid, nope]"], "objective.loss must be one of " + ", ".join(OBJECTIVES) + "; got 'nope' (did you mean 'orpo'?)"),
     (["objective.loss=[sigmoid, bco_pair]", "objective.loss_weights=[1]"],
      "objective.loss_weights has 1 weights for 2 objectives"),
     (["objective.loss=[sigmoid, sigmoid]"], "objective.loss must name each objective once; got ['sigmoid', 'sigmoid']"),
     (["objective.loss=exo_pair"], "objective.loss=exo_pair needs objective.label_smoothing > 0 (EXO's ε; the paper: 1e-3)"),
     (["objective.loss=nca_pair", "objective.f_divergence=js"],
-     "objective.f_divergence=js applies to " + ", ".join(F_DIVERGENCE_LOSSES) + "; not to nca_pair"),
+     "objective.f_divergence=js applies to " + ", ".join(F_DIVERGENCE) + "; not to nca_pair"),
     (["objective.loss=[kto, sigmoid]"],
      "objective.loss=kto trains on single completions; it cannot be summed with pair objectives"),
     (["objective.loss=aot", "objective.wpo=true"], "objective.wpo weights pairs, which aot and aot_unpaired sort apart"),
@@ -172,7 +174,7 @@ def test_valid_values_are_coerced(data_file):
 
 def test_defaults_and_file_then_overrides(data_file):
     Path("cfg.yaml").write_text("train:\n  lr: 1.0e-4\n  epochs: 3\nobjective:\n  beta: 0.2\n", encoding="utf-8")
-    cfg = Config.load("cfg.yaml", ["data.train=pairs.jsonl", "train.epochs=1"])
+    cfg = load_config("cfg.yaml", ["data.train=pairs.jsonl", "train.epochs=1"])
     assert (cfg.train.lr, cfg.train.epochs, cfg.objective.beta) == (1e-4, 1, 0.2)
     assert cfg.model.trust_remote_code is False and cfg.lora.enabled is False
     assert {"train.lr", "train.epochs", "objective.beta", "data.train"} <= cfg.explicit
@@ -181,7 +183,7 @@ def test_defaults_and_file_then_overrides(data_file):
 def test_a_saved_full_config_loads_again(data_file):
     """A run writes every key to config.yaml, LoRA options at their defaults included: that file is valid input."""
     Path("saved.yaml").write_text(yaml.safe_dump(load().to_dict(), sort_keys=False), encoding="utf-8")
-    assert Config.load("saved.yaml").to_dict() == load().to_dict()
+    assert load_config("saved.yaml").to_dict() == load().to_dict()
 
 
 # ------------------------------------------------------------------------------------------- through the CLI

@@ -13,11 +13,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from dpokit.config import Config
+from dpokit.config_loader import load_config
 from dpokit.metrics import read_metrics
 from dpokit.train import train
-
-from .conftest import PAIRS, write_jsonl
+from tests.helpers import PAIRS, write_jsonl
 
 CASES = {
     "ddp-full": ["distributed.strategy=ddp"],
@@ -76,7 +75,7 @@ def weights(run_dir: Path) -> dict:
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_ranks_match_one_rank(setup, name):
     root, overrides = setup
-    one = train(Config.load(None, overrides(f"{name}-1rank", *CASES[name])))
+    one = train(load_config(None, overrides(f"{name}-1rank", *CASES[name])))
     two = root / f"{name}-2rank"
     losses_1 = [r["loss"] for r in read_metrics(one.run_dir) if "loss" in r]
     losses_2 = [r["loss"] for r in read_metrics(two) if "loss" in r]
@@ -95,12 +94,14 @@ def test_other_methods_on_two_ranks_match_one_rank(setup, name):
     from .distributed_worker import method_of
 
     root, overrides = setup
-    one = train(Config.load(None, overrides(f"{name}-1rank", *METHOD_CASES[name])), method=method_of(name))
+    one = train(load_config(None, overrides(f"{name}-1rank", *METHOD_CASES[name])), method=method_of(name))
     losses_1 = [r["loss"] for r in read_metrics(one.run_dir) if "loss" in r and "step" in r]
     losses_2 = [r["loss"] for r in read_metrics(root / f"{name}-2rank") if "loss" in r and "step" in r]
     assert len(losses_2) == 4 and losses_2 == pytest.approx(losses_1, abs=1e-5)
     w1, w2 = weights(one.run_dir), weights(root / f"{name}-2rank")
-    assert w1.keys() == w2.keys() and all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+    # the losses agree to 1e-5; the weights within 1e-4: on an AMD EPYC, SFT's differed by 2.2e-5 after 4 AdamW
+    # steps at lr 1e-3 (gloo's all-reduce sums in another order, and Adam divides tiny gradients by tinier moments)
+    assert w1.keys() == w2.keys() and all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
 
 
 @pytest.mark.parametrize("name", ["ddp-full", "fsdp-lora"])
@@ -116,13 +117,13 @@ def test_two_rank_run_resumes_exactly(setup, name):
 def test_cli_under_torchrun_with_precomputed_reference(setup, tmp_path):
     """`torchrun -m dpokit train CONFIG` with no other change; the reference pass is split over ranks."""
     root, overrides = setup
-    cfg = Config.load(None, overrides("cli", "reference.strategy=precomputed", f"reference.cache_dir={tmp_path}"))
+    cfg = load_config(None, overrides("cli", "reference.strategy=precomputed", f"reference.cache_dir={tmp_path}"))
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     proc = torchrun("-m", "dpokit", "train", str(path))
     assert "2 process(es) on cpu" in proc.stdout
     assert len(list(tmp_path.glob("*.safetensors"))) == 1  # one cache for both ranks
     two = [r["loss"] for r in read_metrics(root / "cli") if "loss" in r]
-    one = train(Config.load(None, overrides("cli-1rank", "reference.strategy=precomputed",
+    one = train(load_config(None, overrides("cli-1rank", "reference.strategy=precomputed",
                                             f"reference.cache_dir={tmp_path}")))
     assert two == pytest.approx([r["loss"] for r in read_metrics(one.run_dir) if "loss" in r], abs=1e-5)

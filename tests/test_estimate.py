@@ -174,9 +174,9 @@ def test_cli_suggests_leaner_settings_for_a_small_device(smol_dir, pairs_file, c
     assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == len(peaks)  # each row lowers the peak
     assert rows[0]["overrides"] == ["train.gradient_checkpointing=true"]  # activations first: cheapest in time
     # the fitting settings are a valid config of their own: `dpokit train` takes them as they are
-    from dpokit.config import Config
+    from dpokit.config_loader import load_config
 
-    cfg = Config.load(None, [f"data.train={pairs_file}", *rows[-1]["overrides"]])
+    cfg = load_config(None, [f"data.train={pairs_file}", *rows[-1]["overrides"]])
     assert estimate(cfg, device="cuda").peak == pytest.approx(rows[-1]["peak"])
 
     none_fit = run(capsys, *common[:-1], "--device-gb", "0.01")[1].splitlines()

@@ -9,8 +9,7 @@ from dpokit import models
 from dpokit.data.layouts import collate
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.logps import CompletionLogProbs
-
-from .conftest import tiny_llama
+from tests.helpers import tiny_llama
 
 
 def random_pairs(n=4, vocab=100, seed=0):

@@ -11,7 +11,7 @@ from dpokit.config import PRESETS
 from dpokit.errors import ConfigError
 from dpokit.metrics import read_metrics
 from dpokit.train import Trainer, train
-from tests.conftest import crash_then_resume, tiny_llama
+from tests.helpers import crash_then_resume, tiny_llama
 
 pytest.importorskip("bitsandbytes")
 
@@ -44,10 +44,10 @@ def test_config_refuses_what_the_memory_options_exclude(tiny_config, overrides, 
 
 
 def test_lean_preset_sets_its_keys_unless_given(tiny_model_dir, pairs_file):
-    from dpokit.config import Config
+    from dpokit.config_loader import load_config
 
     def load(*overrides):
-        return Config.load(None, [f"model.name={tiny_model_dir}", f"data.train={pairs_file}", "train.batch_size=6",
+        return load_config(None, [f"model.name={tiny_model_dir}", f"data.train={pairs_file}", "train.batch_size=6",
                                   "train.preset=lean", *overrides])
 
     cfg = load()

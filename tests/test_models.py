@@ -50,11 +50,11 @@ def test_run_directory_resolves_to_its_model(tiny_config):
 
 def test_embedded_model_trains_one_lora_step(tmp_path, pairs_file):
     """One real step on SmolLM2-135M: LoRA, prefix-shared layout, adapters-disabled reference."""
-    from dpokit.config import Config
+    from dpokit.config_loader import load_config
     from dpokit.metrics import read_metrics
     from dpokit.train import train
 
-    cfg = Config.load(None, [f"data.train={pairs_file}", f"output.dir={tmp_path / 'run'}", "lora.enabled=true",
+    cfg = load_config(None, [f"data.train={pairs_file}", f"output.dir={tmp_path / 'run'}", "lora.enabled=true",
                              "lora.r=8", "train.layout=prefix_shared", "train.batch_size=4",
                              "train.micro_batch_size=4", "train.max_steps=2", "train.lr=1e-3",
                              "checkpoint.every=0", "output.tensorboard=false"])

@@ -13,7 +13,7 @@ from dpokit.errors import ConfigError, ModelError
 from dpokit.logps import CompletionLogProbs, logps_table
 from dpokit.metrics import read_metrics
 from dpokit.train import train
-from tests.conftest import tiny_llama
+from tests.helpers import tiny_llama
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
 
@@ -122,7 +122,7 @@ def test_reference_name_config_checks(tiny_config, other_model_dir, tmp_path):
 
 
 def test_a_run_with_a_named_reference_is_evaluated_against_it(tiny_config, other_model_dir, tmp_path):
-    from dpokit.pipeline.runs import default_reference
+    from dpokit.rundir import default_reference
 
     result = train(tiny_config(f"reference.name={other_model_dir}", "train.max_steps=1"))
     assert default_reference(str(result.run_dir)) == other_model_dir

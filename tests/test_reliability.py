@@ -11,13 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 from dpokit import checkpoint
-from dpokit import objectives as objectives_mod
 from dpokit.errors import TrainingError
 from dpokit.export import save_pretrained
 from dpokit.metrics import read_metrics
+from dpokit.objectives import losses as objectives_mod
 from dpokit.train import train
-
-from .conftest import launch, tiny_llama, wait_for
+from tests.helpers import launch, tiny_llama, wait_for
 
 
 def final_weights(run_dir):

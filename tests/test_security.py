@@ -192,30 +192,30 @@ def test_trust_remote_code_defaults_off_and_reaches_the_loaders(tiny_config, mon
 
 
 def test_yaml_tags_for_python_objects_are_refused(tmp_path, monkeypatch):
-    from dpokit.config import Config
+    from dpokit.config_loader import load_config
 
     monkeypatch.chdir(tmp_path)
     Path("cfg.yaml").write_text("model:\n  name: !!python/object/apply:pathlib.Path.touch ['pwned']\n")
     with pytest.raises(ConfigError) as e:
-        Config.load("cfg.yaml")
+        load_config("cfg.yaml")
     assert str(e.value) == ("cfg.yaml:2: the YAML tag '!!python/object/apply:pathlib.Path.touch' is not allowed "
                             "(config values are plain data, never code)")
     with pytest.raises(ConfigError) as e:
-        Config.load(None, ["output.dir=!!python/object/new:pathlib.Path ['pwned']"])
+        load_config(None, ["output.dir=!!python/object/new:pathlib.Path ['pwned']"])
     assert str(e.value) == ("override: output.dir: the YAML tag '!!python/object/new:pathlib.Path' is not allowed "
                             "(config values are plain data, never code)")
     assert not Path("pwned").exists()
 
 
 def test_override_values_are_data_not_code(tmp_path, monkeypatch):
-    from dpokit.config import Config
+    from dpokit.config_loader import load_config
 
     monkeypatch.chdir(tmp_path)
     Path("pairs.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
-    cfg = Config.load(None, ["data.train=pairs.jsonl", "output.dir=__import__('os').system('touch pwned')"])
+    cfg = load_config(None, ["data.train=pairs.jsonl", "output.dir=__import__('os').system('touch pwned')"])
     assert cfg.output.dir == "__import__('os').system('touch pwned')"
     with pytest.raises(ConfigError):
-        Config.load(None, ["data.train=pairs.jsonl", "train.lr=__import__('math').pi"])
+        load_config(None, ["data.train=pairs.jsonl", "train.lr=__import__('math').pi"])
     assert not Path("pwned").exists()
 
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from dpokit.config import Config
+from dpokit.config_loader import config_from_dict, load_config, set_value
 from dpokit.errors import ConfigError
 from dpokit.train import train
 
@@ -125,8 +125,8 @@ def test_missing_tracker_package_names_the_extra(tiny_config, monkeypatch):
 
 def test_report_to_checks_names_and_reads_the_tensorboard_key(pairs_file):
     with pytest.raises(ConfigError, match="did you mean 'mlflow'"):
-        Config.load(None, [f"data.train={pairs_file}", "output.report_to=[mlfow]"])
-    cfg = Config.from_dict({"output": {"report_to": ["wandb"], "tensorboard": True}})
+        load_config(None, [f"data.train={pairs_file}", "output.report_to=[mlfow]"])
+    cfg = config_from_dict({"output": {"report_to": ["wandb"], "tensorboard": True}})
     assert cfg.output.report_to == ["tensorboard", "wandb"]
-    cfg.set("output.tensorboard", False)
+    set_value(cfg, "output.tensorboard", False)
     assert cfg.output.report_to == ["wandb"]

@@ -15,9 +15,8 @@ from dpokit.data.tokenize import TokenizeSettings, tokenize_records
 from dpokit.distributed import Runtime
 from dpokit.logps import CompletionLogProbs
 from dpokit.metrics import PAIR_SUMS, MeanMetrics, MicroBatch, pair_sums
-from dpokit.objectives import build_objective
-
-from .conftest import PAIRS, tiny_llama
+from dpokit.objectives.losses import build_objective
+from tests.helpers import PAIRS, tiny_llama
 
 # (id, dpokit's objective settings, TRL's DPOConfig settings)
 CASES = [
@@ -98,7 +97,7 @@ def test_orpo_odds_ratio_term_and_rewards_match_trl(tokenizer, tmp_path):
     from datasets import Dataset
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-    from dpokit.objectives import nll, orpo
+    from dpokit.objectives.losses import nll, orpo
 
     records = [PreferenceRecord(p, " " + c, " " + r, f"t:{i}") for i, (p, c, r) in enumerate(PAIRS)]
     pairs, _ = tokenize_records(records, tokenizer, TokenizeSettings(), Problems())

@@ -1,15 +1,25 @@
-"""dpokit: Direct Preference Optimization for causal language models."""
+"""dpokit: Direct Preference Optimization for causal language models.
+
+    import dpokit
+    cfg = dpokit.load_config("configs/quickstart.yaml", ["train.max_steps=10"])
+    result = dpokit.train(cfg)                 # DPO (or its family: objective.loss)
+    result = dpokit.train(cfg, method="sft")   # any method the CLI runs: dpo, sft, reward, ppo
+"""
 
 from dpokit.config import Config
+from dpokit.config_loader import load_config
 from dpokit.errors import ConfigError, DataError, DpokitError, ModelError, TrainingError
+from dpokit.methods.registry import METHODS
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "ConfigError", "DataError", "DpokitError", "ModelError", "TrainingError", "train"]
+__all__ = ["METHODS", "Config", "ConfigError", "DataError", "DpokitError", "ModelError", "TrainingError",
+           "load_config", "train"]
 
 
-def train(config: Config, *, resume: bool = False):
-    """Run DPO training as configured; the same function `dpokit train` calls."""
-    from dpokit.train import train as _train
+def train(config: Config, *, method: str | type = "dpo", resume: bool = False):
+    """Train as configured with `method` (a name of `METHODS`: dpo, sft, reward, ppo); the function
+    `dpokit train | sft | reward | ppo` call. Returns the `train.TrainResult`."""
+    from dpokit.train import train as _train  # torch loads with the loop, not with `import dpokit`
 
-    return _train(config, resume=resume)
+    return _train(config, resume=resume, method=method)

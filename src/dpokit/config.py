@@ -1,38 +1,30 @@
-"""Typed settings: every key has a default, a one-line description and its checks, each stated once.
+"""The run configuration: one dataclass per section, every key with its default, one-line description and
+range or choices (`fields.opt`), and the checks across keys, one function per section.
 
-The run configuration is `Config`, one dataclass per section; the pipeline commands' settings
-(`pipeline.sample.SamplingSettings`, `pipeline.pairs.PairingSettings`, ...) are dataclasses of the same
-kind. `check_fields` applies the declared ranges and choices, `describe` lists the keys for
-`dpokit train --help`, and `add_arguments` turns settings into command-line options. Reading a config
-file and `section.key=value` overrides is `config_loader`'s job.
+`Config.validate` runs them all before any model or data loads: the declared ranges and choices, then
+each section's rules, the files the config names, the installed packages it needs (trackers); `check_runtime`, what
+the device and the process count allow. What only one method reads (the `ppo` and `reward` sections,
+which rows `data.use` may name) is that method's `check` (`dpokit.methods`). Reading a YAML file and
+`section.key=value` overrides is `config_loader`'s job; the objectives' facts are `objectives.registry`'s.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import difflib
-import os
-import typing
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import yaml
 
 from dpokit import models
 from dpokit.data.formats import FORMATS
 from dpokit.data.records import missing_file
+from dpokit.data.tokenize import chat_template_text
 from dpokit.errors import ConfigError
+from dpokit.fields import check_fields, describe_fields, opt
+from dpokit.objectives.registry import OBJECTIVES, names_where
+from dpokit.trackers import check_report_to
 
-
-def opt(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
-        max: float | None = None, min_exclusive: bool = False) -> Any:
-    """A settings field: default value, one-line help and the checks `check_fields` applies."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
+F_DIVERGENCE = names_where(lambda o: o.f_divergence)
+SMOOTHED = names_where(lambda o: o.smoothing)
 
 
 @dataclass
@@ -83,24 +75,10 @@ class DataSection:
                                     "tokenizer's (and saved with the exported model)")
 
 
-# objective.loss: each objective, and whether it compares the policy against a reference model. The one place
-# that says so: objectives.py and the reference strategies read it from here.
-NEEDS_REFERENCE = {"sigmoid": True, "ipo": True, "hinge": True, "robust": True, "simpo": False,
-                   "unlikelihood": False, "sigmoid_norm": True, "exo_pair": True, "nca_pair": True,
-                   "bco_pair": True, "sppo_hard": True, "aot": True, "aot_unpaired": True, "apo_zero": True,
-                   "apo_down": True, "discopop": True, "dpop": True, "orpo": False, "kto": True}
-# losses of the difference of the chosen and rejected log-ratios, which f-DPO generalises (the rest lose
-# their f-divergence reading: TRL refuses them too); losses that sort the micro-batch, whose per-rank terms
-# belong to no pair (per-pair weights and WPO do not apply); objectives with a label-smoothing ε
-F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop")
-SORTING_LOSSES = ("aot", "aot_unpaired")
-SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")
-
-
 @dataclass
 class ObjectiveSection:
     loss: str | list[str] = opt("sigmoid", "preference objective, or a list of them summed with `loss_weights` "
-                                "(TRL's loss_type list, e.g. MPO: [sigmoid, bco_pair])", choices=tuple(NEEDS_REFERENCE))
+                                "(TRL's loss_type list, e.g. MPO: [sigmoid, bco_pair])", choices=tuple(OBJECTIVES))
     loss_weights: list[float] = opt([], "weight of each objective in `loss`, in order (empty: 1 each)")
     beta: float = opt(0.1, "β: strength of the KL constraint (τ for IPO, reward scale for SimPO; ORPO and "
                       "unlikelihood do not use it)", min=0.0, min_exclusive=True)
@@ -124,7 +102,7 @@ class ObjectiveSection:
     kto_undesirable_weight: float = opt(1.0, "λ_U: weight of KTO's undesirable completions", min=0.0,
                                         min_exclusive=True)
     f_divergence: str = opt("reverse_kl", "f-DPO (Wang et al. 2023): the divergence to the reference, reverse_kl being "
-                            "DPO's; for the losses of the log-ratio difference (" + ", ".join(F_DIVERGENCE_LOSSES) + ")",
+                            "DPO's; for the losses of the log-ratio difference (" + ", ".join(F_DIVERGENCE) + ")",
                             choices=("reverse_kl", "forward_kl", "js", "alpha"))
     f_alpha: float = opt(0.5, "α of f_divergence=alpha, f'(u) = (u^(α-1) - 1)/(α-1) (TRL's f_alpha_divergence_coef)",
                          min=0.0, min_exclusive=True)
@@ -147,7 +125,7 @@ class ObjectiveSection:
 
     @property
     def needs_reference(self) -> bool:
-        return any(NEEDS_REFERENCE.get(name, True) for name in self.losses)
+        return any(OBJECTIVES[name].needs_reference if name in OBJECTIVES else True for name in self.losses)
 
 
 @dataclass
@@ -352,28 +330,6 @@ class Config:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
-    # reading a config is config_loader's; these are its entry points on the class
-
-    @classmethod
-    def load(cls, path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
-        """Read a YAML file (optional) and apply `section.key=value` overrides, then validate."""
-        from dpokit import config_loader
-
-        return config_loader.load(path, overrides)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any] | None, *, source: str = "config") -> Config:
-        """Sections as read from YAML, each value checked against its key's type (not yet validated)."""
-        from dpokit import config_loader
-
-        return config_loader.from_dict(values, source=source)
-
-    def set(self, dotted: str, value: Any, *, source: str = "override") -> None:
-        """Set `section.key` to `value`, coerced to the key's type, and mark it as set by the user."""
-        from dpokit import config_loader
-
-        config_loader.set_value(self, dotted, value, source=source)
-
     def apply_preset(self) -> None:
         """train.preset's settings (PRESETS) on the keys the user did not set; `Config.load` calls it before
         `validate`. The lean preset keeps the reference as it is with LoRA (disabled adapters take no memory) and
@@ -387,132 +343,172 @@ class Config:
             setattr(getattr(self, section), key, self.train.batch_size if value == "batch_size" else value)
 
     def validate(self) -> None:
-        """Range, choice and cross-field checks; each failure is one clear line."""
+        """Every check of every section; each failure is one clear line."""
         for section in SECTIONS:
             check_fields(getattr(self, section), section)
-        d, t = self.data, self.train
-        self._validate_memory_options()
-        if d.max_prompt_length >= d.max_length:
-            raise ConfigError(f"data.max_prompt_length ({d.max_prompt_length}) must be less than data.max_length "
-                              f"({d.max_length}) to leave room for the completion")
-        if len(t.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in t.adam_betas):
-            raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), got {t.adam_betas}")
-        if t.batch_size % t.micro_batch_size:
-            raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size "
-                              f"({t.micro_batch_size})")
-        # a LoRA option set to something other than its default has no effect without LoRA: say so; the
-        # same option at its default (e.g. in the full config.yaml a run writes) is harmless
-        defaults = LoraSection()
-        lora_keys = sorted(k for k in self.explicit if k.startswith("lora.") and k != "lora.enabled"
-                           and getattr(self.lora, k[5:]) != getattr(defaults, k[5:]))
-        if lora_keys and not self.lora.enabled:
-            raise ConfigError(f"{lora_keys[0]} is set but LoRA is off: add lora.enabled=true or remove it")
-        ref, loss, needs = self.reference.strategy, self.objective.name, self.objective.needs_reference
-        self._check_objective()
-        if ref == "adapters" and not self.lora.enabled:
-            raise ConfigError("reference.strategy=adapters needs LoRA (lora.enabled=true)")
-        if not needs and ref not in ("auto", "none"):
-            raise ConfigError(f"objective.loss={loss} is reference-free; reference.strategy={ref} does not apply")
-        if needs and ref == "none":
-            free = [name for name, needs in NEEDS_REFERENCE.items() if not needs]
-            free = ", ".join(free[:-1]) + " or " + free[-1]
-            raise ConfigError(f"objective.loss={loss} needs a reference model; reference.strategy=none only "
-                              f"fits {free}")
-        if self.reference.name is not None:
-            if not needs:
-                raise ConfigError(f"objective.loss={loss} is reference-free; reference.name does not apply")
-            if ref == "adapters":
-                raise ConfigError("reference.strategy=adapters computes the reference as the policy with its adapters "
-                                  "disabled; with reference.name use copy or precomputed")
-            if models.missing_path(self.reference.name):
-                raise ConfigError(f"reference.name: not found: {self.reference.name}")
-        if d.chat_template is not None:
-            from dpokit.data.tokenize import chat_template_text
-
-            chat_template_text(d.chat_template)
-        if self.ppo.minibatch_size and t.batch_size % self.ppo.minibatch_size:
-            raise ConfigError(f"ppo.minibatch_size ({self.ppo.minibatch_size}) must divide train.batch_size "
-                              f"({t.batch_size})")
-        for key in ("train", "eval"):
-            source = getattr(d, key)
-            if source is not None and missing_file(source):
-                raise ConfigError(f"data.{key}: file not found: {source}")
-        if d.train is None:
-            raise ConfigError("data.train is required: a preference file, datasets directory or hub dataset name")
-        if d.eval is not None and d.eval_fraction:
-            raise ConfigError("data.eval and data.eval_fraction are both set; use one")
-        if models.missing_path(self.model.name):
-            raise ConfigError(f"model.name: not found: {self.model.name}")
-        from dpokit.trackers import check_report_to
-
-        check_report_to(self.output.report_to)
-        if t.sample_prompts is not None and missing_file(t.sample_prompts):
-            raise ConfigError(f"train.sample_prompts: file not found: {t.sample_prompts}")
+        for check in (_check_model, _check_lora, _check_data, _check_objective, _check_reference, _check_train,
+                      _check_distributed, _check_environment):  # the rules first, then the disk and packages
+            check(self)
 
 
-    def _validate_memory_options(self) -> None:
-        """QLoRA, the optimizer step in the backward pass and the offload options: the combinations they exclude."""
-        t, q = self.train, self.model.quantization
-        if q != "none":
-            if not self.lora.enabled:
-                raise ConfigError(f"model.quantization={q} trains LoRA adapters on a frozen quantized base: add "
-                                  "lora.enabled=true")
-            if self.reference.strategy == "copy":
-                raise ConfigError(f"model.quantization={q}: the reference is the quantized base with its adapters off "
-                                  "(reference.strategy=adapters, or precomputed), not a copy")
-            if self.distributed.strategy == "fsdp":
-                raise ConfigError(f"model.quantization={q} does not shard under FSDP2; use distributed.strategy=ddp")
-            if self.lora.merge_on_export:
-                raise ConfigError(f"model.quantization={q}: merging adapters into quantized weights would export a "
-                                  "quantized model; export the adapter (lora.merge_on_export=false) and merge it "
-                                  "into the float base")
-        if t.optimizer_in_backward:
-            why = "train.optimizer_in_backward=true updates each parameter as soon as its gradient is complete, so"
-            if t.micro_batch_size != t.batch_size:
-                raise ConfigError(f"{why} it allows no gradient accumulation: set train.micro_batch_size equal to "
-                                  f"train.batch_size ({t.batch_size}), or turn it off")
-            if t.max_grad_norm:
-                raise ConfigError(f"{why} no global gradient norm exists to clip by: set train.max_grad_norm=0, or "
-                                  "turn it off")
-        if self.distributed.cpu_offload and self.distributed.strategy != "fsdp":
-            raise ConfigError("distributed.cpu_offload is FSDP2's CPUOffloadPolicy: it needs distributed.strategy=fsdp")
+def _check_model(cfg: Config) -> None:
+    q = cfg.model.quantization
+    if q == "none":
+        return
+    if not cfg.lora.enabled:
+        raise ConfigError(f"model.quantization={q} trains LoRA adapters on a frozen quantized base: add "
+                          "lora.enabled=true")
+    if cfg.reference.strategy == "copy":
+        raise ConfigError(f"model.quantization={q}: the reference is the quantized base with its adapters off "
+                          "(reference.strategy=adapters, or precomputed), not a copy")
+    if cfg.distributed.strategy == "fsdp":
+        raise ConfigError(f"model.quantization={q} does not shard under FSDP2; use distributed.strategy=ddp")
+    if cfg.lora.merge_on_export:
+        raise ConfigError(f"model.quantization={q}: merging adapters into quantized weights would export a "
+                          "quantized model; export the adapter (lora.merge_on_export=false) and merge it "
+                          "into the float base")
 
-    def _check_objective(self) -> None:
-        """The objective's names, weights and options, and the reference a TR-DPO run moves."""
-        o, r = self.objective, self.reference
-        names = o.losses
-        if not names or len(set(names)) < len(names):
-            raise ConfigError(f"objective.loss must name each objective once; got {o.loss!r}")
-        if o.loss_weights and len(o.loss_weights) != len(names):
-            raise ConfigError(f"objective.loss_weights has {len(o.loss_weights)} weights for {len(names)} objectives")
-        if any(w < 0 for w in o.loss_weights):
-            raise ConfigError(f"objective.loss_weights must be >= 0; got {o.loss_weights}")
-        if "kto" in names and len(names) > 1:
-            raise ConfigError("objective.loss=kto trains on single completions; it cannot be summed with pair objectives")
-        if o.label_smoothing and not set(names) & set(SMOOTHED_LOSSES):
-            raise ConfigError(f"objective.label_smoothing applies to {', '.join(SMOOTHED_LOSSES)}, not {o.name}")
-        if "exo_pair" in names and not o.label_smoothing:
-            raise ConfigError("objective.loss=exo_pair needs objective.label_smoothing > 0 (EXO's ε; the paper: 1e-3)")
-        if o.f_divergence != "reverse_kl" and not set(names) <= set(F_DIVERGENCE_LOSSES):
-            raise ConfigError(f"objective.f_divergence={o.f_divergence} applies to {', '.join(F_DIVERGENCE_LOSSES)}; "
-                              f"not to {o.name}")
-        if o.wpo and set(names) & set(SORTING_LOSSES):
-            raise ConfigError("objective.wpo weights pairs, which aot and aot_unpaired sort apart")
-        if "kto" in names and (o.ld_alpha is not None or o.wpo or o.nll_weight or o.loss_weights):
-            raise ConfigError("objective.loss=kto takes no ld_alpha, wpo, nll_weight or loss_weights (they are defined "
-                              "on pairs); kto_desirable_weight and kto_undesirable_weight weigh its completions")
-        if r.sync_every:
-            if not o.needs_reference:
-                raise ConfigError(f"reference.sync_every (TR-DPO) moves the reference; objective.loss={o.name} has none")
-            if r.strategy not in ("auto", "copy"):
-                raise ConfigError(f"reference.sync_every (TR-DPO) moves the reference, which reference.strategy="
-                                  f"{r.strategy} keeps fixed; use auto or copy")
-            if r.name is not None:
-                raise ConfigError("reference.sync_every (TR-DPO) moves the policy's starting weights toward it; it "
-                                  "does not take a reference.name")
-            if self.distributed.strategy == "fsdp":
-                raise ConfigError("reference.sync_every (TR-DPO) is not implemented for sharded weights; use "
-                                  "distributed.strategy=ddp")
+
+def _check_lora(cfg: Config) -> None:
+    # a LoRA option set to something other than its default has no effect without LoRA: say so; the
+    # same option at its default (e.g. in the full config.yaml a run writes) is harmless
+    defaults = LoraSection()
+    keys = sorted(k for k in cfg.explicit if k.startswith("lora.") and k != "lora.enabled"
+                  and getattr(cfg.lora, k[5:]) != getattr(defaults, k[5:]))
+    if keys and not cfg.lora.enabled:
+        raise ConfigError(f"{keys[0]} is set but LoRA is off: add lora.enabled=true or remove it")
+
+
+def _check_data(cfg: Config) -> None:
+    d = cfg.data
+    if d.max_prompt_length >= d.max_length:
+        raise ConfigError(f"data.max_prompt_length ({d.max_prompt_length}) must be less than data.max_length "
+                          f"({d.max_length}) to leave room for the completion")
+    if d.eval is not None and d.eval_fraction:
+        raise ConfigError("data.eval and data.eval_fraction are both set; use one")
+
+
+def _check_objective(cfg: Config) -> None:
+    """The objective's names and weights, and the options that apply to it (`objectives.registry`)."""
+    o = cfg.objective
+    names = o.losses
+    if not names or len(set(names)) < len(names):
+        raise ConfigError(f"objective.loss must name each objective once; got {o.loss!r}")
+    if o.loss_weights and len(o.loss_weights) != len(names):
+        raise ConfigError(f"objective.loss_weights has {len(o.loss_weights)} weights for {len(names)} objectives")
+    if any(w < 0 for w in o.loss_weights):
+        raise ConfigError(f"objective.loss_weights must be >= 0; got {o.loss_weights}")
+    infos = [OBJECTIVES[n] for n in names]
+    single = [n for n in names if OBJECTIVES[n].single_completions]
+    if single and len(names) > 1:
+        raise ConfigError(f"objective.loss={single[0]} trains on single completions; it cannot be summed with pair "
+                          "objectives")
+    if o.label_smoothing and not any(i.smoothing for i in infos):
+        raise ConfigError(f"objective.label_smoothing applies to {', '.join(SMOOTHED)}, not {o.name}")
+    for name, info in zip(names, infos):
+        for key in info.required:
+            if not getattr(o, key):
+                raise ConfigError(f"objective.loss={name} needs objective.{key} > 0 ({info.note})")
+    if o.f_divergence != "reverse_kl" and not all(i.f_divergence for i in infos):
+        raise ConfigError(f"objective.f_divergence={o.f_divergence} applies to {', '.join(F_DIVERGENCE)}; "
+                          f"not to {o.name}")
+    if o.wpo and not all(i.pair_weights for i in infos):
+        sorting = names_where(lambda i: not i.pair_weights)
+        sorting = ", ".join(sorting[:-1]) + " and " + sorting[-1]
+        raise ConfigError(f"objective.wpo weights pairs, which {sorting} sort apart")
+    if single and (o.ld_alpha is not None or o.wpo or o.nll_weight or o.loss_weights):
+        raise ConfigError(f"objective.loss={single[0]} takes no ld_alpha, wpo, nll_weight or loss_weights (they are "
+                          "defined on pairs); kto_desirable_weight and kto_undesirable_weight weigh its completions")
+
+
+def _check_reference(cfg: Config) -> None:
+    """The reference strategy against the objective and LoRA, and the reference a TR-DPO run moves."""
+    r, o = cfg.reference, cfg.objective
+    ref, loss, needs = r.strategy, o.name, o.needs_reference
+    if ref == "adapters" and not cfg.lora.enabled:
+        raise ConfigError("reference.strategy=adapters needs LoRA (lora.enabled=true)")
+    if not needs and ref not in ("auto", "none"):
+        raise ConfigError(f"objective.loss={loss} is reference-free; reference.strategy={ref} does not apply")
+    if needs and ref == "none":
+        free = list(names_where(lambda i: not i.needs_reference))
+        free = ", ".join(free[:-1]) + " or " + free[-1]
+        raise ConfigError(f"objective.loss={loss} needs a reference model; reference.strategy=none only fits {free}")
+    if r.name is not None:
+        if not needs:
+            raise ConfigError(f"objective.loss={loss} is reference-free; reference.name does not apply")
+        if ref == "adapters":
+            raise ConfigError("reference.strategy=adapters computes the reference as the policy with its adapters "
+                              "disabled; with reference.name use copy or precomputed")
+    if r.sync_every:
+        if not needs:
+            raise ConfigError(f"reference.sync_every (TR-DPO) moves the reference; objective.loss={loss} has none")
+        if ref not in ("auto", "copy"):
+            raise ConfigError(f"reference.sync_every (TR-DPO) moves the reference, which reference.strategy="
+                              f"{ref} keeps fixed; use auto or copy")
+        if r.name is not None:
+            raise ConfigError("reference.sync_every (TR-DPO) moves the policy's starting weights toward it; it "
+                              "does not take a reference.name")
+        if cfg.distributed.strategy == "fsdp":
+            raise ConfigError("reference.sync_every (TR-DPO) is not implemented for sharded weights; use "
+                              "distributed.strategy=ddp")
+
+
+def _check_train(cfg: Config) -> None:
+    t = cfg.train
+    if len(t.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in t.adam_betas):
+        raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), got {t.adam_betas}")
+    if t.batch_size % t.micro_batch_size:
+        raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size "
+                          f"({t.micro_batch_size})")
+    if t.optimizer_in_backward:
+        why = "train.optimizer_in_backward=true updates each parameter as soon as its gradient is complete, so"
+        if t.micro_batch_size != t.batch_size:
+            raise ConfigError(f"{why} it allows no gradient accumulation: set train.micro_batch_size equal to "
+                              f"train.batch_size ({t.batch_size}), or turn it off")
+        if t.max_grad_norm:
+            raise ConfigError(f"{why} no global gradient norm exists to clip by: set train.max_grad_norm=0, or "
+                              "turn it off")
+    if t.sample_every and cfg.distributed.strategy == "fsdp":
+        raise ConfigError("train.sample_every generates on one process and does not work with "
+                          "distributed.strategy=fsdp (sharded weights); use ddp or sample after training")
+
+
+def _check_environment(cfg: Config) -> None:
+    """What the sections name outside the config: files, models and the trackers' packages."""
+    d = cfg.data
+    if d.chat_template is not None:
+        chat_template_text(d.chat_template)
+    if cfg.reference.name is not None and models.missing_path(cfg.reference.name):
+        raise ConfigError(f"reference.name: not found: {cfg.reference.name}")
+    for key in ("train", "eval"):
+        source = getattr(d, key)
+        if source is not None and missing_file(source):
+            raise ConfigError(f"data.{key}: file not found: {source}")
+    if d.train is None:
+        raise ConfigError("data.train is required: a preference file, datasets directory or hub dataset name")
+    if models.missing_path(cfg.model.name):
+        raise ConfigError(f"model.name: not found: {cfg.model.name}")
+    check_report_to(cfg.output.report_to)
+    t = cfg.train
+    if t.sample_prompts is not None and missing_file(t.sample_prompts):
+        raise ConfigError(f"train.sample_prompts: file not found: {t.sample_prompts}")
+
+
+def _check_distributed(cfg: Config) -> None:
+    if cfg.distributed.cpu_offload and cfg.distributed.strategy != "fsdp":
+        raise ConfigError("distributed.cpu_offload is FSDP2's CPUOffloadPolicy: it needs distributed.strategy=fsdp")
+
+
+def check_runtime(cfg: Config, runtime) -> None:
+    """What the device and the process count of `runtime` (a `distributed.Runtime`) allow: the train section's
+    rules that need the runtime; `dpokit.train` runs them once the runtime is up, before anything loads."""
+    t = cfg.train
+    if t.optimizer_in_backward and runtime.distributed:
+        raise ConfigError("train.optimizer_in_backward=true runs in one process: under torchrun the gradients "
+                          "are complete only after DDP's all-reduce or FSDP's reduce-scatter; turn it off")
+    if t.activation_offload and runtime.device.type != "cuda":
+        raise ConfigError("train.activation_offload=true moves saved activations from GPU to CPU memory; on "
+                          f"{runtime.device.type} there is nothing to offload: turn it off")
 
 
 def all_keys() -> list[str]:
@@ -523,96 +519,5 @@ def describe() -> str:
     """Every key with its default and description, for `dpokit train --help`."""
     lines = []
     for section, cls in SECTIONS.items():
-        lines.append(f"{section}:")
-        for f in dataclasses.fields(cls):
-            choices = f.metadata.get("choices")
-            extra = f" [{' | '.join(str(c) for c in choices if c is not None)}]" if choices else ""
-            lines.append(f"  {f.name} = {_fmt(default_of(f))}  # {f.metadata['help']}{extra}")
+        lines += [f"{section}:", *describe_fields(cls)]
     return "\n".join(lines)
-
-
-def _fmt(value: Any) -> str:
-    return "null" if value is None else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-
-
-def default_of(f: dataclasses.Field) -> Any:
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-
-
-# ------------------------------------------------------------------------------------------ checks
-
-
-def check_fields(settings: Any, section: str | None = None) -> None:
-    """The declared choices and ranges of every field of the dataclass `settings`; a failure names the
-    key as `section.key`, or without a section as the command-line option (`--max-new-tokens`)."""
-    for f in dataclasses.fields(settings):
-        key = f"{section}.{f.name}" if section else option_name(f.name)
-        value, meta = getattr(settings, f.name), f.metadata
-        choices = meta.get("choices")
-        if choices is not None and isinstance(value, list):  # a list of choices: each item must be one
-            wrong = [v for v in value if v not in choices]
-            if not wrong:
-                continue
-            value = wrong[0]
-        if choices is not None and value not in choices:
-            shown = ", ".join(str(c) for c in choices if c is not None)
-            raise ConfigError(f"{key} must be one of {shown}; got {value!r}"
-                              f"{did_you_mean(str(value), [str(c) for c in choices])}")
-        if value is None or isinstance(value, (str, list, bool)):
-            continue
-        lo, hi = meta.get("min"), meta.get("max")
-        if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
-            relation = ">" if meta.get("min_exclusive") else ">="
-            raise ConfigError(f"{key} must be {relation} {_num(lo)}; got {_num(value)}")
-        if hi is not None and value > hi:
-            raise ConfigError(f"{key} must be <= {_num(hi)}; got {_num(value)}")
-
-
-def did_you_mean(name: str, options) -> str:
-    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else ""
-
-
-def _num(x: float) -> str:
-    text = repr(x)
-    return text.removesuffix(".0")
-
-
-# ------------------------------------------------------------------------------------------ command lines
-
-
-def option_name(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def choices_of(cls: type, name: str) -> tuple | None:
-    return next(f.metadata["choices"] for f in dataclasses.fields(cls) if f.name == name)
-
-
-def add_arguments(parser: argparse.ArgumentParser, cls: type, names: Sequence[str] | None = None, *,
-                  defaults: dict[str, Any] | None = None) -> None:
-    """A command-line option per field of the settings dataclass `cls` (those in `names`, in that order):
-    its type, choices and default (or the one in `defaults`) and its help, followed by the default. argparse
-    checks the type and the choices; `check_fields` on the settings built from them checks the rest."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    for name in names or fields:
-        f = fields[name]
-        default = (defaults or {}).get(name, default_of(f))
-        parser.add_argument(option_name(name), type=hints[name], choices=f.metadata["choices"], default=default,
-                            help=f"{f.metadata['help']} (default {_shown(default)})")
-
-
-def from_arguments(cls: type, args: argparse.Namespace) -> Any:
-    """The settings `cls` from parsed options (`add_arguments`); fields without an option keep their default."""
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
-
-
-def as_arguments(settings: Any, names: Sequence[str] | None = None) -> list[str]:
-    """The options that give the fields of `settings` (those in `names`) their values: `add_arguments` backwards."""
-    names = names or [f.name for f in dataclasses.fields(settings)]
-    return [item for name in names for item in (option_name(name), _shown(getattr(settings, name)))]
-
-
-def _shown(value: Any) -> str:
-    return _num(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)

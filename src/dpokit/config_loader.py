@@ -21,14 +21,16 @@ from typing import Any
 
 import yaml
 
-from dpokit.config import SECTIONS, Config, all_keys, did_you_mean
+from dpokit.config import SECTIONS, Config, all_keys
 from dpokit.errors import ConfigError, first_line, type_name
+from dpokit.fields import did_you_mean
 
 
-def load(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML file (optional) and apply `section.key=value` overrides, then validate."""
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML file (optional) and apply `section.key=value` overrides, then validate: the config
+    `dpokit train CONFIG key=value ...` runs (`dpokit.load_config`)."""
     values = read_yaml(path) if path is not None else {}
-    cfg = from_dict(values, source=str(path) if path else "config")
+    cfg = config_from_dict(values, source=str(path) if path else "config")
     for item in overrides:
         key, raw = split_assignment(item, "override", "section.key=value")
         value = yaml_value(raw, f"override: {key}")
@@ -61,7 +63,7 @@ def read_yaml(path: str | os.PathLike) -> Any:
         raise ConfigError(_yaml_error(str(path), e)) from None
 
 
-def from_dict(values: Any, *, source: str = "config") -> Config:
+def config_from_dict(values: Any, *, source: str = "config") -> Config:
     """Sections as read from YAML, each value coerced to its key's type (not yet validated)."""
     cfg = Config()
     if values is None:

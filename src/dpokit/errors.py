@@ -1,5 +1,11 @@
 """Errors that reach the user as one clear line (the CLI prints them without a traceback), and the
-helpers that word such lines."""
+helpers that word such lines and turn them into exit statuses."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
 
 
 class DpokitError(Exception):
@@ -51,3 +57,37 @@ _TYPE_NAMES = {type(None): ("null", "null"), bool: ("boolean", "a boolean"), int
 def type_name(value: object, *, json: bool = False) -> str:
     names = _TYPE_NAMES.get(type(value))
     return names[json] if names else type(value).__name__
+
+
+# ------------------------------------------------------------------------------------------ how errors reach the user
+
+
+def exit_status(command, *args) -> int:
+    """Call a command and return its exit status. Bad input or environment is one line on stderr and
+    status 2, without a traceback unless DPOKIT_DEBUG=1; other exceptions are bugs and keep theirs;
+    Ctrl-C is 130."""
+    try:
+        return command(*args)
+    except (DpokitError, OSError) as e:
+        if os.environ.get("DPOKIT_DEBUG", "0") not in ("", "0"):
+            traceback.print_exc()
+        print(f"error: {error_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def error_line(e: BaseException) -> str:
+    """An error as one line: an OSError as `strerror: filename`, dpokit's messages with their lines joined,
+    other libraries' messages by their first line (the rest is advice for their own API)."""
+    if isinstance(e, OSError) and e.strerror:
+        text = e.strerror
+        if e.filename is not None:
+            text += f": {e.filename}"
+        if e.filename2 is not None:
+            text += f" -> {e.filename2}"
+        return text
+    if not isinstance(e, DpokitError):
+        return first_line(e)
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__

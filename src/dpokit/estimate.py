@@ -394,12 +394,12 @@ def add_estimate(sub):
 def estimate_command(args) -> int:
     import json
 
-    from dpokit.config import Config
+    from dpokit.config_loader import load_config
 
     config, overrides = args.config, args.overrides
     if config and "=" in config:
         config, overrides = None, [config, *overrides]
-    cfg = Config.load(config, overrides)
+    cfg = load_config(config, overrides)
     device = args.device
     if device == "auto":
         import torch

@@ -13,8 +13,7 @@ import yaml
 from dpokit import attention
 from dpokit.errors import TrainingError
 from dpokit.logps import causal_lm
-from dpokit.models import load_model, load_reward_model, nonfinite_parameters
-from dpokit.rundir import RunDir
+from dpokit.models import nonfinite_parameters
 from dpokit.storage import atomic_dir
 
 
@@ -49,63 +48,35 @@ def _without_tied_duplicates(model, state_dict: dict) -> dict:
     return {k: v for k, v in state_dict.items() if k not in drop}
 
 
-def export(model, tokenizer, directory: Path, *, merge_lora: bool, config: dict, metrics: dict,
-           base_model: str, state_dict: dict | None = None, method: str | None = None) -> Path:
-    """`state_dict`: the full weights when `model` is sharded (FSDP2), gathered by the caller. `method`
-    (dpo, sft, reward, ...) names the training on the model card; by default the method the run directory
-    that holds `directory` records."""
+def export(model, tokenizer, directory: Path, *, method, merge_lora: bool, config: dict, metrics: dict,
+           base_model: str, state_dict: dict | None = None) -> Path:
+    """`state_dict`: the full weights when `model` is sharded (FSDP2), gathered by the caller. `method` (the
+    run's `methods.base.Method`, passed down: export sits below the methods) writes the model card's words
+    and loads a merged copy of its adapters."""
     directory = Path(directory)
-    method = method or RunDir(directory.parent).method() or "dpo"
     lora = hasattr(model, "peft_config")
     with atomic_dir(directory) as tmp:
         if merge_lora and lora:
             # merge through a plain copy: the adapter saved, then loaded onto its base and merged
             save_pretrained(model, tmp / "adapter", state_dict=state_dict)
-            if method == "reward":  # the sequence-classification model, its trained head from the adapter
-                model, _ = load_reward_model(str(tmp / "adapter"), pad_token_id=tokenizer.pad_token_id)
-            else:
-                model = load_model(str(tmp / "adapter"))
+            model = method.load_merged(tmp / "adapter")
             state_dict, lora = None, False
             shutil.rmtree(tmp / "adapter")
         save_pretrained(model, tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(config, metrics, base_model, lora=lora, method=method))
+        (tmp / "README.md").write_text(model_card(method, config, metrics, base_model, lora=lora))
         (tmp / "dpokit_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return directory
 
 
-def _card_head(method: str, config: dict, base_model: str, kind: str) -> tuple[str, str]:
-    """The model card's title and the sentence that says how the model was trained."""
-    site = "[dpokit](https://github.com/dpokit/dpokit)"
-    if method == "reward":
-        r = config.get("reward", {})
-        return (f"Reward model from {base_model}, trained with dpokit",
-                f"A Bradley–Terry reward model trained on preference pairs by {site}: loss −log σ(r_w − r_l − m) "
-                f"+ c·(r_w + r_l)², c = {r.get('center_coefficient')}, m the pairs' `{r.get('margin_field')}` field "
-                "where they have one. Load it with `AutoModelForSequenceClassification` (one label: the reward, "
-                "read at the last token that is not padding) or as a judge, `dpokit evaluate --judge reward-model "
-                f"--judge-model DIR`. Contents: {kind}, tokenizer.")
-    if method == "sft":
-        return (f"{base_model} fine-tuned with dpokit",
-                f"Trained with supervised fine-tuning on completion tokens by {site}. Contents: {kind}, tokenizer.")
-    if method != "dpo":
-        return f"{base_model} trained with dpokit", f"Trained with `{method}` by {site}. Contents: {kind}, tokenizer."
-    obj = config.get("objective", {})
-    loss = "+".join(obj["loss"]) if isinstance(obj.get("loss"), list) else obj.get("loss")  # several: summed
-    return (f"{base_model} aligned with dpokit",
-            f"Trained with Direct Preference Optimization by {site}:\n"
-            f"objective `{loss}`, β = {obj.get('beta')}. Contents: {kind}, tokenizer.")
-
-
-def model_card(config: dict, metrics: dict, base_model: str, *, lora: bool, method: str = "dpo") -> str:
+def model_card(method, config: dict, metrics: dict, base_model: str, *, lora: bool) -> str:
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
     kind = "LoRA adapter (load with peft, or `AutoModelForCausalLM` with peft installed)" if lora else "full weights"
-    title, how = _card_head(method, config, base_model, kind)
-    tags = {"reward": "reward-model", "dpo": "dpo"}.get(method, method)
+    title, how = method.card(config, base_model, kind)
     return f"""---
 library_name: transformers
 base_model: {base_model}
-tags: [{tags}, dpokit]
+tags: [{method.hub_tag or method.name}, dpokit]
 ---
 # {title}
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from dpokit.logps import SequenceLogps
-from dpokit.objectives import ObjectiveOutput
+from dpokit.objectives.losses import ObjectiveOutput
 from dpokit.storage import disk_errors
 
 # DPO's metrics: summed per pair, then divided by the pair count

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from dpokit import checkpoint
-from dpokit.errors import ConfigError, RunLockedError, TrainingError
+from dpokit import checkpoint, models
+from dpokit.errors import ConfigError, DpokitError, ModelError, RunLockedError, TrainingError
 from dpokit.storage import disk_errors
 
 LOCK = ".lock"
@@ -127,13 +127,13 @@ class RunDir:
         raise TrainingError(f"cannot resume {self.path}: {why} (checkpoint.every=0 writes none until a signal). "
                             "Set output.overwrite=true to start over")
 
-    def check_method(self, method: str) -> None:
-        """A run continues with the method that began it (`dpokit sft --resume` on a DPO run is a mistake)."""
+    def check_method(self, method: str, *, command) -> None:
+        """A run continues with the method that began it (`dpokit sft --resume` on a DPO run is a mistake);
+        `command(method)` names the command that runs a method."""
         began = self.method()
         if began is not None and began != method:
-            raise ConfigError(f"{self.path} holds a {began} run; continue it with `dpokit "
-                              f"{'train' if began == 'dpo' else began} --resume`, or set output.overwrite=true to "
-                              f"start a {method} run there")
+            raise ConfigError(f"{self.path} holds a {began} run; continue it with `dpokit {command(began)} --resume`, "
+                              f"or set output.overwrite=true to start a {method} run there")
 
     def start(self, start: Start, config: dict, method: str) -> None:
         """Write the run's config; a fresh start first clears what an earlier run left (only reached when
@@ -149,3 +149,99 @@ class RunDir:
         with disk_errors(self.path / CONFIG):
             (self.path / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
             (self.path / RUN_INFO).write_text(json.dumps({"method": method}) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ what a model path says
+# What a model path says about the dpokit run it came from: base model (the reference), objective, β and step.
+# A run directory holds `config.yaml`, `model/` (the final policy) and `checkpoints/checkpoint-NNNNNNN/model/`;
+# checkpoints carry no tokenizer, so theirs is the base model's.
+
+@dataclass(frozen=True)
+class RunModel:
+    """A model that belongs to a dpokit run: the final one (`step` from its metrics) or a checkpoint."""
+
+    path: Path  # what load_model reads: <run>/model or <run>/checkpoints/checkpoint-N
+    run_dir: Path
+    base_model: str  # the run's reference: its reference.name when set, else model.name (its start)
+    loss: str  # objective.loss for a DPO-family run (several: joined by +), else its method (sft-chosen: Preferred-FT)
+    beta: float
+    step: int | None
+    final: bool
+
+
+def run_model(path: str | Path) -> RunModel | None:
+    """The run behind a run directory, its `model/`, or one of its checkpoints; None for other models."""
+    p = Path(path).expanduser().resolve()
+    if not p.exists():
+        return None
+    # (candidate run dir, model path, checkpoint dir or None)
+    layouts = [(p, p / "model", None), (p.parent, p, None)]
+    for ckpt in (p, p.parent):
+        if ckpt.name.startswith(checkpoint.PREFIX) and ckpt.parent.name == "checkpoints":
+            layouts.insert(0, (ckpt.parent.parent, ckpt, ckpt))
+    for run_dir, model_path, ckpt in layouts:
+        cfg_file = run_dir / "config.yaml"
+        if not cfg_file.is_file() or not model_path.exists():
+            continue
+        if ckpt is None and model_path != run_dir / "model":
+            continue
+        cfg = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
+        obj = cfg.get("objective", {})
+        method = RunDir(run_dir).method() or "dpo"
+        kind = obj.get("loss", "sigmoid") if method == "dpo" else method
+        if isinstance(kind, list):  # several objectives summed: their names joined
+            kind = "+".join(kind)
+        if method == "sft" and cfg.get("data", {}).get("use") == "chosen":
+            kind = "sft-chosen"
+        if ckpt is not None:
+            step = int(ckpt.name[len(checkpoint.PREFIX):])
+        else:
+            metrics = model_path / "dpokit_metrics.json"
+            step = json.loads(metrics.read_text()).get("step") if metrics.is_file() else None
+        reference = (cfg.get("reference") or {}).get("name") or cfg.get("model", {}).get("name", "")
+        return RunModel(model_path, run_dir, reference, kind,
+                        float(obj.get("beta", 0.0)), step, ckpt is None)
+    return None
+
+
+def run_models(run_dir: str | Path, *, checkpoints: bool) -> list[RunModel]:
+    """A run's final model, preceded by its checkpoints (step order) when asked; a checkpoint at the
+    final step is left out as a duplicate of the final model."""
+    final = run_model(Path(run_dir) / "model") if (Path(run_dir) / "model").exists() else None
+    found = [run_model(c) for c in checkpoint.checkpoints(Path(run_dir))] if checkpoints else []
+    found = [m for m in found if m is not None and (final is None or m.step != final.step)]
+    if final is not None:
+        found.append(final)
+    if not found:
+        raise DpokitError(f"{run_dir}: no final model or checkpoint to evaluate (is it a dpokit run directory?)")
+    return found
+
+
+def check_model(name: str) -> None:
+    """Stop at once on a model that is not there, before anything loads or samples: a dpokit run or
+    checkpoint passes, other names go through `models.resolve` (a missing path fails, a hub id passes)."""
+    if run_model(name) is None:
+        models.resolve(name)
+
+
+def default_reference(policy: str) -> str:
+    """The reference of a dpokit run's policy: the model the run started from, or its `reference.name`."""
+    info = run_model(policy)
+    if info is None or not info.base_model:
+        if not Path(policy).expanduser().exists():  # a hub id, or a run path with a typo
+            raise DpokitError(f"{policy}: no such run or checkpoint; for a hub model, name its reference with "
+                              "--reference")
+        raise DpokitError(f"{policy} is not a dpokit run or checkpoint: name its reference with --reference")
+    return info.base_model
+
+
+def load_tokenizer_for(name: str, *, fallback: str | None = None):
+    """The model's own tokenizer, else (a checkpoint) the tokenizer of its run's base model or `fallback`."""
+    try:
+        return models.load_tokenizer(name)
+    except (OSError, ValueError, ModelError):
+        info = run_model(name)
+        other = info.base_model if info is not None and info.base_model else fallback
+        if other is None:
+            raise
+        return models.load_tokenizer(other)

@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 
 from dpokit.errors import ConfigError
+from dpokit.fields import did_you_mean
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 # tracker → (module it imports, pip extra that installs it); tensorboard is a core dependency
@@ -29,8 +30,6 @@ SAMPLE_COLUMNS = ("step", "prompt", "completion", "score", "num_tokens", "logp")
 
 def check_report_to(report_to: list[str]) -> None:
     """Known names, each once, with its package installed: else one line naming the pip extra."""
-    from dpokit.config import did_you_mean
-
     for name in report_to:
         if name not in TRACKERS:
             raise ConfigError(f"output.report_to: unknown tracker {name!r}{did_you_mean(name, TRACKERS)}; "

@@ -1,6 +1,7 @@
 """The training loop every method shares: step scheduling, accumulation, clipping, the non-finite guard,
-evaluation cadence, checkpoints and exact resume, signals, metrics and export. A method (DPO in
-`dpokit.methods.dpo`) supplies its data, its models and its micro-batch → losses and metrics."""
+evaluation cadence, checkpoints and exact resume, signals, metrics and export. A method (`dpokit.methods`,
+looked up by name in `methods.registry`) supplies its data, its models and its micro-batch → losses and
+metrics through the hooks of `methods.base.Method`; the loop never asks which method it runs."""
 
 from __future__ import annotations
 
@@ -15,14 +16,16 @@ from pathlib import Path
 import torch
 
 from dpokit import checkpoint, host_memory, models
-from dpokit.config import Config
+from dpokit.config import Config, check_runtime
+from dpokit.config_loader import config_from_dict
 from dpokit.data.tokenize import use_chat_template
 from dpokit.distributed import Runtime, decoder_layer_classes, init_runtime
 from dpokit.errors import ConfigError, TrainingError
 from dpokit.export import export, save_pretrained
-from dpokit.generations import TrainingSamples
+from dpokit.generation.training_samples import TrainingSamples
 from dpokit.logps import causal_lm
-from dpokit.methods.dpo import DPO
+from dpokit.methods.base import Method
+from dpokit.methods.registry import METHODS, method_class
 from dpokit.metrics import MeanMetrics, MetricsWriter
 from dpokit.optim import OptimizerInBackward, build_optimizer, build_scheduler
 from dpokit.rundir import RunDir, Start
@@ -57,10 +60,15 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return "bf16-mixed" if torch.cpu._is_amx_tile_supported() else "fp32"
 
 
-def train(cfg: Config, *, resume: bool = False, method: type = DPO) -> TrainResult:
+def train(cfg: Config, *, resume: bool = False, method: str | type[Method] = "dpo") -> TrainResult:
+    """Train as `cfg` says with `method` (a registry name, `dpo`, `sft`, `reward`, `ppo`, or a Method class):
+    what `dpokit train | sft | reward | ppo CONFIG` runs. Every config check runs before anything loads."""
+    method = method_class(method)
     cfg.validate()
+    method.check(cfg)
     runtime = init_runtime(cfg.distributed.strategy, cfg.distributed.backend)
     try:
+        check_runtime(cfg, runtime)
         trainer = Trainer(cfg, runtime, resume=resume, method=method)
         try:
             return trainer.run()
@@ -71,7 +79,7 @@ def train(cfg: Config, *, resume: bool = False, method: type = DPO) -> TrainResu
 
 
 class Trainer:
-    def __init__(self, cfg: Config, runtime: Runtime, *, resume: bool = False, method: type = DPO):
+    def __init__(self, cfg: Config, runtime: Runtime, *, resume: bool = False, method: str | type[Method] = "dpo"):
         self.cfg, self.rt = cfg, runtime
         self.output = RunDir(cfg.output.dir)
         self.run_dir = self.output.path
@@ -79,7 +87,7 @@ class Trainer:
         if runtime.is_main:  # under torchrun one lock for the run: rank 0's
             self.output.lock()
         try:
-            self._set_up(resume, method)
+            self._set_up(resume, method_class(method))
         except BaseException:
             self.close()
             raise
@@ -89,12 +97,6 @@ class Trainer:
         if runtime.is_main:
             self.output.refuse_reuse(resume=resume, overwrite=cfg.output.overwrite)
         self.precision = resolve_precision(t.precision, runtime.device)
-        if t.optimizer_in_backward and runtime.distributed:
-            raise ConfigError("train.optimizer_in_backward=true runs in one process: under torchrun the gradients "
-                              "are complete only after DDP's all-reduce or FSDP's reduce-scatter; turn it off")
-        if t.activation_offload and runtime.device.type != "cuda":
-            raise ConfigError("train.activation_offload=true moves saved activations from GPU to CPU memory; on "
-                              f"{runtime.device.type} there is nothing to offload: turn it off")
         if t.release_freed_memory and runtime.device.type == "cpu" and not host_memory.release_freed_memory():
             warnings.warn("train.release_freed_memory: this C library has no mallopt; freed memory stays in the heap",
                           stacklevel=2)
@@ -110,10 +112,10 @@ class Trainer:
         self.total_steps = min(total, t.max_steps) if t.max_steps else total
         self.start = self._plan_start(resume)
         if not self.start.fresh:
-            self.output.check_method(self.method.name)
+            self.output.check_method(self.method.name, command=lambda m: METHODS[m].command if m in METHODS else m)
         saved = None if self.start.fresh else self.output.saved_config()
         if saved is not None:
-            _check_resumable(Config.from_dict(saved), cfg)
+            _check_resumable(config_from_dict(saved), cfg)
         if self.start.finished_step is not None:
             return
         ckpt = self.start.checkpoint
@@ -130,8 +132,6 @@ class Trainer:
         self.step, self.nonfinite = 0, 0
         if ckpt is not None:
             self._restore(ckpt)
-        if t.sample_every and self.method.name == "reward":
-            raise ConfigError("train.sample_every: a reward model scores text, it does not generate; leave it at 0")
         # generations during training: rank 0's, its judge loaded before anything is written
         self.samples = TrainingSamples.from_config(cfg, self.tokenizer, self.method.eval_set) if runtime.is_main else None
         # the model and data loaded: from here on the run directory is written
@@ -219,18 +219,16 @@ class Trainer:
         self.writer.echo(f"[samples step {self.step}] {len(rows)} generations{score} → {self.writer.samples_path}")
 
     def train_step(self, item_ids: list[int]) -> dict:
-        """One loop step over `item_ids` (the global batch). A method with a `prepare(policy, item_ids,
-        step)` hook does its own work first (PPO: rollouts, rewards, advantages; its metrics join the row),
-        and one with `updates(item_ids)` makes several optimizer updates of the ids it lists (PPO: epochs
-        × minibatches of the rollouts); otherwise one update over `item_ids`. The scheduler steps once per
+        """One loop step over `item_ids` (the global batch). The method's `prepare` does its own work first
+        (PPO: rollouts, rewards, advantages; its metrics join the row), then come the optimizer updates its
+        `updates` lists (one over `item_ids` by default; PPO: epochs × minibatches of the rollouts). The scheduler steps once per
         loop step, so the learning rate is constant within a step. The row's method metrics and
         `grad_norm` are the mean over the step's updates, its item and token counts their sum."""
         start = time.perf_counter()
         self.wrapped_policy.train()
-        prepare = getattr(self.method, "prepare", None)
-        extra = prepare(self.wrapped_policy, item_ids, self.step) if prepare is not None else {}
+        extra = self.method.prepare(self.wrapped_policy, item_ids, self.step)
         self.wrapped_policy.train()
-        updates = self.method.updates(item_ids) if hasattr(self.method, "updates") else [item_ids]
+        updates = self.method.updates(item_ids)
         lr = float(self.scheduler.get_last_lr()[0])  # a tensor for torchao's optimizers
         rows, applied = [], False
         for ids in updates:
@@ -358,7 +356,7 @@ class Trainer:
                 save_model=functools.partial(save_pretrained, self.policy.model, state_dict=state),
                 optimizer=optimizer, scheduler=self.scheduler.state_dict(),
                 trainer={"step": self.step, "nonfinite": self.nonfinite, "rng": checkpoint.rng_state(),
-                         **({"method": self.method.state_dict()} if hasattr(self.method, "state_dict") else {})},
+                         "method": self.method.state_dict()},
                 keep=self.cfg.checkpoint.keep, keep_models=self.cfg.checkpoint.keep_models,
             )
         self.rt.barrier()
@@ -385,10 +383,10 @@ class Trainer:
         if not self.rt.is_main:
             return None
         clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        merge = self.cfg.lora.merge_on_export or getattr(self.method, "exports_merged", False)
-        out = export(self.policy.model, self.tokenizer, self.run_dir / "model", merge_lora=merge,
-                     config=self.cfg.to_dict(), metrics=clean, base_model=self.cfg.model.name, state_dict=state,
-                     method=self.method.name)
+        merge = self.cfg.lora.merge_on_export or self.method.exports_merged
+        out = export(self.policy.model, self.tokenizer, self.run_dir / "model", method=self.method,
+                     merge_lora=merge, config=self.cfg.to_dict(), metrics=clean, base_model=self.cfg.model.name,
+                     state_dict=state)
         self._echo(f"model written to {out}")
         return out
 

@@ -302,7 +302,8 @@ def _render_lengths(lengths: dict) -> list[str]:
 
 
 def add_validate(sub) -> argparse.ArgumentParser:
-    from dpokit.config import DataSection, ModelSection, choices_of
+    from dpokit.config import DataSection, ModelSection
+    from dpokit.fields import choices_of
 
     data, model = DataSection(), ModelSection()
     p = sub.add_parser(
@@ -337,6 +338,7 @@ def add_validate(sub) -> argparse.ArgumentParser:
 def validate_command(args: argparse.Namespace) -> int:
     from dpokit import models
     from dpokit.config import Config
+    from dpokit.config_loader import set_value
     from dpokit.data.dataset import settings_of
 
     # the same keys, checks and messages as a training config: errors here exit 2 before anything loads
@@ -345,7 +347,7 @@ def validate_command(args: argparse.Namespace) -> int:
                        ("data.max_length", args.max_length), ("data.max_prompt_length", args.max_prompt_length),
                        ("data.truncation_mode", args.truncation_mode), ("data.skip_invalid", args.skip_invalid),
                        ("data.format", args.format), ("data.chat_template", args.chat_template)):
-        cfg.set(key, value, source="validate")
+        set_value(cfg, key, value, source="validate")
     cfg.validate()
     tokenizer = models.load_tokenizer(cfg.model.name, revision=cfg.model.revision,
                                       trust_remote_code=cfg.model.trust_remote_code)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dpokit.config import Config, describe
+from dpokit.config import describe
+from dpokit.config_loader import load_config
 from dpokit.data.formats import detect, hh_messages
 from dpokit.data.records import Problems, RowReader, read_preferences
 from dpokit.data.tokenize import TokenizeSettings, tokenize_records
@@ -193,10 +194,10 @@ def test_validate_cli_reads_the_formats(capsys):
 
 
 def test_format_is_a_config_key_with_help(tmp_path):
-    cfg = Config.load(None, [f"data.train={fixture('shp.jsonl')}", "data.format=summarize_from_feedback"])
+    cfg = load_config(None, [f"data.train={fixture('shp.jsonl')}", "data.format=summarize_from_feedback"])
     assert cfg.data.format == "summarize_from_feedback"
     with pytest.raises(ConfigError, match="data.format must be one of .* got 'hh'"):
-        Config.load(None, [f"data.train={fixture('shp.jsonl')}", "data.format=hh"])
+        load_config(None, [f"data.train={fixture('shp.jsonl')}", "data.format=hh"])
     text = describe()
     assert "format = auto" in text and "hh_rlhf" in text and "chat_template = null" in text
 

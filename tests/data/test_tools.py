@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from dpokit.config import Config
+from dpokit.config_loader import load_config
 from dpokit.data.records import PreferenceRecord, Problems, read_preferences
 from dpokit.data.tokenize import (
     TokenizeSettings,
@@ -163,7 +163,7 @@ def test_chat_template_from_a_string_or_a_file(tmp_path, tokenizer):
     with pytest.raises(ConfigError, match="data.chat_template: invalid Jinja at line 1"):
         chat_template_text("{% for m in messages %}{{ m.content }}")
     with pytest.raises(ConfigError, match="data.chat_template: invalid Jinja"):  # checked before anything loads
-        Config.load(None, ["data.train=x.jsonl", "data.chat_template={{ unclosed"])
+        load_config(None, ["data.train=x.jsonl", "data.chat_template={{ unclosed"])
 
 
 def test_training_with_a_house_chat_template_on_tool_rows(tiny_config, tmp_path):

@@ -9,14 +9,13 @@ import pytest
 import torch
 
 from dpokit import reference
-from dpokit.config import Config
+from dpokit.config_loader import load_config
 from dpokit.distributed import Runtime
 from dpokit.logps import CompletionLogProbs
 from dpokit.methods.dpo import DPO
 from dpokit.metrics import MeanMetrics, read_metrics
 from dpokit.train import Trainer, train
-
-from ..conftest import PAIRS, crash_then_resume, tiny_llama, write_jsonl
+from tests.helpers import PAIRS, crash_then_resume, tiny_llama, write_jsonl
 
 
 def train_rows(cfg):
@@ -171,4 +170,4 @@ def test_tr_dpo_resume_carries_the_moving_reference(tiny_config, tmp_path, monke
 
 def test_tr_dpo_refuses_a_fixed_reference():
     with pytest.raises(Exception, match="keeps fixed"):
-        Config.load(None, ["data.train=x", "reference.sync_every=2", "reference.strategy=precomputed"])
+        load_config(None, ["data.train=x", "reference.sync_every=2", "reference.strategy=precomputed"])

@@ -10,12 +10,12 @@ import torch
 
 from dpokit.cli import main
 from dpokit.config import Config
+from dpokit.config_loader import load_config
 from dpokit.distributed import Runtime
 from dpokit.methods.ppo import PPO
 from dpokit.metrics import read_metrics
 from dpokit.train import train
-
-from ..conftest import tiny_llama, write_jsonl
+from tests.helpers import tiny_llama, write_jsonl
 
 PROMPTS = ["The movie was", "I think that", "This film is", "My review:"]
 
@@ -39,7 +39,7 @@ def ppo_config(tmp_path, peaked_model_dir):
                 "ppo.judge=length", "ppo.max_new_tokens=8", "ppo.template=none", "train.batch_size=16",
                 "train.micro_batch_size=8", "train.lr=1e-3", "train.schedule=constant", "train.epochs=1000",
                 "train.max_steps=4", "checkpoint.every=0", "output.tensorboard=false", "train.layout=padded"]
-        return Config.load(None, base + list(overrides))
+        return load_config(None, base + list(overrides))
 
     return make
 

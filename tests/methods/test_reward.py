@@ -2,7 +2,6 @@
 training, export as a sequence-classification model the reward-model judge loads, exact resume, the CLI."""
 
 import math
-import shutil
 
 import pytest
 import torch
@@ -15,10 +14,9 @@ from dpokit.distributed import Runtime
 from dpokit.errors import ConfigError, DataError
 from dpokit.methods.reward import RewardModel, ScalarRewards
 from dpokit.metrics import read_metrics
-from dpokit.objectives import bradley_terry
+from dpokit.objectives.losses import bradley_terry
 from dpokit.train import train
-
-from ..conftest import PAIRS, write_jsonl
+from tests.helpers import PAIRS, resume_matches_uninterrupted, write_jsonl
 
 # ------------------------------------------------------------------------------------------- the loss
 
@@ -146,7 +144,7 @@ def test_training_raises_held_out_accuracy_and_exports_a_judge(tiny_config, pair
     model, and the reward-model judge scores each pair exactly as training did."""
     from transformers import AutoModelForSequenceClassification
 
-    from dpokit.pipeline.judges import build_judge
+    from dpokit.generation.judges import build_judge
 
     cfg = tiny_config(f"data.eval={pairs_file}", "train.max_steps=8", "train.epochs=10", "train.layout=prefix_shared")
     result = train(cfg, method=RewardModel)
@@ -174,29 +172,18 @@ def test_training_raises_held_out_accuracy_and_exports_a_judge(tiny_config, pair
 
 def test_reward_model_resumes_exactly(tiny_config):
     """A run killed after its step-2 checkpoint resumes to the weights of the uninterrupted run."""
-    from safetensors.torch import load_file
-
-    from dpokit import checkpoint
-
     cfg = tiny_config("train.max_steps=4", "checkpoint.every=2", "train.layout=packed")
-    straight = train(cfg, method=RewardModel)
-    expected = load_file(str(straight.model_dir / "model.safetensors"))
-    assert "score.weight" in expected
-    shutil.rmtree(straight.model_dir)
-    shutil.rmtree(checkpoint.checkpoints(straight.run_dir)[-1])  # only checkpoint 2 survived
-    resumed = train(cfg, method=RewardModel, resume=True)
-    got = load_file(str(resumed.model_dir / "model.safetensors"))
-    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    _, weights = resume_matches_uninterrupted(cfg, RewardModel)
+    assert "score.weight" in weights
 
 
 def test_lora_reward_model_trains_adapters_and_head_resumes_and_exports_merged(tiny_config, pairs_file):
     """LoRA on the trunk, the head trained whole; a run killed after its step-2 checkpoint (adapters and
     head) resumes to the uninterrupted run's weights; the export is a full model that scores as training did."""
-    from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification
 
     from dpokit import checkpoint
-    from dpokit.pipeline.judges import build_judge
+    from dpokit.generation.judges import build_judge
 
     cfg = tiny_config(f"data.eval={pairs_file}", "lora.enabled=true", "lora.r=4", "train.lr=5e-3",
                       "train.max_steps=4", "checkpoint.every=2", "train.layout=prefix_shared")
@@ -206,9 +193,9 @@ def test_lora_reward_model_trains_adapters_and_head_resumes_and_exports_merged(t
     assert trainable and all("lora_" in n or ".score." in n for n in trainable)
     assert any(".score." in n for n in trainable)  # the new head is trained, not only adapters
 
-    straight = train(cfg, method=RewardModel)
-    assert (checkpoint.checkpoints(straight.run_dir)[-1] / "model" / "adapter_config.json").is_file()
-    expected = load_file(str(straight.model_dir / "model.safetensors"))  # merged: full weights, no adapter
+    straight, expected = resume_matches_uninterrupted(cfg, RewardModel)
+    assert (checkpoint.checkpoints(straight.run_dir)[0] / "model" / "adapter_config.json").is_file()
+    # merged: full weights, no adapter
     assert "score.weight" in expected and not any("lora" in k for k in expected)
     after = straight.eval_after
     judge = build_judge("reward-model", model=str(straight.model_dir))
@@ -217,12 +204,6 @@ def test_lora_reward_model_trains_adapters_and_head_resumes_and_exports_merged(t
     assert sum(judge.score(prompts, [c for _, c, _ in PAIRS])) / n == pytest.approx(after["rewards/chosen"], abs=1e-4)
     assert sum(judge.score(prompts, [r for _, _, r in PAIRS])) / n == pytest.approx(after["rewards/rejected"], abs=1e-4)
     assert AutoModelForSequenceClassification.from_pretrained(straight.model_dir).config.num_labels == 1
-
-    shutil.rmtree(straight.model_dir)
-    shutil.rmtree(checkpoint.checkpoints(straight.run_dir)[-1])  # only checkpoint 2 survived
-    resumed = train(cfg, method=RewardModel, resume=True)
-    got = load_file(str(resumed.model_dir / "model.safetensors"))
-    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 
 
 def test_dpokit_reward_command(tiny_config, pairs_file, tmp_path, capsys):

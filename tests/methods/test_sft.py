@@ -12,8 +12,7 @@ from dpokit.distributed import Runtime
 from dpokit.methods.sft import SFT
 from dpokit.metrics import read_metrics
 from dpokit.train import train
-
-from ..conftest import PAIRS, write_jsonl
+from tests.helpers import PAIRS, resume_matches_uninterrupted, write_jsonl
 
 
 def test_a_single_completion_is_tokenized_with_eos_and_no_rejected_side(tokenizer):
@@ -78,20 +77,8 @@ def test_sft_refuses_preference_pairs_as_they_are(tiny_config, pairs_file):
 
 def test_sft_resumes_exactly(tiny_config, completions_file):
     """A run killed after its step-2 checkpoint resumes to the weights of the uninterrupted run."""
-    import shutil
-
-    from safetensors.torch import load_file
-
-    from dpokit import checkpoint
-
     cfg = tiny_config(f"data.train={completions_file}", "train.max_steps=4", "checkpoint.every=2")
-    straight = train(cfg, method=SFT)
-    expected = load_file(str(straight.model_dir / "model.safetensors"))
-    shutil.rmtree(straight.model_dir)
-    shutil.rmtree(checkpoint.checkpoints(straight.run_dir)[-1])  # only checkpoint 2 survived
-    resumed = train(cfg, method=SFT, resume=True)
-    got = load_file(str(resumed.model_dir / "model.safetensors"))
-    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    resume_matches_uninterrupted(cfg, "sft")
 
 
 def test_dpokit_sft_command(tiny_config, completions_file, tmp_path, capsys):

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from dpokit.cli import main
-from tests.conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 TRAIN = ["This movie was", "I rented the sequel because", "The plot", "Honestly, I", "The acting in this film",
          "My wife and I saw the musical", "So, this western", "The ending of the film"]

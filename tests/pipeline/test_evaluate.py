@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from dpokit.generation.sampling import completion_logps, generate
 from dpokit.pipeline.evaluate import mean_over_prompts, preference_accuracy, sequence_kl, win_rate
-from dpokit.pipeline.sample import completion_logps, generate
-from tests.conftest import tiny_llama
+from tests.helpers import tiny_llama
 
 VOCAB, EOS, PAD = 4, 2, 0
 PROMPT = (1, 3)
@@ -146,9 +146,9 @@ def test_best_index_is_the_first_of_the_highest_scores():
 
 @pytest.fixture(scope="module")
 def best_of_evaluator(tiny_model_dir):
+    from dpokit.generation.judges import build_judge
+    from dpokit.generation.settings import SamplingSettings
     from dpokit.pipeline.evaluate import Evaluator
-    from dpokit.pipeline.judges import build_judge
-    from dpokit.pipeline.settings import SamplingSettings
 
     settings = SamplingSettings(n=2, max_new_tokens=6, template="none", batch_size=16, seed=3)
     judge = build_judge("length", options={"unit": "chars"})  # deterministic: characters of the completion
@@ -156,7 +156,7 @@ def best_of_evaluator(tiny_model_dir):
 
 
 def test_best_of_n_keeps_the_judges_argmax_of_its_candidates(best_of_evaluator, tmp_path):
-    from dpokit.pipeline.jsonl import read_jsonl
+    from dpokit.generation.jsonl import read_jsonl
 
     ev = best_of_evaluator
     result = ev.evaluate_best_of(4, samples_out=tmp_path / "bon.jsonl")

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from dpokit.cli import main
-from tests.conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 HELDOUT = ["We watched this comedy", "The soundtrack of the biopic", "I remember this film"]
 JUDGE = ["--judge", "length", "--judge-option", "unit=chars"]

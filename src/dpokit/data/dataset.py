@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpokit.data.records import Problems, RowReader, read_preferences
+from dpokit.data.records import Problems, read_preferences
 from dpokit.data.tokenize import TokenizedPair, TokenizeSettings, TruncationStats, tokenize_records
 from dpokit.errors import DataError
 
@@ -57,19 +57,21 @@ def settings_of(data_cfg) -> TokenizeSettings:
     return TokenizeSettings(data_cfg.max_length, data_cfg.max_prompt_length, data_cfg.truncation_mode)
 
 
-def prepare_data(data_cfg, tokenizer, *, seed: int = 0, use: str = "pairs") -> PreparedData:
+def prepare_data(data_cfg, tokenizer, *, seed: int = 0, use: str = "pairs", fields: Sequence[str] = ()) -> PreparedData:
     """`use`: what the rows are read as (records.USES): pairs, or single completions (a pair's chosen side,
-    or completion rows) as pairs with an empty rejected side."""
+    or completion rows) as pairs with an empty rejected side. `fields`: the row fields each item keeps in
+    its `extra` (see `row_values`)."""
     problems = Problems("collect" if data_cfg.skip_invalid else "raise")
     settings = settings_of(data_cfg)
+    fields = tuple(f for f in fields if f)
     read = read_preferences(data_cfg.train, split=data_cfg.train_split, problems=problems, use=use,
-                            format=data_cfg.format)
+                            format=data_cfg.format, fields=fields)
     rows = read.rows_read
     train, stats = tokenize_records(read.records, tokenizer, settings, problems)
     evals: list[TokenizedPair] = []
     if data_cfg.eval is not None:
         read_eval = read_preferences(data_cfg.eval, split=data_cfg.eval_split, problems=problems, use=use,
-                                     format=data_cfg.format)
+                                     format=data_cfg.format, fields=fields)
         rows += read_eval.rows_read
         evals, eval_stats = tokenize_records(read_eval.records, tokenizer, settings, problems)
         stats.truncated_prompt += eval_stats.truncated_prompt
@@ -85,34 +87,24 @@ def prepare_data(data_cfg, tokenizer, *, seed: int = 0, use: str = "pairs") -> P
     return PreparedData(train, evals, rows, problems, stats, "pairs" if use == "pairs" else "completions")
 
 
-def row_values(data_cfg, splits: dict[str, list[TokenizedPair]], key: str | None, parse: Callable[[Any], Any], *,
+def row_values(splits: dict[str, list[TokenizedPair]], key: str | None, parse: Callable[[Any], Any], *,
                expected: str, ignore: str) -> dict[str, list] | None:
-    """Each item's value of the field `key` in the row it was read from (matched by its `file:line`), per
-    split and in the items' order; None when `key` is None or no row has the field. A row without it when
-    others have it, or whose value `parse` turns down (None), is an error naming the row: `expected` says
-    what the value must be, `ignore` how to do without the field."""
-    if not key:
-        return None
-    values: dict[str, Any] = {}
-    for source, split in ((data_cfg.train, data_cfg.train_split), (data_cfg.eval, data_cfg.eval_split)):
-        if source is None:
-            continue
-        # the rows again, as the reader saw them (their sources match the items'); problems were reported then
-        for where, row in RowReader(source, split, Problems("collect"), format=data_cfg.format, use="completion"):
-            if isinstance(row, dict) and key in row:
-                values[where] = row[key]
-    if not values:
+    """Each item's value of the field `key` of its row, kept in its `extra` when the data were read
+    (`prepare_data(fields=...)`), per split and in the items' order; None when `key` is None or no item has
+    it. An item without it when others have it, or whose value `parse` turns down (None), is an error naming
+    the row: `expected` says what the value must be, `ignore` how to do without the field."""
+    if not key or not any(key in item.extra for items in splits.values() for item in items):
         return None
     out = {}
     for split, items in splits.items():
         parsed = []
         for item in items:
-            if item.source not in values:
+            if key not in item.extra:
                 raise DataError(f"{item.source}: no '{key}' field, which other rows have: give every row one, or "
                                 f"{ignore}")
-            value = parse(values[item.source])
+            value = parse(item.extra[key])
             if value is None:
-                raise DataError(f"{item.source}: '{key}' must be {expected}; got {values[item.source]!r}")
+                raise DataError(f"{item.source}: '{key}' must be {expected}; got {item.extra[key]!r}")
             parsed.append(value)
         out[split] = parsed
     return out

@@ -14,10 +14,12 @@ dropped: every key reaches the chat template, which must render the tool calls (
 from __future__ import annotations
 
 import csv
+import dataclasses
 import difflib
 import io
 import json
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +50,7 @@ class PreferenceRecord:
     rejected: Text
     source: str  # "path:line", for every message about this row
     tools: Tools | None = None  # the functions the chat template is told the model may call
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)  # the row's fields a method asked for, as read
 
     @property
     def conversational(self) -> bool:
@@ -93,9 +96,10 @@ class ReadResult:
 
 
 def read_preferences(source: str, *, split: str = "train", problems: Problems | None = None,
-                     use: str = "pairs", format: str = "auto") -> ReadResult:
+                     use: str = "pairs", format: str = "auto", fields: Sequence[str] = ()) -> ReadResult:
     """Read and validate every row of `source` (of schema `format`, see formats.FORMATS) as `use` says
-    (see USES). Rows with problems go to `problems` (default: raise)."""
+    (see USES). Rows with problems go to `problems` (default: raise). Each record keeps the row's values of
+    `fields` (a per-pair weight, a margin, KTO's label: what a method reads besides the text) in `extra`."""
     problems = problems if problems is not None else Problems()
     parse = parse_completion_row if use in ("completion", "labelled") else parse_row
     records: list[PreferenceRecord] = []
@@ -115,11 +119,13 @@ def read_preferences(source: str, *, split: str = "train", problems: Problems | 
             raise DataError(f"{where}: data.format={rows.format} rows are preference pairs, not single completions; "
                             "data.use=chosen trains on their chosen side")
         record = parse(row, where, problems)
-        if record is not None and use == "chosen":
-            record = PreferenceRecord(record.prompt, record.chosen, _empty_like(record.chosen), record.source,
-                                      record.tools)
-        if record is not None:
-            records.append(record)
+        if record is None:
+            continue
+        if use == "chosen":
+            record = dataclasses.replace(record, rejected=_empty_like(record.chosen))
+        if fields and isinstance(row, dict):
+            record = dataclasses.replace(record, extra={k: row[k] for k in fields if k in row})
+        records.append(record)
     if n == 0:
         raise DataError(f"{source}: no rows (the file or split is empty)")
     return ReadResult(records, n, source, rows.format or "standard")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dpokit.data.records import PreferenceRecord, Problems, tool_name
 from dpokit.errors import ConfigError, DataError, first_line
@@ -27,6 +28,7 @@ class TokenizedPair:
     chosen: tuple[int, ...]
     rejected: tuple[int, ...]
     source: str
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)  # the record's extra fields (weight, ...)
 
     @property
     def num_tokens(self) -> int:
@@ -168,7 +170,7 @@ def encode_records(records: list[PreferenceRecord], tokenizer, problems: Problem
         for ids, text in ((chosen, record.chosen), (rejected, record.rejected)):
             if text and (not ids or ids[-1] != eos):  # an empty rejected side stays empty: one completion
                 ids.append(eos)
-        pairs.append(TokenizedPair(tuple(prompt), tuple(chosen), tuple(rejected), record.source))
+        pairs.append(TokenizedPair(tuple(prompt), tuple(chosen), tuple(rejected), record.source, record.extra))
     return pairs
 
 
@@ -188,7 +190,7 @@ def truncate_pairs(pairs: list[TokenizedPair], settings: TokenizeSettings,
         stats.truncated_completion += cut_completion
         if cut_prompt or cut_completion:
             stats.truncated_rows.append(pair.source)
-            pair = TokenizedPair(tuple(prompt), tuple(chosen), tuple(rejected), pair.source)
+            pair = TokenizedPair(tuple(prompt), tuple(chosen), tuple(rejected), pair.source, pair.extra)
         kept.append(pair)
     return kept, stats
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from dpokit import models, reference
-from dpokit.config import SORTING_LOSSES, Config
+from dpokit.config import Config
 from dpokit.data.dataset import finite_number, prepare_data, row_values
 from dpokit.data.layouts import collate
 from dpokit.data.records import Problems, RowReader
@@ -27,8 +27,10 @@ from dpokit.data.tokenize import TokenizedPair
 from dpokit.distributed import Runtime
 from dpokit.errors import ConfigError, DataError
 from dpokit.logps import CompletionLogProbs
+from dpokit.methods.base import SITE, Method
 from dpokit.metrics import PAIR_SUMS, MeanOver, MicroBatch, pair_sums
-from dpokit.objectives import build_objective, kto, kto_reference_point
+from dpokit.objectives.losses import build_objective, kto, kto_reference_point
+from dpokit.objectives.registry import OBJECTIVES
 
 # KTO's metrics, TRL's names: rewards and log-probs averaged over the desirable (chosen) or undesirable
 # (rejected) completions; `kl` is z₀; `desirable` and `undesirable` the shares of each
@@ -37,10 +39,21 @@ KTO_METRICS = ("loss", "kl", MeanOver("rewards/chosen", "desirable"), MeanOver("
                "undesirable")
 
 
-class DPO:
+class DPO(Method):
     name = "dpo"
     unit = "pairs"  # what the loop counts: `pairs` and `pairs_per_s` in the metrics
     metric_names = PAIR_SUMS
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        super().check(cfg)
+        use, single = cfg.data.use, any(OBJECTIVES[n].single_completions for n in cfg.objective.losses)
+        if single and use not in ("auto", "pairs"):
+            raise ConfigError(f"objective.loss={cfg.objective.name} reads unpaired rows (prompt, completion, label) "
+                              f"or pairs; data.use={use} is neither")
+        if not single and use not in ("auto", "pairs"):
+            raise ConfigError(f"data.use={use} reads single completions, which `dpokit sft` trains on; "
+                              "preference objectives need data.use=pairs")
 
     def __init__(self, cfg: Config, runtime: Runtime, tokenizer):
         self.cfg, self.rt, self.tokenizer = cfg, runtime, tokenizer
@@ -49,23 +62,21 @@ class DPO:
         if self.kto:
             self.unit, self.metric_names = "completions", KTO_METRICS
             use = kto_use(cfg.data)
-        elif cfg.data.use not in ("auto", "pairs"):
-            raise ConfigError(f"data.use={cfg.data.use} reads single completions, which `dpokit sft` trains on; "
-                              "preference objectives need data.use=pairs")
         else:
             use = "pairs"
-        self.data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed, use=use)
+        self.data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed, use=use,
+                                 fields=(o.weight_field, "label" if use == "labelled" else None))
         if not self.data.train:
             raise DataError(f"{cfg.data.train}: no valid training rows ({self.data.summary()})")
         splits = {"train": self.data.train, "eval": self.data.eval}
-        weights = row_values(cfg.data, splits, o.weight_field, _weight, expected="a finite number >= 0",
+        weights = row_values(splits, o.weight_field, _weight, expected="a finite number >= 0",
                              ignore="set objective.weight_field=null to ignore them")
-        if weights is not None and set(o.losses) & set(SORTING_LOSSES):
+        if weights is not None and not all(OBJECTIVES[n].pair_weights for n in o.losses):
             raise ConfigError(f"the rows have per-pair weights ('{o.weight_field}'), which {o.name} cannot apply: it "
                               "sorts the pairs of a batch apart; set objective.weight_field=null")
         self.labels: dict[str, torch.Tensor] = {}
         if self.kto:
-            labels = (row_values(cfg.data, splits, "label", _label, expected="true or false", ignore="label them all")
+            labels = (row_values(splits, "label", _label, expected="true or false", ignore="label them all")
                       if use == "labelled" else None)
             splits, self.labels, weights = kto_items(splits, labels, weights, seed=cfg.train.seed,
                                                      max_length=cfg.data.max_length)
@@ -146,11 +157,12 @@ class DPO:
         o = self.cfg.objective
         return f"objective {o.name} β={o.beta}, reference {self.reference.name}"
 
-    def summary(self) -> str:
-        return self.data.summary()
-
-    def write_report(self, run_dir: Path) -> None:
-        self.data.write_report(run_dir)
+    def card(self, config: dict, base_model: str, contents: str) -> tuple[str, str]:
+        obj = config.get("objective", {})
+        loss = "+".join(obj["loss"]) if isinstance(obj.get("loss"), list) else obj.get("loss")  # several: summed
+        return (f"{base_model} aligned with dpokit",
+                f"Trained with Direct Preference Optimization by {SITE}:\n"
+                f"objective `{loss}`, β = {obj.get('beta')}. Contents: {contents}, tokenizer.")
 
 
 def _weight(value) -> float | None:
@@ -165,9 +177,6 @@ def _label(value) -> bool | None:
 def kto_use(data_cfg) -> str:
     """How KTO reads data.train: unpaired labelled rows (`labelled`, data.format=kto, named or detected) or
     pairs (data.use=pairs, or rows that are not KTO's)."""
-    if data_cfg.use not in ("auto", "pairs"):
-        raise ConfigError(f"objective.loss=kto reads unpaired rows (prompt, completion, label) or pairs; "
-                          f"data.use={data_cfg.use} is neither")
     if data_cfg.use == "pairs":
         return "pairs"
     rows = RowReader(data_cfg.train, data_cfg.train_split, Problems("collect"), format=data_cfg.format,

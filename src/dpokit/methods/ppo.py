@@ -6,7 +6,7 @@ One loop step is one PPO iteration on `train.batch_size` prompts of `data.train`
 file with a `prompt` field):
 
 1. `prepare` (no gradients): one completion per prompt sampled from the policy itself (temperature 1,
-   top-p 1, `pipeline.sample.generate`), cut after its first EOS (tokens after it are never trained on
+   top-p 1, `generation.sampling.generate`), cut after its first EOS (tokens after it are never trained on
    or penalised) or at `ppo.max_new_tokens`; the judge scores each completion (`ppo.judge`: any judge is
    PPO with the ground-truth reward, `reward-model` with `ppo.judge_model` PPO with a learned reward);
    a completion with no EOS loses `ppo.missing_eos_penalty` (the N+ details' EOS trick). The policy's
@@ -51,7 +51,11 @@ from dpokit.data.layouts import collate
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.distributed import Runtime
 from dpokit.errors import ConfigError, DataError, DpokitError
+from dpokit.generation.judges import build_judge, parse_options
+from dpokit.generation.prompts import as_model_input, read_prompts
+from dpokit.generation.sampling import generate, stop_token_ids
 from dpokit.logps import CompletionLogProbs, causal_lm
+from dpokit.methods.base import Method
 from dpokit.metrics import MicroBatch
 
 
@@ -110,27 +114,34 @@ def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, mask
 
 
-class PPO:
+class PPO(Method):
     name = "ppo"
     unit = "sequences"  # sequence passes of the step's updates: ppo.epochs × train.batch_size
     metric_names = ("loss", "policy/loss", "value/loss", "policy/clipfrac", "value/clipfrac", "policy/approx_kl",
                     "policy/ratio")
 
-    def __init__(self, cfg: Config, runtime: Runtime, tokenizer):
-        from dpokit.pipeline.judges import build_judge, parse_options
-        from dpokit.pipeline.prompts import as_model_input, read_prompts
-
-        self.cfg, self.rt, self.tokenizer = cfg, runtime, tokenizer
-        p = cfg.ppo
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        """The ppo section, and the reference PPO can use."""
+        super().check(cfg)
+        p, t = cfg.ppo, cfg.train
         if p.judge is None:
             raise ConfigError("dpokit ppo needs a reward: ppo.judge=sentiment|length|keywords|module:function, or "
                               "ppo.judge=reward-model with ppo.judge_model=DIR (a trained reward model)")
         if cfg.reference.strategy not in ("auto", "copy", "adapters"):
             raise ConfigError(f"reference.strategy={cfg.reference.strategy} does not apply to PPO: its rollouts are "
                               "new every step; use auto, copy or adapters (LoRA)")
-        if p.minibatch_size and p.minibatch_size % cfg.train.micro_batch_size:
+        if p.minibatch_size and t.batch_size % p.minibatch_size:
+            raise ConfigError(f"ppo.minibatch_size ({p.minibatch_size}) must divide train.batch_size "
+                              f"({t.batch_size})")
+        if p.minibatch_size and p.minibatch_size % t.micro_batch_size:
             raise ConfigError(f"ppo.minibatch_size ({p.minibatch_size}) must be a multiple of "
-                              f"train.micro_batch_size ({cfg.train.micro_batch_size})")
+                              f"train.micro_batch_size ({t.micro_batch_size})")
+        parse_options(p.judge_options, "ppo.judge_options")
+
+    def __init__(self, cfg: Config, runtime: Runtime, tokenizer):
+        self.cfg, self.rt, self.tokenizer = cfg, runtime, tokenizer
+        p = cfg.ppo
         self.judge = build_judge(p.judge, model=p.judge_model, options=parse_options(p.judge_options,
                                                                                       "ppo.judge_options"))
         items = []
@@ -150,8 +161,6 @@ class PPO:
     # ----------------------------------------------------------------------------------- models
 
     def build(self, *, precision: str, autocast, resume_from: Path | None, echo) -> PolicyWithValue:
-        from dpokit.pipeline.sample import stop_token_ids
-
         cfg = self.cfg
         policy, start = models.build_policy(cfg, precision=precision, runtime=self.rt, resume_from=resume_from)
         module = PolicyWithValue(policy.model, chunk_tokens=cfg.train.logps_chunk_tokens).to(self.rt.device)
@@ -177,8 +186,6 @@ class PPO:
     @torch.no_grad()
     def prepare(self, policy, item_ids: list[int], step: int) -> dict:
         """Rollouts on prompts `item_ids`, their rewards and advantages; returns the rollout metrics."""
-        from dpokit.pipeline.sample import generate
-
         cfg, p = self.cfg, self.cfg.ppo
         self.step = step
         items = [self.train_set[i] for i in item_ids]

@@ -30,8 +30,9 @@ from dpokit.data.layouts import Batch, collate, last_non_pad_index
 from dpokit.distributed import Runtime
 from dpokit.errors import ConfigError, DataError
 from dpokit.logps import causal_lm, trunk_states
+from dpokit.methods.base import SITE, Method
 from dpokit.metrics import MicroBatch
-from dpokit.objectives import bradley_terry
+from dpokit.objectives.losses import bradley_terry
 
 
 class ScalarRewards(nn.Module):
@@ -48,21 +49,29 @@ class ScalarRewards(nn.Module):
         return causal_lm(self.model).score(hidden).squeeze(-1).float()
 
 
-class RewardModel:
+class RewardModel(Method):
     name = "reward"
     unit = "pairs"
+    can_sample = False  # a reward model scores text
     exports_merged = True  # with LoRA too: the judge and PPO load a full model directory
+    hub_tag = "reward-model"
     metric_names = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
 
-    def __init__(self, cfg: Config, runtime: Runtime, tokenizer):
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        if cfg.train.sample_every:
+            raise ConfigError("train.sample_every: a reward model scores text, it does not generate; leave it at 0")
         if cfg.data.use not in ("auto", "pairs"):
             raise ConfigError(f"data.use={cfg.data.use} reads single completions; dpokit reward trains on "
                               "preference pairs (data.use=pairs)")
         if cfg.lora.enabled and cfg.model.quantization != "none":
             raise ConfigError(f"dpokit reward loads its base in float: model.quantization={cfg.model.quantization} "
                               "(QLoRA) is not supported for reward models; LoRA alone is")
+
+    def __init__(self, cfg: Config, runtime: Runtime, tokenizer):
         self.cfg, self.rt, self.tokenizer = cfg, runtime, tokenizer
-        self.data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed, use="pairs")
+        self.data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed, use="pairs",
+                                 fields=(cfg.reward.margin_field,))
         if not self.data.train:
             raise DataError(f"{cfg.data.train}: no valid training pairs ({self.data.summary()})")
         self.train_set, self.eval_set = self.data.train, self.data.eval
@@ -119,16 +128,24 @@ class RewardModel:
         head = {True: "new scalar head", False: "the start model's scalar head", None: "scalar head"}[self.new_head]
         return f"Bradley–Terry reward model ({head}, {margin}, centering c={r.center_coefficient})"
 
-    def summary(self) -> str:
-        return self.data.summary()
+    def card(self, config: dict, base_model: str, contents: str) -> tuple[str, str]:
+        r = config.get("reward", {})
+        return (f"Reward model from {base_model}, trained with dpokit",
+                f"A Bradley–Terry reward model trained on preference pairs by {SITE}: loss −log σ(r_w − r_l − m) "
+                f"+ c·(r_w + r_l)², c = {r.get('center_coefficient')}, m the pairs' `{r.get('margin_field')}` field "
+                "where they have one. Load it with `AutoModelForSequenceClassification` (one label: the reward, "
+                "read at the last token that is not padding) or as a judge, `dpokit evaluate --judge reward-model "
+                f"--judge-model DIR`. Contents: {contents}, tokenizer.")
 
-    def write_report(self, run_dir: Path) -> None:
-        self.data.write_report(run_dir)
+    def load_merged(self, adapter_dir: Path):
+        """The sequence-classification model, its trained head from the adapter, merged."""
+        model, _ = models.load_reward_model(str(adapter_dir), pad_token_id=self.tokenizer.pad_token_id)
+        return model
 
 
 def read_margins(cfg: Config, splits: dict[str, list]) -> dict[str, torch.Tensor] | None:
     """Each pair's margin from its row's `reward.margin_field` field, per split, in the order of the pairs;
     None when no row has the field (or it is set to null)."""
-    margins = row_values(cfg.data, splits, cfg.reward.margin_field, finite_number, expected="a finite number",
+    margins = row_values(splits, cfg.reward.margin_field, finite_number, expected="a finite number",
                          ignore="set reward.margin_field=null to ignore them")
     return None if margins is None else {split: torch.tensor(m, dtype=torch.float32) for split, m in margins.items()}

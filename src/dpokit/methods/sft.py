@@ -17,20 +17,25 @@ from dpokit.data.layouts import collate
 from dpokit.distributed import Runtime
 from dpokit.errors import ConfigError, DataError
 from dpokit.logps import CompletionLogProbs
+from dpokit.methods.base import SITE, Method
 from dpokit.metrics import MicroBatch
-from dpokit.objectives import nll
+from dpokit.objectives.losses import nll
 
 
-class SFT:
+class SFT(Method):
     name = "sft"
     unit = "sequences"
     metric_names = ("loss", "logps/completion", "tokens/completion")
 
-    def __init__(self, cfg: Config, runtime: Runtime, tokenizer):
-        use = "completion" if cfg.data.use == "auto" else cfg.data.use
-        if use == "pairs":
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        super().check(cfg)
+        if cfg.data.use == "pairs":
             raise ConfigError("dpokit sft trains on single completions: data.use=completion (prompt/completion or "
                               "messages rows) or data.use=chosen (the chosen side of preference pairs)")
+
+    def __init__(self, cfg: Config, runtime: Runtime, tokenizer):
+        use = "completion" if cfg.data.use == "auto" else cfg.data.use
         self.cfg, self.rt, self.tokenizer = cfg, runtime, tokenizer
         self.data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed, use=use)
         if not self.data.train:
@@ -57,9 +62,7 @@ class SFT:
     def describe(self) -> str:
         return f"supervised fine-tuning on {'chosen completions' if self.cfg.data.use == 'chosen' else 'completions'}"
 
-    def summary(self) -> str:
-        return self.data.summary()
-
-    def write_report(self, run_dir: Path) -> None:
-        self.data.write_report(run_dir)
+    def card(self, config: dict, base_model: str, contents: str) -> tuple[str, str]:
+        return (f"{base_model} fine-tuned with dpokit",
+                f"Trained with supervised fine-tuning on completion tokens by {SITE}. Contents: {contents}, tokenizer.")
 

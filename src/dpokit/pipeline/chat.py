@@ -2,7 +2,7 @@
 `dpokit generate`: completions for a prompt file, without a judge.
 
 chat keeps the conversation, renders it with the model's chat template and streams the reply as it is
-generated (transformers' `TextStreamer` on `pipeline.sample.generate`, the sampling code of `dpokit
+generated (transformers' `TextStreamer` on `generation.sampling.generate`, the sampling code of `dpokit
 sample`). Each line read is one user turn; `/reset` starts a new conversation, `/exit` or end of input
 leaves. A reply ends at the model's end-of-turn token or after `max_new_tokens`.
 """
@@ -13,7 +13,7 @@ import sys
 from typing import TextIO
 
 from dpokit.errors import ConfigError
-from dpokit.pipeline.prompts import Prompt
+from dpokit.generation.prompts import Prompt
 
 RESET, EXIT = "/reset", "/exit"
 
@@ -23,7 +23,7 @@ class Chat:
 
     def __init__(self, model, tokenizer, *, system: str | None = None, temperature: float = 0.7, top_p: float = 0.9,
                  max_new_tokens: int = 256, seed: int = 0):
-        from dpokit.pipeline.sample import stop_token_ids
+        from dpokit.generation.sampling import stop_token_ids
 
         if tokenizer.chat_template is None:
             raise ConfigError("this model's tokenizer has no chat template; use `dpokit generate` to continue text")
@@ -39,7 +39,7 @@ class Chat:
     def load(cls, name: str, *, device: str = "auto", dtype: str = "float32", **options) -> Chat:
         from dpokit import models
         from dpokit.distributed import pick_device
-        from dpokit.pipeline.runs import load_tokenizer_for
+        from dpokit.rundir import load_tokenizer_for
 
         tokenizer = load_tokenizer_for(name)
         model = models.load_model(name, dtype=dtype).to(pick_device(device)).eval()
@@ -51,8 +51,8 @@ class Chat:
     def reply(self, text: str, out: TextIO | None = None) -> str:
         """The model's answer to the user turn `text`, streamed to `out` as it is generated; both turns join
         the conversation."""
-        from dpokit.pipeline.prompts import as_model_input
-        from dpokit.pipeline.sample import generate
+        from dpokit.generation.prompts import as_model_input
+        from dpokit.generation.sampling import generate
 
         self.messages.append({"role": "user", "content": text})
         _, ids = as_model_input(self.messages, self.tokenizer, "chat")

@@ -52,12 +52,12 @@ from dpokit.data.records import Problems, read_preferences
 from dpokit.data.tokenize import TokenizedPair, TokenizeSettings, tokenize_records
 from dpokit.distributed import pick_device
 from dpokit.errors import ConfigError, DataError
+from dpokit.generation.jsonl import meta_path, read_jsonl, read_meta, write_jsonl
+from dpokit.generation.judges import Judge, score_rows
+from dpokit.generation.prompts import Prompt
+from dpokit.generation.sampling import Completion, PromptSamples, Sampler, SamplingSettings
 from dpokit.logps import CompletionLogProbs, logps_table
-from dpokit.pipeline.jsonl import meta_path, read_jsonl, read_meta, write_jsonl
-from dpokit.pipeline.judges import Judge, score_rows
-from dpokit.pipeline.prompts import Prompt
-from dpokit.pipeline.runs import default_reference
-from dpokit.pipeline.sample import Completion, PromptSamples, Sampler, SamplingSettings
+from dpokit.rundir import default_reference
 
 # ------------------------------------------------------------------------------------------ estimators
 
@@ -289,7 +289,7 @@ class Evaluator:
         """Win rate of the samples `texts` (their `scores` from a pointwise judge) against the opponents:
         the reference's samples or the chosen completions."""
         if self.pairwise:
-            from dpokit.pipeline.llm_judge import pairwise_win_rate
+            from dpokit.generation.llm_judge import pairwise_win_rate
 
             opponents = ([[c] for c in self.chosen] if self.chosen is not None
                          else [r["completions"] for r in self.reference_rows])

@@ -20,8 +20,10 @@ from pathlib import Path
 
 from dpokit import models
 from dpokit.errors import ConfigError
+from dpokit.methods.registry import METHODS
+from dpokit.objectives.registry import OBJECTIVES
 from dpokit.pipeline.evaluate import EvalResult, Evaluator, write_result
-from dpokit.pipeline.runs import run_model, run_models
+from dpokit.rundir import RunModel, run_model, run_models
 
 CSV_FIELDS = ("series", "label", "model", "beta", "step", "kl", "kl_se", "reward", "reward_se", "win_rate",
               "win_rate_se", "preference_accuracy", "tokens", "best_of", "kl_kind")
@@ -63,9 +65,25 @@ def expand_targets(specs: list[str], *, checkpoints: bool = False) -> list[Targe
             continue
         for m in found:
             step = f"step {m.step}" if m.step is not None else "final"
-            label = f"β={m.beta:g} {step}" if m.uses_beta else step
-            targets.append(Target(series or m.method, label, str(m.path), m.beta if m.uses_beta else None, m.step))
+            beta = uses_beta(m)
+            label = f"β={m.beta:g} {step}" if beta else step
+            targets.append(Target(series or series_name(m), label, str(m.path), m.beta if beta else None, m.step))
     return targets
+
+
+def series_name(m: RunModel) -> str:
+    """A run's default series: its objective's display name (DPO's family), else its method's."""
+    if m.loss == "sft-chosen":
+        return "Preferred-FT"
+    if m.loss in OBJECTIVES:
+        return OBJECTIVES[m.loss].display
+    return METHODS[m.loss].display if m.loss in METHODS else m.loss
+
+
+def uses_beta(m: RunModel) -> bool:
+    """Whether objective.beta shaped the run (DPO's family but ORPO and Unlikelihood; not SFT or PPO)."""
+    names = m.loss.split("+")
+    return all(n in OBJECTIVES for n in names) and any(OBJECTIVES[n].uses_beta for n in names)
 
 
 @dataclass

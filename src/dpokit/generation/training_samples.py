@@ -2,7 +2,7 @@
 (the original DPO code's `sample_during_eval`).
 
 Every `sample_every` steps (and after the last) the policy generates one completion per prompt, greedy
-at `sample_temperature` 0 or sampled, with `dpokit sample`'s code (`pipeline.sample.Sampler`: the same
+at `sample_temperature` 0 or sampled, with `dpokit sample`'s code (`generation.sampling.Sampler`: the same
 prompt encoding, stop tokens, seeding, and log-probs from the trainer's own `CompletionLogProbs`). The
 rows go to `<run>/samples.jsonl` and to each tracker as a table; with `sample_judge`, each completion's
 score too, and the mean as the metric `samples/score` (a cheap point of the reward curve during
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpokit.errors import ConfigError, DataError
-from dpokit.pipeline.prompts import Prompt
+from dpokit.generation.prompts import Prompt
 
 
 @dataclass
@@ -30,7 +30,7 @@ class HeldOutPrompt:
 
 class TrainingSamples:
     def __init__(self, cfg, tokenizer, prompts: list[HeldOutPrompt], judge=None):
-        from dpokit.pipeline.settings import SamplingSettings
+        from dpokit.generation.settings import SamplingSettings
 
         t = cfg.train
         self.tokenizer, self.prompts, self.judge = tokenizer, prompts, judge
@@ -50,7 +50,7 @@ class TrainingSamples:
         prompts = held_out_prompts(cfg, tokenizer, eval_set)[:t.sample_count]
         judge = None
         if t.sample_judge is not None:
-            from dpokit.pipeline.judges import build_judge, parse_options
+            from dpokit.generation.judges import build_judge, parse_options
 
             judge = build_judge(t.sample_judge, model=t.sample_judge_model,
                                 options=parse_options(t.sample_judge_options, "train.sample_judge_options"))
@@ -64,7 +64,7 @@ class TrainingSamples:
         the metrics (`samples/score` with a judge, `samples/num_tokens`). The model is left in eval mode."""
         import torch
 
-        from dpokit.pipeline.sample import Sampler
+        from dpokit.generation.sampling import Sampler
 
         sampler = Sampler(model, self.tokenizer, self.settings)
         ids = [p.ids for p in self.prompts]
@@ -85,7 +85,7 @@ class TrainingSamples:
 
 def held_out_prompts(cfg, tokenizer, eval_set) -> list[HeldOutPrompt]:
     """The distinct prompts to generate for, in file order (see the module docstring)."""
-    from dpokit.pipeline.prompts import as_model_input, read_prompts
+    from dpokit.generation.prompts import as_model_input, read_prompts
 
     t, source = cfg.train, cfg.train.sample_prompts
     if source is None and cfg.data.eval is not None and Path(cfg.data.eval).suffix in (".jsonl", ".json"):

@@ -19,11 +19,11 @@ import pytest
 
 from dpokit.cli import main
 from dpokit.errors import ConfigError, DpokitError
+from dpokit.generation.judges import build_judge
+from dpokit.generation.llm_judge import LLMJudge, LocalChat, OpenAIChat, fill, read_score, read_verdict
+from dpokit.generation.settings import SamplingSettings
 from dpokit.pipeline.evaluate import Evaluator
-from dpokit.pipeline.judges import build_judge
-from dpokit.pipeline.llm_judge import LLMJudge, LocalChat, OpenAIChat, fill, read_score, read_verdict
-from dpokit.pipeline.settings import SamplingSettings
-from tests.conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 PROMPTS = ["What is the capital of France?", "Name a color.", "What sound does a cat make?"]
 
@@ -200,8 +200,8 @@ def heldout(tmp_path) -> Path:
 
 
 def test_evaluate_against_chosen_completions(tiny_model_dir, heldout, tmp_path, saying, capsys):
+    from dpokit.generation.prompts import read_prompts
     from dpokit.pipeline.evaluate import read_chosen
-    from dpokit.pipeline.prompts import read_prompts
 
     settings = SamplingSettings(n=2, max_new_tokens=4, seed=3)
     chosen = read_chosen(heldout)

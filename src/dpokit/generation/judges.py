@@ -35,7 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from dpokit.errors import ConfigError, DpokitError
-from dpokit.pipeline.prompts import Prompt, prompt_text
+from dpokit.generation.prompts import Prompt, prompt_text
 
 
 @runtime_checkable
@@ -201,7 +201,7 @@ def _sentiment(model: str | None = None, **options) -> Judge:
 
 
 def _llm(local_model: str | None = None, **options) -> Judge:
-    from dpokit.pipeline.llm_judge import build_llm_judge
+    from dpokit.generation.llm_judge import build_llm_judge
 
     return build_llm_judge(local_model, **options)
 

@@ -9,6 +9,7 @@ the DPO family differs only in the function of β·h it minimises.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from dpokit.logps import SequenceLogps
+from dpokit.objectives.registry import OBJECTIVES
 
 Tensor = torch.Tensor
 
@@ -42,11 +44,11 @@ def sigmoid(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, labe
 
 
 def ipo(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, len_c: Tensor, len_r: Tensor, *, beta: float,
-        length_normalized: bool = True) -> ObjectiveOutput:
+        form: str = "length_normalized") -> ObjectiveOutput:
     """IPO (Azar et al. 2023, eq. 17), β playing τ: loss = (h - 1/(2β))².
-    length_normalized (TRL's form): each log-ratio is divided by its completion length first;
-    otherwise h uses summed log-ratios (the DPO authors' code)."""
-    if length_normalized:
+    form `length_normalized` (TRL's): each log-ratio is divided by its completion length first;
+    `summed`: h uses summed log-ratios (the DPO authors' code)."""
+    if form == "length_normalized":
         h = (pc - rc) / len_c.clamp(min=1) - (pr - rr) / len_r.clamp(min=1)
     else:
         h = (pc - rc) - (pr - rr)
@@ -306,50 +308,27 @@ class Objective:
 
 
 def build_objective(cfg) -> Objective:
-    """From the `objective` config section. KTO is not built here: it scores single completions
-    (`methods.dpo` calls `kto` with its reference point)."""
-    b, eps = cfg.beta, cfg.label_smoothing
-    # losses of the policy's and the reference's log-ratios (pc - rc, pr - rr), open to f-DPO
-    ratio_losses: dict[str, Callable] = {
-        "sigmoid": lambda pc, pr, rc, rr, lc, lr: sigmoid(pc, pr, rc, rr, beta=b, label_smoothing=eps),
-        "ipo": lambda pc, pr, rc, rr, lc, lr: ipo(pc, pr, rc, rr, lc, lr, beta=b,
-                                                  length_normalized=cfg.ipo_form == "length_normalized"),
-        "hinge": lambda pc, pr, rc, rr, lc, lr: hinge(pc, pr, rc, rr, beta=b),
-        "robust": lambda pc, pr, rc, rr, lc, lr: robust(pc, pr, rc, rr, beta=b, label_smoothing=eps),
-        "sigmoid_norm": lambda pc, pr, rc, rr, lc, lr: sigmoid_norm(pc, pr, rc, rr, lc, lr, beta=b),
-        "exo_pair": lambda pc, pr, rc, rr, lc, lr: exo_pair(pc, pr, rc, rr, beta=b, label_smoothing=eps),
-        "discopop": lambda pc, pr, rc, rr, lc, lr: discopop(pc, pr, rc, rr, beta=b, tau=cfg.discopop_tau),
-        "nca_pair": lambda pc, pr, rc, rr, lc, lr: nca_pair(pc, pr, rc, rr, beta=b),
-        "bco_pair": lambda pc, pr, rc, rr, lc, lr: bco_pair(pc, pr, rc, rr, beta=b),
-        "sppo_hard": lambda pc, pr, rc, rr, lc, lr: sppo_hard(pc, pr, rc, rr, beta=b),
-        "aot": lambda pc, pr, rc, rr, lc, lr: aot(pc, pr, rc, rr, beta=b, label_smoothing=eps),
-        "aot_unpaired": lambda pc, pr, rc, rr, lc, lr: aot_unpaired(pc, pr, rc, rr, beta=b, label_smoothing=eps),
-        "apo_zero": lambda pc, pr, rc, rr, lc, lr: apo_zero(pc, pr, rc, rr, beta=b),
-        "apo_down": lambda pc, pr, rc, rr, lc, lr: apo_down(pc, pr, rc, rr, beta=b),
-        "dpop": lambda pc, pr, rc, rr, lc, lr: dpop(pc, pr, rc, rr, beta=b, lam=cfg.dpop_lambda),
-    }
-    reference_free: dict[str, Callable] = {
-        "simpo": lambda p, r: simpo(p.chosen, p.rejected, p.chosen_lengths, p.rejected_lengths, beta=b,
-                                    gamma=cfg.simpo_gamma),
-        "unlikelihood": lambda p, r: unlikelihood(p.chosen, p.rejected, p.chosen_lengths, p.rejected_lengths,
-                                                  p.rejected_unlikely, alpha=cfg.unlikelihood_alpha),
-        "orpo": lambda p, r: orpo(p.chosen, p.rejected, p.chosen_lengths, p.rejected_lengths, lam=cfg.orpo_lambda),
-    }
+    """From the `objective` config section: each named loss is `registry.OBJECTIVES`' entry, its function
+    called on the inputs and with the options the entry lists. KTO is not built here: it scores single
+    completions (`methods.dpo` calls `kto` with its reference point)."""
+    inputs = {"pc": lambda p, r: p.chosen, "pr": lambda p, r: p.rejected, "rc": lambda p, r: r.chosen,
+              "rr": lambda p, r: r.rejected, "len_c": lambda p, r: p.chosen_lengths,
+              "len_r": lambda p, r: p.rejected_lengths, "ur": lambda p, r: p.rejected_unlikely}
 
     def term(name: str) -> Callable[[SequenceLogps, SequenceLogps | None], ObjectiveOutput]:
-        if name in reference_free:
-            return reference_free[name]
-        fn = ratio_losses[name]
-        if cfg.f_divergence == "reverse_kl":
-            return lambda p, r: fn(p.chosen, p.rejected, r.chosen, r.rejected, p.chosen_lengths, p.rejected_lengths)
+        info = OBJECTIVES[name]
+        fn = functools.partial(globals()[name], **{k: getattr(cfg, key) for k, key in info.options.items()})
+        if not info.f_divergence or cfg.f_divergence == "reverse_kl":
+            return lambda p, r: fn(*(inputs[k](p, r) for k in info.inputs))
 
         def f_dpo(p: SequenceLogps, r: SequenceLogps) -> ObjectiveOutput:
             # the loss sees f'(u) in place of log u (zero reference terms); rewards stay β log π/π_ref, as TRL's
             zero = torch.zeros_like(p.chosen)
-            out = fn(f_divergence_scores(p.chosen - r.chosen, cfg.f_divergence, cfg.f_alpha),
-                     f_divergence_scores(p.rejected - r.rejected, cfg.f_divergence, cfg.f_alpha), zero, zero,
-                     p.chosen_lengths, p.rejected_lengths)
-            out.chosen_rewards, out.rejected_rewards = _rewards(b, p.chosen, p.rejected, r.chosen, r.rejected)
+            scores = {"pc": f_divergence_scores(p.chosen - r.chosen, cfg.f_divergence, cfg.f_alpha),
+                      "pr": f_divergence_scores(p.rejected - r.rejected, cfg.f_divergence, cfg.f_alpha),
+                      "rc": zero, "rr": zero}
+            out = fn(*(scores[k] if k in scores else inputs[k](p, r) for k in info.inputs))
+            out.chosen_rewards, out.rejected_rewards = _rewards(cfg.beta, p.chosen, p.rejected, r.chosen, r.rejected)
             return out
 
         return f_dpo

@@ -31,9 +31,14 @@ from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
-from dpokit.config import as_arguments
-from dpokit.pipeline import commands, demo
-from dpokit.pipeline.settings import PairingSettings, SamplingSettings
+from dpokit.config_loader import load_config
+from dpokit.experiments import demo
+from dpokit.fields import as_arguments
+from dpokit.generation.judges import build_judge
+from dpokit.generation.settings import PairingSettings, SamplingSettings
+from dpokit.pipeline import commands
+from dpokit.pipeline.evaluate import Evaluator
+from dpokit.pipeline.frontier import best_of_targets, expand_targets
 
 JUDGE = demo.JUDGE
 KL_BINS = (2.0, 5.0, 10.0)  # best reward at KL ≤ each, nats
@@ -107,18 +112,11 @@ def train_step(title: str, trainer: str, config: str, overrides: list[str]) -> d
 
 
 def train(trainer: str, config: str, overrides: list[str]) -> int:
-    from dpokit.cli import method_class, train_and_report
-    from dpokit.config import Config
-
-    return train_and_report(Config.load(config, overrides), method=method_class(trainer))
+    return commands.train(load_config(config, overrides), method=trainer)
 
 
 def frontier(targets: list[str], best_of: list[int], reference: str, settings: SamplingSettings,
              reference_samples: Path, out: Path) -> int:
-    from dpokit.pipeline.evaluate import Evaluator
-    from dpokit.pipeline.frontier import best_of_targets, expand_targets
-    from dpokit.pipeline.judges import build_judge
-
     points = expand_targets(targets, checkpoints=True) + best_of_targets(best_of, reference)
     evaluator = Evaluator(reference, build_judge(JUDGE), settings, reference_samples=reference_samples)
     return commands.frontier(points, evaluator, out)
@@ -221,7 +219,7 @@ def report(out: Path, planned: list[Run], timings: dict[str, float], total: floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dpokit.pipeline.paper", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m dpokit.experiments.paper", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", required=True, help="the methods' training configs (configs/paper)")
     demo.add_experiment_arguments(parser, out="runs/paper")

@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dpokit import models
-from dpokit.config import check_fields, opt
-from dpokit.pipeline.prompts import TEMPLATES
+from dpokit.fields import check_fields, opt
+from dpokit.generation.prompts import TEMPLATES
 
 
 @dataclass(frozen=True)

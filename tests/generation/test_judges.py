@@ -3,7 +3,7 @@
 import pytest
 
 from dpokit.errors import ConfigError
-from dpokit.pipeline.judges import Judge, build_judge, score_rows
+from dpokit.generation.judges import Judge, build_judge, score_rows
 
 
 def test_sentiment_judge_is_vader_compound_of_the_whole_review():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dpokit.data.records import ROLES
 from dpokit.errors import DataError
-from dpokit.pipeline.jsonl import read_utf8
+from dpokit.generation.jsonl import read_utf8
 
 Prompt = str | list[dict[str, str]]
 TEMPLATES = ("auto", "chat", "none")

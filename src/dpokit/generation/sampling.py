@@ -24,10 +24,10 @@ import torch
 from dpokit import models
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.distributed import pick_device
+from dpokit.generation.jsonl import ResumableJsonl
+from dpokit.generation.prompts import Prompt, as_model_input, read_prompts
+from dpokit.generation.settings import SamplingSettings
 from dpokit.logps import CompletionLogProbs, logps_table
-from dpokit.pipeline.jsonl import ResumableJsonl
-from dpokit.pipeline.prompts import Prompt, as_model_input, read_prompts
-from dpokit.pipeline.settings import SamplingSettings
 
 
 @dataclass
@@ -122,7 +122,7 @@ class Sampler:
     @classmethod
     def load(cls, name: str, settings: SamplingSettings, *, device: str = "auto", dtype: str = "float32",
              tokenizer_from: str | None = None) -> Sampler:
-        from dpokit.pipeline.runs import load_tokenizer_for
+        from dpokit.rundir import load_tokenizer_for
 
         tokenizer = load_tokenizer_for(name, fallback=tokenizer_from)
         model = models.load_model(name, dtype=dtype).to(pick_device(device)).eval()

@@ -4,8 +4,8 @@ import pytest
 
 from dpokit.data.records import read_preferences
 from dpokit.errors import ConfigError
-from dpokit.pipeline.jsonl import write_jsonl
-from dpokit.pipeline.pairs import label_file, label_rows, preference_pairs
+from dpokit.generation.jsonl import write_jsonl
+from dpokit.generation.pairs import label_file, label_rows, preference_pairs
 
 
 def test_four_distinct_scores_give_six_pairs_higher_score_chosen():

@@ -62,7 +62,7 @@ def test_no_traceback_unless_dpokit_debug(tmp_path):
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
-    from dpokit.pipeline import pairs
+    from dpokit.generation import pairs
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")
@@ -73,7 +73,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
 
 
 def test_ctrl_c_exits_130(monkeypatch, tmp_path, capsys):
-    from dpokit.pipeline import pairs
+    from dpokit.generation import pairs
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -129,7 +129,7 @@ def test_frontier_checks_every_target_before_evaluating(tmp_path, prompts, no_mo
 
 
 def test_dpokit_errors_are_one_line_even_with_several_lines(monkeypatch, tmp_path, capsys):
-    from dpokit.pipeline import pairs
+    from dpokit.generation import pairs
 
     def fails(*args, **kwargs):
         raise DpokitError("first part\nsecond part")

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dpokit.errors import DataError
-from dpokit.pipeline.jsonl import read_jsonl, write_jsonl, write_meta
-from dpokit.pipeline.settings import PairingSettings
+from dpokit.generation.jsonl import read_jsonl, write_jsonl, write_meta
+from dpokit.generation.settings import PairingSettings
 
 
 @dataclass
@@ -117,7 +117,7 @@ def label_file(samples: str | Path, out: str | Path, judge=None, *, mode: str = 
                scored_out: str | Path | None = None, batch_size: int = 256) -> LabelSummary:
     """Score the completions of a `dpokit sample` file with `judge` (or use the `scores` its rows already
     hold when `judge` is None) and write the preference pairs to `out`."""
-    from dpokit.pipeline.judges import score_rows
+    from dpokit.generation.judges import score_rows
 
     rows = read_jsonl(samples)
     if not rows:

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from dpokit import objectives as obj
 from dpokit.config import ObjectiveSection
 from dpokit.logps import SequenceLogps
+from dpokit.objectives import losses as obj
 
 # one pair: policy chosen/rejected, reference chosen/rejected, completion lengths
 PC, PR, RC, RR, LC, LR = -10.0, -14.0, -11.0, -12.0, 5, 8
@@ -37,9 +37,9 @@ def test_conservative_dpo_label_smoothing():
 
 
 def test_ipo_both_forms():
-    summed = obj.ipo(t(PC), t(PR), t(RC), t(RR), t(LC), t(LR), beta=0.1, length_normalized=False)
+    summed = obj.ipo(t(PC), t(PR), t(RC), t(RR), t(LC), t(LR), beta=0.1, form="summed")
     assert summed.losses.item() == pytest.approx((3 - 5) ** 2)  # (h - 1/(2·0.1))² = 4
-    normed = obj.ipo(t(PC), t(PR), t(RC), t(RR), t(LC), t(LR), beta=0.1, length_normalized=True)
+    normed = obj.ipo(t(PC), t(PR), t(RC), t(RR), t(LC), t(LR), beta=0.1, form="length_normalized")
     h = 1 / 5 - (-2) / 8  # 0.45
     assert normed.losses.item() == pytest.approx((h - 5) ** 2)  # 20.7025
     assert normed.losses.item() == pytest.approx(20.7025)
@@ -87,7 +87,7 @@ def test_build_objective_adds_weighted_nll():
 OBJECTIVES = {
     "sigmoid": lambda pc, pr, rc, rr, lc, lr: obj.sigmoid(pc, pr, rc, rr, beta=0.3, label_smoothing=0.1),
     "ipo_normalized": lambda pc, pr, rc, rr, lc, lr: obj.ipo(pc, pr, rc, rr, lc, lr, beta=0.5),
-    "ipo_summed": lambda pc, pr, rc, rr, lc, lr: obj.ipo(pc, pr, rc, rr, lc, lr, beta=0.5, length_normalized=False),
+    "ipo_summed": lambda pc, pr, rc, rr, lc, lr: obj.ipo(pc, pr, rc, rr, lc, lr, beta=0.5, form="summed"),
     "hinge": lambda pc, pr, rc, rr, lc, lr: obj.hinge(pc, pr, rc, rr, beta=0.05),
     "robust": lambda pc, pr, rc, rr, lc, lr: obj.robust(pc, pr, rc, rr, beta=0.3, label_smoothing=0.2),
     "simpo": lambda pc, pr, rc, rr, lc, lr: obj.simpo(pc, pr, lc, lr, beta=2.0, gamma=0.3),
@@ -130,8 +130,7 @@ def test_unlikelihood_term_comes_from_the_rejected_tokens():
     from dpokit.data.layouts import collate
     from dpokit.data.tokenize import TokenizedPair
     from dpokit.logps import CompletionLogProbs
-
-    from .conftest import tiny_llama
+    from tests.helpers import tiny_llama
 
     model = tiny_llama(vocab_size=50)
     pair = TokenizedPair((3, 4, 5), (6, 7), (8, 9, 10), "x")
@@ -266,8 +265,7 @@ def test_ld_dpo_weights_tokens_past_the_shared_length_in_every_layout():
     from dpokit.data.layouts import collate
     from dpokit.data.tokenize import TokenizedPair
     from dpokit.logps import CompletionLogProbs
-
-    from .conftest import tiny_llama
+    from tests.helpers import tiny_llama
 
     model = tiny_llama(vocab_size=50)
     pairs = [TokenizedPair((3, 4), (6, 7, 8, 9), (10, 11), "a"), TokenizedPair((5,), (12,), (13, 14, 15), "b")]
@@ -287,8 +285,7 @@ def test_wpo_log_weights_are_token_means_of_aligned_log_probs():
     from dpokit.data.layouts import collate
     from dpokit.data.tokenize import TokenizedPair
     from dpokit.logps import CompletionLogProbs
-
-    from .conftest import tiny_llama
+    from tests.helpers import tiny_llama
 
     model = tiny_llama(vocab_size=50)
     pair = TokenizedPair((3, 4), (6, 7, 8), (10, 11), "a")

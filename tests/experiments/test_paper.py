@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from dpokit.cli import build_parser
-from dpokit.pipeline import paper
+from dpokit.experiments import paper
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "paper"
 

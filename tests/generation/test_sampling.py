@@ -8,10 +8,10 @@ from dpokit import models
 from dpokit.data.records import PreferenceRecord, Problems
 from dpokit.data.tokenize import TokenizeSettings, tokenize_records
 from dpokit.errors import DataError
-from dpokit.pipeline.jsonl import read_jsonl
-from dpokit.pipeline.prompts import as_model_input, read_prompts
-from dpokit.pipeline.sample import Sampler, SamplingSettings, completion_logps, sample_file
-from tests.conftest import write_jsonl
+from dpokit.generation.jsonl import read_jsonl
+from dpokit.generation.prompts import as_model_input, read_prompts
+from dpokit.generation.sampling import Sampler, SamplingSettings, completion_logps, sample_file
+from tests.helpers import write_jsonl
 
 PROMPTS = ["This movie was", "I rented the sequel because", "The plot", "Honestly, I", "The acting in this film",
            "My wife and I saw the musical", "So, this western"]
@@ -108,7 +108,7 @@ def test_prompt_files_in_every_format(tmp_path):
 
 
 def test_left_padding_does_not_change_what_a_prompt_generates(tiny):
-    from dpokit.pipeline.sample import generate
+    from dpokit.generation.sampling import generate
 
     model, tok = tiny
     short, long = tok("The plot")["input_ids"], tok("My wife and I saw the musical last night and")["input_ids"]

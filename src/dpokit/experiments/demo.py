@@ -17,7 +17,7 @@ other prompts, models and judges:
 `make demo` gives it the repository's openings (data/sentiment/, see make_prompts.py there) and
 training config (configs/sentiment.yaml):
 
-    python -m dpokit.pipeline.demo --config configs/sentiment.yaml \
+    python -m dpokit.experiments.demo --config configs/sentiment.yaml \
         --train-prompts data/sentiment/prompts_train.jsonl --heldout-prompts data/sentiment/prompts_heldout.jsonl
 
 Finished samples are kept: rerunning resumes sampling where it stopped; `--fresh` starts over.
@@ -37,10 +37,17 @@ from functools import partial
 from pathlib import Path
 
 from dpokit import models
-from dpokit.config import as_arguments
+from dpokit.config_loader import load_config
+from dpokit.errors import exit_status
+from dpokit.fields import as_arguments
+from dpokit.generation.jsonl import read_meta
+from dpokit.generation.judges import build_judge
+from dpokit.generation.prompts import read_prompts
+from dpokit.generation.sampling import sample_meta
+from dpokit.generation.settings import PairingSettings, SamplingSettings
 from dpokit.pipeline import commands
-from dpokit.pipeline.pairs import PairingSettings
-from dpokit.pipeline.sample import SamplingSettings
+from dpokit.pipeline.evaluate import EvalResult, Evaluator, result_table
+from dpokit.pipeline.frontier import expand_targets
 
 JUDGE = "sentiment"
 
@@ -92,10 +99,6 @@ def sample(prompts: Path, out: Path, model: str, settings: SamplingSettings) -> 
 def drop_stale_samples(prompts: Path, out: Path, model: str, settings: SamplingSettings) -> None:
     """Samples kept from an earlier demo with other settings (a changed default, say) are not resumed
     but drawn again; `dpokit sample` itself refuses to mix them."""
-    from dpokit.pipeline.jsonl import read_meta
-    from dpokit.pipeline.prompts import read_prompts
-    from dpokit.pipeline.sample import sample_meta
-
     saved = read_meta(out) if out.exists() else None
     if saved is not None and saved != sample_meta(model, read_prompts(prompts), settings):
         print(f"{out} holds samples drawn with other settings: sampling again", flush=True)
@@ -111,31 +114,22 @@ def label_step(title: str, samples: Path, out: Path, pairing: PairingSettings, *
 
 
 def label(samples: Path, out: Path, pairing: PairingSettings, scored_out: Path | None) -> int:
-    from dpokit.pipeline.judges import build_judge
-
     return commands.label(samples, out, build_judge(JUDGE), pairing, scored_out=scored_out)
 
 
 def train(config: str, overrides: list[str]) -> int:
-    from dpokit.cli import train_and_report
-    from dpokit.config import Config
-
-    return train_and_report(Config.load(config, overrides))
+    return commands.train(load_config(config, overrides))
 
 
 def frontier(run_dir: Path, reference: str, settings: SamplingSettings, reference_samples: Path, pairs: Path,
              out: Path) -> int:
-    from dpokit.pipeline.evaluate import Evaluator
-    from dpokit.pipeline.frontier import expand_targets
-    from dpokit.pipeline.judges import build_judge
-
     targets = expand_targets([str(run_dir)], checkpoints=True)
     evaluator = Evaluator(reference, build_judge(JUDGE), settings, reference_samples=reference_samples, pairs=pairs)
     return commands.frontier(targets, evaluator, out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dpokit.pipeline.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m dpokit.experiments.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="DPO training config (configs/sentiment.yaml)")
     add_experiment_arguments(parser, out="runs/sentiment")
@@ -163,13 +157,12 @@ def run(plan: list[Step], out: Path) -> int:
 def run_steps(plan: list[Step], name: str) -> tuple[int, list[float]]:
     """Each step after the command it equals, timed; stops at the first that fails (its error as `dpokit`
     prints it). Returns the exit status and the seconds of each step that ran."""
-    from dpokit.cli import run as run_command
 
     seconds = []
     for k, step in enumerate(plan, 1):
         print(f"\n[{k}/{len(plan)}] {step.title}\n$ dpokit {shlex.join(step.command)}", flush=True)
         t0 = time.perf_counter()
-        code = run_command(step.run)
+        code = exit_status(step.run)
         seconds.append(time.perf_counter() - t0)
         if code != 0:
             print(f"{name} stopped: step {k} exited with {code}", file=sys.stderr)
@@ -195,7 +188,6 @@ def report(out: Path, timings: list[tuple[str, float]], total: float) -> None:
     """The final policy against the reference (the before/after table) and the frontier's points."""
     from rich.console import Console
 
-    from dpokit.pipeline.evaluate import EvalResult, result_table
 
     frontier = json.loads((out / "frontier" / "frontier.json").read_text())
     points = sorted((out / "frontier" / "points").glob("*.json"))

@@ -1,0 +1,46 @@
+"""`dpokit` command line: thin wrappers that parse arguments and call the library. `training` declares the
+training commands (one per method), `pipeline` the sampling, labelling and evaluation commands; `validate`
+and `estimate` declare their own."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dpokit.errors import error_line, exit_status
+
+__all__ = ["build_parser", "error_line", "main", "run"]
+
+run = exit_status  # a command's exit status: bad input is one line on stderr and 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every `dpokit` command, in the order `--help` lists them: its module declares the options (`add_*`)
+    and runs it (`*_command`)."""
+    from dpokit import estimate, validate
+    from dpokit.cli import pipeline, training
+    from dpokit.methods.registry import METHODS
+
+    parser = argparse.ArgumentParser(prog="dpokit", description="Direct Preference Optimization for causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in METHODS:
+        training.add_trainer(sub, name).set_defaults(func=training.train_command)
+    for add, command in ((validate.add_validate, validate.validate_command),
+                         (estimate.add_estimate, estimate.estimate_command),
+                         (pipeline.add_sample, pipeline.sample_command),
+                         (pipeline.add_label, pipeline.label_command),
+                         (pipeline.add_evaluate, pipeline.evaluate_command),
+                         (pipeline.add_frontier, pipeline.frontier_command),
+                         (pipeline.add_generate, pipeline.generate_command),
+                         (pipeline.add_chat, pipeline.chat_command)):
+        add(sub).set_defaults(func=command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return exit_status(args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

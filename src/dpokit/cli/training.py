@@ -1,0 +1,34 @@
+"""`dpokit train | sft | reward | ppo CONFIG [section.key=value ...]`: one command per registered method
+(`dpokit.methods.registry`), each reading the same typed config."""
+
+from __future__ import annotations
+
+import argparse
+
+from dpokit.config import describe
+from dpokit.config_loader import load_config
+from dpokit.methods.registry import METHODS
+from dpokit.pipeline import commands
+
+
+def add_trainer(sub, method: str) -> argparse.ArgumentParser:
+    info = METHODS[method]
+    p = sub.add_parser(
+        info.command,
+        help=info.help,
+        description=f"{info.help[0].upper()}{info.help[1:]}. CONFIG is a YAML file of sections; any key can be "
+                    "overridden as section.key=value. Keys, defaults and descriptions:\n\n" + describe(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", nargs="?", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--resume", action="store_true", help="continue the run in output.dir from its last checkpoint")
+    p.set_defaults(method=method)
+    return p
+
+
+def train_command(args: argparse.Namespace) -> int:
+    config, overrides = args.config, args.overrides
+    if config and "=" in config:  # `dpokit train key=value` without a file: the first positional is an override
+        config, overrides = None, [config, *overrides]
+    return commands.train(load_config(config, overrides), method=args.method, resume=args.resume)
