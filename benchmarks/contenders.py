@@ -291,11 +291,11 @@ def run_dpokit(spec: dict, result: dict) -> None:
 
 def dpokit_trainer(cfg, device: str) -> SimpleNamespace:
     """dpokit's trainer for `cfg`. EVERY use of dpokit's trainer internals is in this function, so that a change
-    of dpokit.train is followed here and nowhere else. It uses:
+    of dpokit.trainer is followed here and nowhere else. It uses:
 
     - `dpokit.reference.logps_table`, wrapped to time the one-time reference pass (reference.strategy=precomputed)
       where the reference is built, while the trainer is built;
-    - `dpokit.train.Trainer(cfg, runtime)` and its `precision`, `method.reference.name` (the resolved reference
+    - `dpokit.trainer.Trainer(cfg, runtime)` and its `precision`, `method.reference.name` (the resolved reference
       strategy) and `method.train_set` (the tokenized training pairs, in file order);
     - `trainer.train_step(pair_ids)`: one optimizer update over those pairs (the benchmark picks them: update k is
       pairs [k*B, (k+1)*B)), returning its metrics row; then `trainer.step += 1`, as the trainer's own loop does;
@@ -308,7 +308,7 @@ def dpokit_trainer(cfg, device: str) -> SimpleNamespace:
 
     from dpokit.distributed import init_runtime
 
-    dtrain = importlib.import_module("dpokit.train")  # the module (the package exports a function `train`)
+    dtrain = importlib.import_module("dpokit.trainer")
     dreference = importlib.import_module("dpokit.reference")
     precompute = {"seconds": 0.0, "pairs": 0}
     original = dreference.logps_table

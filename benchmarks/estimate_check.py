@@ -42,7 +42,7 @@ import json, resource, sys
 import torch
 from dpokit.config import Config
 from dpokit.config_loader import load_config
-from dpokit.train import train
+from dpokit.trainer import train
 cfg = load_config(None, json.loads(sys.argv[1]))
 train(cfg)
 if torch.cuda.is_available():

@@ -17,7 +17,7 @@ from dpokit.methods.dpo import DPO
 from dpokit.methods.ppo import PPO
 from dpokit.methods.reward import RewardModel
 from dpokit.methods.sft import SFT
-from dpokit.train import Trainer, train
+from dpokit.trainer import Trainer, train
 
 
 def method_of(name: str) -> type:

@@ -47,7 +47,7 @@ def write_jsonl(path: Path, rows) -> Path:
 def crash_then_resume(cfg, monkeypatch, *, at_step: int = 3):
     """Train `cfg` until a crash inside step `at_step` (the checkpoints before it written), then resume it
     in the same process: the resumed run's result, to compare with an uninterrupted run."""
-    from dpokit.train import Trainer, train
+    from dpokit.trainer import Trainer, train
 
     real_step = Trainer.train_step
 
@@ -70,7 +70,7 @@ def resume_matches_uninterrupted(cfg, method: str | type = "dpo"):
     from safetensors.torch import load_file
 
     from dpokit import checkpoint
-    from dpokit.train import train
+    from dpokit.trainer import train
 
     straight = train(cfg, method=method)
     expected = load_file(str(straight.model_dir / "model.safetensors"))

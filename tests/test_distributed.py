@@ -15,8 +15,10 @@ from safetensors.torch import load_file
 
 from dpokit.config_loader import load_config
 from dpokit.metrics import read_metrics
-from dpokit.train import train
+from dpokit.trainer import train
 from tests.helpers import PAIRS, write_jsonl
+
+pytestmark = pytest.mark.slow  # torchrun launches
 
 CASES = {
     "ddp-full": ["distributed.strategy=ddp"],

@@ -32,6 +32,7 @@ def kept(mode: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt; elsewhere the setting does nothing")
 def test_freed_tensors_leave_the_process():
     heap, released = kept("keep"), kept("release")

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from dpokit.config import PRESETS
 from dpokit.errors import ConfigError
 from dpokit.metrics import read_metrics
-from dpokit.train import Trainer, train
+from dpokit.trainer import Trainer, train
 from tests.helpers import crash_then_resume, tiny_llama
 
 pytest.importorskip("bitsandbytes")

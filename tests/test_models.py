@@ -42,7 +42,7 @@ def test_resolve_errors_are_clear(tmp_path):
 
 
 def test_run_directory_resolves_to_its_model(tiny_config):
-    from dpokit.train import train
+    from dpokit.trainer import train
 
     result = train(tiny_config("train.max_steps=1"))
     assert models.resolve(str(result.run_dir)).path == str(result.model_dir.resolve())
@@ -52,7 +52,7 @@ def test_embedded_model_trains_one_lora_step(tmp_path, pairs_file):
     """One real step on SmolLM2-135M: LoRA, prefix-shared layout, adapters-disabled reference."""
     from dpokit.config_loader import load_config
     from dpokit.metrics import read_metrics
-    from dpokit.train import train
+    from dpokit.trainer import train
 
     cfg = load_config(None, [f"data.train={pairs_file}", f"output.dir={tmp_path / 'run'}", "lora.enabled=true",
                              "lora.r=8", "train.layout=prefix_shared", "train.batch_size=4",

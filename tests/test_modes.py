@@ -4,7 +4,7 @@ numbers: step-0 metrics within 1e-5 in fp32 and the same loss curve over 20 step
 import pytest
 
 from dpokit.metrics import read_metrics
-from dpokit.train import train
+from dpokit.trainer import train
 
 PLAIN = ("train.layout=padded", "train.lm_head=full")
 MODES = {
@@ -23,6 +23,7 @@ def curve(tiny_config, tmp_path, name, *mode):
     return [r for r in read_metrics(train(cfg).run_dir) if "loss" in r]
 
 
+@pytest.mark.slow  # many training runs
 def test_all_modes_match_the_plain_padded_path(tiny_config, tmp_path):
     reference = curve(tiny_config, tmp_path, "plain", *PLAIN)
     assert reference[0]["logps/chosen"] < -10  # non-trivial values to compare

@@ -12,7 +12,7 @@ from dpokit.data.tokenize import TokenizeSettings, tokenize_records
 from dpokit.errors import ConfigError, ModelError
 from dpokit.logps import CompletionLogProbs, logps_table
 from dpokit.metrics import read_metrics
-from dpokit.train import train
+from dpokit.trainer import train
 from tests.helpers import tiny_llama
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")

@@ -15,7 +15,7 @@ from dpokit.errors import TrainingError
 from dpokit.export import save_pretrained
 from dpokit.metrics import read_metrics
 from dpokit.objectives import losses as objectives_mod
-from dpokit.train import train
+from dpokit.trainer import train
 from tests.helpers import launch, tiny_llama, wait_for
 
 
@@ -23,6 +23,7 @@ def final_weights(run_dir):
     return load_file(str(Path(run_dir) / "model" / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_sigkill_at_several_points_resumes_to_the_same_weights(tiny_config, tmp_path):
     common = ("train.max_steps=8", "train.epochs=2", "checkpoint.every=1", "checkpoint.keep=2")
     straight = launch(tiny_config(*common, f"output.dir={tmp_path / 'straight'}"))
@@ -60,6 +61,7 @@ def test_sigkill_at_several_points_resumes_to_the_same_weights(tiny_config, tmp_
     assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, 9))
 
 
+@pytest.mark.slow
 def test_sigint_finishes_the_step_writes_a_checkpoint_and_exits(tiny_config, tmp_path):
     cfg = tiny_config("train.max_steps=400", "train.epochs=100", "checkpoint.every=0", f"output.dir={tmp_path / 'r'}")
     proc = launch(cfg)
@@ -75,6 +77,7 @@ def test_sigint_finishes_the_step_writes_a_checkpoint_and_exits(tiny_config, tmp
     assert "continue with --resume" in out
 
 
+@pytest.mark.slow
 def test_second_signal_exits_at_once(tiny_config, tmp_path):
     cfg = tiny_config("train.max_steps=400", "train.epochs=100", "checkpoint.every=0", f"output.dir={tmp_path / 'r'}")
     proc = launch(cfg)
@@ -88,7 +91,7 @@ def test_second_signal_exits_at_once(tiny_config, tmp_path):
 
 
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tiny_config, monkeypatch):
-    from dpokit.train import Trainer
+    from dpokit.trainer import Trainer
 
     poisoned, current = {2, 4, 5}, {"step": 0}
     real_sigmoid, real_step = objectives_mod.sigmoid, Trainer.train_step

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from dpokit import checkpoint, storage
 from dpokit.errors import ConfigError, ModelError, RunLockedError, TrainingError
 from dpokit.rundir import RunDir
-from dpokit.train import train
+from dpokit.trainer import train
 from tests.helpers import launch, wait_for
 
 
@@ -53,6 +53,7 @@ def test_resume_in_an_empty_directory_starts_the_run(tiny_config):
     assert train(tiny_config("train.max_steps=1"), resume=True).steps == 1
 
 
+@pytest.mark.slow
 def test_a_second_process_on_the_same_run_directory_stops_at_once(tiny_config, tmp_path):
     cfg = tiny_config("train.max_steps=400", "train.epochs=100", f"output.dir={tmp_path / 'r'}")
     first = launch(cfg)
@@ -129,6 +130,7 @@ def _ignore_sigxfsz_and_limit(limit: int):
     return preexec
 
 
+@pytest.mark.slow
 def test_a_failed_checkpoint_write_is_one_line_and_leaves_nothing_behind(tiny_config, tmp_path):
     """A file-size limit stands in for a full disk: the optimizer state (~13 MB) does not fit in 8 MB."""
     cfg = tiny_config("checkpoint.every=1", f"output.dir={tmp_path / 'r'}")
@@ -154,6 +156,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_keeps_earlier_checkpoints_and_warns_first(tiny_config, small_disk):
     """Each checkpoint takes ~19 MB: the first fits, the second runs out of space."""
     cfg = tiny_config("checkpoint.every=1", "checkpoint.keep=3", f"output.dir={small_disk / 'r'}")

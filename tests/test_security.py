@@ -161,7 +161,7 @@ def test_pickled_weights_are_refused_unopened(tmp_path):
 def test_trust_remote_code_defaults_off_and_reaches_the_loaders(tiny_config, monkeypatch):
     from dpokit import models
     from dpokit.config import Config
-    from dpokit.train import train
+    from dpokit.trainer import train
 
     assert Config().model.trust_remote_code is False
     real_tokenizer = models.load_tokenizer

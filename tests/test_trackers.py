@@ -11,7 +11,7 @@ import pytest
 
 from dpokit.config_loader import config_from_dict, load_config, set_value
 from dpokit.errors import ConfigError
-from dpokit.train import train
+from dpokit.trainer import train
 
 
 def wandb_records(path):

@@ -47,6 +47,7 @@ CASES = [
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,ours,theirs", CASES, ids=[c[0] for c in CASES])
 def test_step0_matches_trl(name, ours, theirs, tokenizer, tmp_path):
     pytest.importorskip("trl")
@@ -89,6 +90,7 @@ def test_step0_matches_trl(name, ours, theirs, tokenizer, tmp_path):
     assert abs(mine["rewards/chosen"]) > 1e-3  # the comparison is not between zeros
 
 
+@pytest.mark.slow
 def test_orpo_odds_ratio_term_and_rewards_match_trl(tokenizer, tmp_path):
     """ORPO lives in TRL's experimental ORPOTrainer, whose NLL term is a batch token mean over prompt and
     completion (dpokit's: the chosen completion's per-pair token mean, the paper's L_SFT); its odds-ratio

@@ -19,7 +19,7 @@ __all__ = ["METHODS", "Config", "ConfigError", "DataError", "DpokitError", "Mode
 
 def train(config: Config, *, method: str | type = "dpo", resume: bool = False):
     """Train as configured with `method` (a name of `METHODS`: dpo, sft, reward, ppo); the function
-    `dpokit train | sft | reward | ppo` call. Returns the `train.TrainResult`."""
-    from dpokit.train import train as _train  # torch loads with the loop, not with `import dpokit`
+    `dpokit train | sft | reward | ppo` call. Returns the `trainer.TrainResult`."""
+    from dpokit.trainer import train as _train  # torch loads with the loop, not with `import dpokit`
 
     return _train(config, resume=resume, method=method)

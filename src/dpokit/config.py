@@ -501,7 +501,7 @@ def _check_distributed(cfg: Config) -> None:
 
 def check_runtime(cfg: Config, runtime) -> None:
     """What the device and the process count of `runtime` (a `distributed.Runtime`) allow: the train section's
-    rules that need the runtime; `dpokit.train` runs them once the runtime is up, before anything loads."""
+    rules that need the runtime; `dpokit.trainer` runs them once the runtime is up, before anything loads."""
     t = cfg.train
     if t.optimizer_in_backward and runtime.distributed:
         raise ConfigError("train.optimizer_in_backward=true runs in one process: under torchrun the gradients "

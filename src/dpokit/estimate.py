@@ -43,6 +43,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from dpokit import models
+from dpokit.config_loader import load_config, set_value
+from dpokit.data.dataset import prepare_data
+from dpokit.errors import ConfigError
+
 GB = 1e9
 CPU_RUNTIME_BYTES = 0.45e9  # python + torch + transformers + tokenizer, measured as a process's RSS before loading
 CPU_FREED_HEAP_BYTES = 0.45e9  # freed heap glibc keeps resident after the first steps (see the module's docstring)
@@ -79,8 +84,6 @@ class Shape:
 def model_shape(name: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Shape:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from dpokit import models
 
     path = models.model_dir(name)
     config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
@@ -142,8 +145,6 @@ def configured_lengths(cfg) -> Lengths:
 
 def data_lengths(cfg, tokenizer) -> Lengths:
     """The largest micro-batch the training data can form: its micro_batch_size longest pairs."""
-    from dpokit.data.dataset import prepare_data
-
     data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed, use="pairs")
     sizes = sorted(((len(x.prompt), len(x.chosen), len(x.rejected)) for x in data.train), key=sum, reverse=True)
     return micro_batch_lengths(sizes[:cfg.train.micro_batch_size], cfg.train.layout,
@@ -313,8 +314,6 @@ def suggestions(cfg, device_bytes: float, *, shape: Shape, lengths_of, world: in
     halving micro_batch_size.
     A suggestion the config refuses (a reference-free objective has no reference to precompute) is left out,
     and so is one that lowers nothing (the peak is elsewhere)."""
-    from dpokit.errors import ConfigError
-
     def row(label: str, overrides: list[str]) -> dict | None:
         try:
             trial = _with(cfg, overrides)
@@ -364,7 +363,7 @@ def _with(cfg, overrides: list[str]):
     new = copy.deepcopy(cfg)
     for item in overrides:
         key, _, raw = item.partition("=")
-        new.set(key, yaml.safe_load(raw))
+        set_value(new, key, yaml.safe_load(raw))
     new.apply_preset()
     new.validate()
     return new
@@ -394,8 +393,6 @@ def add_estimate(sub):
 def estimate_command(args) -> int:
     import json
 
-    from dpokit.config_loader import load_config
-
     config, overrides = args.config, args.overrides
     if config and "=" in config:
         config, overrides = None, [config, *overrides]
@@ -408,8 +405,6 @@ def estimate_command(args) -> int:
     shape = model_shape(cfg.model.name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
     tokenizer = None
     if args.from_data:
-        from dpokit import models
-
         tokenizer = models.load_tokenizer(cfg.model.name, revision=cfg.model.revision,
                                           trust_remote_code=cfg.model.trust_remote_code)
 

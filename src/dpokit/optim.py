@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from dpokit.errors import ConfigError
+
 
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
     """The optimizer `cfg.optimizer` names over the trainable `params`; with `cfg.optimizer_in_backward` one per
@@ -41,8 +43,6 @@ def _optimizer(params, cfg) -> torch.optim.Optimizer:
 
 def _import(module: str, what: str):
     import importlib
-
-    from dpokit.errors import ConfigError
 
     try:
         return importlib.import_module(module)

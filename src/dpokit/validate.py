@@ -18,6 +18,10 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 
+from dpokit import models
+from dpokit.config import Config, DataSection, ModelSection
+from dpokit.config_loader import set_value
+from dpokit.data.dataset import settings_of
 from dpokit.data.records import PreferenceRecord, Problems, RowProblem, RowReader, read_preferences
 from dpokit.data.tokenize import (
     TokenizedPair,
@@ -27,6 +31,7 @@ from dpokit.data.tokenize import (
     use_chat_template,
 )
 from dpokit.errors import DataError, SourceError
+from dpokit.fields import choices_of
 
 LENGTH_BIAS_SHARE = 0.6  # a note when one side is the longer one in at least this share of pairs ...
 LENGTH_BIAS_MIN_PAIRS = 10  # ... of at least this many
@@ -302,9 +307,6 @@ def _render_lengths(lengths: dict) -> list[str]:
 
 
 def add_validate(sub) -> argparse.ArgumentParser:
-    from dpokit.config import DataSection, ModelSection
-    from dpokit.fields import choices_of
-
     data, model = DataSection(), ModelSection()
     p = sub.add_parser(
         "validate",
@@ -336,11 +338,6 @@ def add_validate(sub) -> argparse.ArgumentParser:
 
 
 def validate_command(args: argparse.Namespace) -> int:
-    from dpokit import models
-    from dpokit.config import Config
-    from dpokit.config_loader import set_value
-    from dpokit.data.dataset import settings_of
-
     # the same keys, checks and messages as a training config: errors here exit 2 before anything loads
     cfg = Config()
     for key, value in (("model.name", args.model), ("data.train", args.data), ("data.train_split", args.split),

@@ -50,6 +50,7 @@ def dpokit(*args: str, debug: bool = False) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dpokit", *args], capture_output=True, text=True, env=env, timeout=120)
 
 
+@pytest.mark.slow
 def test_no_traceback_unless_dpokit_debug(tmp_path):
     args = ("label", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "p.jsonl"))
     plain = dpokit(*args)

@@ -203,7 +203,7 @@ def test_format_is_a_config_key_with_help(tmp_path):
 
 
 def test_training_reads_a_named_format(tiny_config):
-    from dpokit.train import train
+    from dpokit.trainer import train
 
     result = train(tiny_config(f"data.train={fixture('hh_rlhf.jsonl')}", "data.format=hh_rlhf",
                                "data.skip_invalid=true", "train.batch_size=2", "train.max_steps=1"))

@@ -169,7 +169,7 @@ def test_chat_template_from_a_string_or_a_file(tmp_path, tokenizer):
 def test_training_with_a_house_chat_template_on_tool_rows(tiny_config, tmp_path):
     from transformers import AutoTokenizer
 
-    from dpokit.train import train
+    from dpokit.trainer import train
 
     template = tmp_path / "house.jinja"
     template.write_text(TOOL_TEMPLATE, encoding="utf-8")

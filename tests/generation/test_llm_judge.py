@@ -169,6 +169,7 @@ def served(tmp_path_factory):
             proc.wait()
 
 
+@pytest.mark.slow
 def test_http_judge_against_transformers_serve(served, saying):
     asked = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": p}] for p in PROMPTS]
     served_replies = OpenAIChat(served, saying(" A"), max_new_tokens=3, workers=2).reply(asked)
@@ -243,7 +244,7 @@ def test_evaluate_against_chosen_completions(tiny_model_dir, heldout, tmp_path, 
 
 
 def test_llm_judge_scores_samples_while_training(tiny_config, saying, pairs_file):
-    from dpokit.train import train
+    from dpokit.trainer import train
 
     judge = [f"data.eval={pairs_file}", "train.sample_every=2", "train.sample_count=2",
              "train.sample_max_new_tokens=3", "train.sample_judge=llm", f"train.sample_judge_model={saying('7')}"]

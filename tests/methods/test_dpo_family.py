@@ -14,7 +14,7 @@ from dpokit.distributed import Runtime
 from dpokit.logps import CompletionLogProbs
 from dpokit.methods.dpo import DPO
 from dpokit.metrics import MeanMetrics, read_metrics
-from dpokit.train import Trainer, train
+from dpokit.trainer import Trainer, train
 from tests.helpers import PAIRS, crash_then_resume, tiny_llama, write_jsonl
 
 
@@ -56,6 +56,7 @@ def test_kto_from_pairs_same_with_every_reference_strategy(tiny_config, tmp_path
             assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
 
 
+@pytest.mark.slow
 def test_kto_step0_matches_trl(tiny_config, kto_file, tokenizer, tmp_path):
     pytest.importorskip("trl")
     from datasets import Dataset
@@ -108,6 +109,7 @@ def test_per_pair_weights_scale_each_pair(tiny_config, tmp_path):
         train(tiny_config(f"data.train={bad}", f"output.dir={tmp_path / 'c'}"))
 
 
+@pytest.mark.slow
 def test_objectives_from_the_command_line(tiny_config, tmp_path):
     cfg = tiny_config("train.max_steps=2")
     config_file = tmp_path / "run.yaml"

@@ -14,7 +14,7 @@ from dpokit.config_loader import load_config
 from dpokit.distributed import Runtime
 from dpokit.methods.ppo import PPO
 from dpokit.metrics import read_metrics
-from dpokit.train import train
+from dpokit.trainer import train
 from tests.helpers import tiny_llama, write_jsonl
 
 PROMPTS = ["The movie was", "I think that", "This film is", "My review:"]
@@ -79,6 +79,7 @@ def test_rollouts_are_scored_as_a_plain_forward_pass_and_the_first_update_starts
     assert len(updates) == 8 and all(sorted(updates[i] + updates[i + 1]) == [0, 1, 2, 3] for i in range(0, 8, 2))
 
 
+@pytest.mark.slow  # 30 PPO iterations
 def test_ppo_raises_the_judges_reward_and_logs_its_metrics(ppo_config):
     """PPO-GT with the `length` judge (words in the completion, at most 8 here): over 30 steps of 16
     rollouts the mean reward of the last five steps is clearly above that of the first five."""

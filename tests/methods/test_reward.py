@@ -15,7 +15,7 @@ from dpokit.errors import ConfigError, DataError
 from dpokit.methods.reward import RewardModel, ScalarRewards
 from dpokit.metrics import read_metrics
 from dpokit.objectives.losses import bradley_terry
-from dpokit.train import train
+from dpokit.trainer import train
 from tests.helpers import PAIRS, resume_matches_uninterrupted, write_jsonl
 
 # ------------------------------------------------------------------------------------------- the loss

@@ -11,7 +11,7 @@ from dpokit.data.tokenize import TokenizeSettings, tokenize_records
 from dpokit.distributed import Runtime
 from dpokit.methods.sft import SFT
 from dpokit.metrics import read_metrics
-from dpokit.train import train
+from dpokit.trainer import train
 from tests.helpers import PAIRS, resume_matches_uninterrupted, write_jsonl
 
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dpokit import estimate, validate
+from dpokit.cli import pipeline, training
 from dpokit.errors import error_line, exit_status
+from dpokit.methods.registry import METHODS
 
 __all__ = ["build_parser", "error_line", "main", "run"]
 
@@ -17,10 +20,6 @@ run = exit_status  # a command's exit status: bad input is one line on stderr an
 def build_parser() -> argparse.ArgumentParser:
     """Every `dpokit` command, in the order `--help` lists them: its module declares the options (`add_*`)
     and runs it (`*_command`)."""
-    from dpokit import estimate, validate
-    from dpokit.cli import pipeline, training
-    from dpokit.methods.registry import METHODS
-
     parser = argparse.ArgumentParser(prog="dpokit", description="Direct Preference Optimization for causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in METHODS:

@@ -15,8 +15,11 @@ from typing import TYPE_CHECKING
 from dpokit import models
 from dpokit.errors import ConfigError
 from dpokit.fields import add_arguments, from_arguments
+from dpokit.generation.jsonl import read_meta
+from dpokit.generation.prompts import read_prompts
 from dpokit.generation.settings import ChatSettings, PairingSettings, Placement, SamplingSettings
 from dpokit.pipeline import commands
+from dpokit.pipeline.chat import Chat, chat_loop
 from dpokit.pipeline.commands import EVAL_SEED, GENERATION
 
 if TYPE_CHECKING:
@@ -117,7 +120,6 @@ def _add_evaluation(p: argparse.ArgumentParser) -> None:
 
 def _evaluator(args: argparse.Namespace, reference: str, *, scores: str | None = None) -> Evaluator:
     """The evaluator of the arguments; `scores` names what needs a judge that scores (not a pairwise one)."""
-    from dpokit.generation.prompts import read_prompts
     from dpokit.pipeline.evaluate import Evaluator, read_chosen
 
     settings = from_arguments(SamplingSettings, args).check()
@@ -149,8 +151,6 @@ def _best_of(values: list[int]) -> list[int]:
 
 def _best_of_reference(args: argparse.Namespace) -> str:
     """Best-of-N's reference: --reference, else the model of --reference-samples."""
-    from dpokit.generation.jsonl import read_meta
-
     if args.reference is not None:
         return args.reference
     meta = read_meta(args.reference_samples) if args.reference_samples else None
@@ -263,7 +263,6 @@ def add_chat(sub) -> argparse.ArgumentParser:
 def chat_command(args: argparse.Namespace) -> int:
     import sys
 
-    from dpokit.pipeline.chat import Chat, chat_loop
     from dpokit.rundir import check_model
 
     settings = from_arguments(ChatSettings, args).check()

@@ -34,8 +34,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from dpokit.config_loader import split_assignment, yaml_value
+from dpokit.distributed import pick_device
 from dpokit.errors import ConfigError, DpokitError
+from dpokit.generation.llm_judge import build_llm_judge
 from dpokit.generation.prompts import Prompt, prompt_text
+from dpokit.models import local_files_only, resolve
 
 
 @runtime_checkable
@@ -82,9 +86,6 @@ class SequenceClassifier:
     def __init__(self, model: str, *, label: str | int | None = None, batch_size: int = 32, max_length: int = 512,
                  device: str = "auto", on: str = "text", revision: str | None = None):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from dpokit.distributed import pick_device
-        from dpokit.models import local_files_only, resolve
 
         src = resolve(model)
         if src.kind not in ("hub", "dir"):
@@ -201,8 +202,6 @@ def _sentiment(model: str | None = None, **options) -> Judge:
 
 
 def _llm(local_model: str | None = None, **options) -> Judge:
-    from dpokit.generation.llm_judge import build_llm_judge
-
     return build_llm_judge(local_model, **options)
 
 
@@ -223,8 +222,6 @@ JUDGES: dict[str, Callable[..., Judge]] = {
 
 def parse_options(items: Sequence[str], where: str) -> dict[str, Any]:
     """`key=value` judge settings (`--judge-option`, `ppo.judge_options`) → a dict, each value read as YAML."""
-    from dpokit.config_loader import split_assignment, yaml_value
-
     options = {}
     for item in items:
         key, raw = split_assignment(item, where, "key=value")

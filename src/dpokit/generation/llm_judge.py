@@ -35,6 +35,7 @@ from pathlib import Path
 
 from dpokit.errors import ConfigError, DpokitError
 from dpokit.generation.prompts import Prompt, prompt_text
+from dpokit.generation.settings import SamplingSettings
 
 # the DPO paper's GPT-4 prompt for dialogue (Appendix C.2), with ties allowed
 PAIRWISE_TEMPLATE = """For the following query to a chatbot, which response is more helpful?
@@ -128,8 +129,6 @@ class LocalChat:
     def __init__(self, model: str, *, max_new_tokens: int, batch_size: int = 8, device: str = "auto",
                  dtype: str = "float32"):
         from dpokit.generation.sampling import Sampler
-        from dpokit.generation.settings import SamplingSettings
-
         settings = SamplingSettings(n=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                     template="chat")
         self.sampler = Sampler.load(model, settings, device=device, dtype=dtype)

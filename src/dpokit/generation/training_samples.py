@@ -19,7 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpokit.errors import ConfigError, DataError
-from dpokit.generation.prompts import Prompt
+from dpokit.generation.judges import build_judge, parse_options
+from dpokit.generation.prompts import Prompt, as_model_input, read_prompts
+from dpokit.generation.sampling import Sampler
+from dpokit.generation.settings import SamplingSettings
 
 
 @dataclass
@@ -30,8 +33,6 @@ class HeldOutPrompt:
 
 class TrainingSamples:
     def __init__(self, cfg, tokenizer, prompts: list[HeldOutPrompt], judge=None):
-        from dpokit.generation.settings import SamplingSettings
-
         t = cfg.train
         self.tokenizer, self.prompts, self.judge = tokenizer, prompts, judge
         self.settings = SamplingSettings(n=1, temperature=t.sample_temperature, top_p=t.sample_top_p,
@@ -50,8 +51,6 @@ class TrainingSamples:
         prompts = held_out_prompts(cfg, tokenizer, eval_set)[:t.sample_count]
         judge = None
         if t.sample_judge is not None:
-            from dpokit.generation.judges import build_judge, parse_options
-
             judge = build_judge(t.sample_judge, model=t.sample_judge_model,
                                 options=parse_options(t.sample_judge_options, "train.sample_judge_options"))
             if getattr(judge, "pairwise", False):
@@ -63,8 +62,6 @@ class TrainingSamples:
         """One completion per prompt from `model` (the policy's causal LM): the rows for samples.jsonl and
         the metrics (`samples/score` with a judge, `samples/num_tokens`). The model is left in eval mode."""
         import torch
-
-        from dpokit.generation.sampling import Sampler
 
         sampler = Sampler(model, self.tokenizer, self.settings)
         ids = [p.ids for p in self.prompts]
@@ -85,8 +82,6 @@ class TrainingSamples:
 
 def held_out_prompts(cfg, tokenizer, eval_set) -> list[HeldOutPrompt]:
     """The distinct prompts to generate for, in file order (see the module docstring)."""
-    from dpokit.generation.prompts import as_model_input, read_prompts
-
     t, source = cfg.train, cfg.train.sample_prompts
     if source is None and cfg.data.eval is not None and Path(cfg.data.eval).suffix in (".jsonl", ".json"):
         try:

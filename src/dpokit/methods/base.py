@@ -1,4 +1,4 @@
-"""The method protocol: what a method adds to the shared loop in `dpokit.train`, and the defaults of the
+"""The method protocol: what a method adds to the shared loop in `dpokit.trainer`, and the defaults of the
 hooks most methods leave alone.
 
 A method turns the config into its data and its models, and a micro-batch of item ids into per-item

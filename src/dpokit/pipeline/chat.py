@@ -12,8 +12,9 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
+from dpokit import models
 from dpokit.errors import ConfigError
-from dpokit.generation.prompts import Prompt
+from dpokit.generation.prompts import Prompt, as_model_input
 
 RESET, EXIT = "/reset", "/exit"
 
@@ -37,7 +38,6 @@ class Chat:
 
     @classmethod
     def load(cls, name: str, *, device: str = "auto", dtype: str = "float32", **options) -> Chat:
-        from dpokit import models
         from dpokit.distributed import pick_device
         from dpokit.rundir import load_tokenizer_for
 
@@ -51,7 +51,6 @@ class Chat:
     def reply(self, text: str, out: TextIO | None = None) -> str:
         """The model's answer to the user turn `text`, streamed to `out` as it is generated; both turns join
         the conversation."""
-        from dpokit.generation.prompts import as_model_input
         from dpokit.generation.sampling import generate
 
         self.messages.append({"role": "user", "content": text})

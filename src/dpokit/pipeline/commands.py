@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dpokit import models
+from dpokit.generation import pairs
+from dpokit.generation.jsonl import write_jsonl
+from dpokit.generation.llm_judge import query_text
+from dpokit.generation.prompts import read_prompts
 from dpokit.generation.settings import PairingSettings, Placement, SamplingSettings
+from dpokit.methods.registry import method_class
+from dpokit.pipeline.chat import generate_rows
 
 if TYPE_CHECKING:
     from dpokit.config import Config
@@ -23,8 +29,7 @@ EVAL_SEED = 1234
 
 def train(cfg: Config, *, method: str | type = "dpo", resume: bool = False) -> int:
     """Train as `cfg` says and print the held-out metrics before and after; 130 when a signal stopped it."""
-    from dpokit.methods.registry import method_class
-    from dpokit.train import train as run_training
+    from dpokit.trainer import train as run_training
 
     method = method_class(method)
     result = run_training(cfg, resume=resume, method=method)
@@ -63,8 +68,6 @@ def sample(prompts: str | Path, out: str | Path, settings: SamplingSettings, *, 
 
 def label(samples: str | Path, out: str | Path, judge, pairing: PairingSettings, *,
           scored_out: str | Path | None = None) -> int:
-    from dpokit.generation import pairs
-
     s = pairs.label_file(samples, out, judge, mode=pairing.mode, margin=pairing.margin, scored_out=scored_out)
     print(f"{s.counts.summary()} → {s.pairs_path}; mean score {s.mean_score:.3f}")
     return 0
@@ -95,11 +98,7 @@ def frontier(targets: list[Target], evaluator: Evaluator, out: str | Path) -> in
 
 def generate(prompts: str | Path, settings: SamplingSettings, *, model: str = models.DEFAULT_MODEL,
              out: str | Path | None = None, placement: Placement = Placement()) -> int:
-    from dpokit.generation.jsonl import write_jsonl
-    from dpokit.generation.llm_judge import query_text
-    from dpokit.generation.prompts import read_prompts
     from dpokit.generation.sampling import Sampler
-    from dpokit.pipeline.chat import generate_rows
     from dpokit.rundir import check_model
 
     settings.check()

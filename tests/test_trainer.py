@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from dpokit.errors import ConfigError
 from dpokit.metrics import read_metrics
-from dpokit.train import Trainer, train
+from dpokit.trainer import Trainer, train
 
 KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
         "logps/rejected", "step", "epoch", "lr", "grad_norm", "pairs_per_s", "tokens_per_s"}
