@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import PAIRS, tiny_llama, write_jsonl
+from tests import helpers
+from tests.helpers import PAIRS, write_jsonl
 
 
 @pytest.fixture(scope="session")
@@ -29,10 +30,7 @@ def tokenizer(smol_dir):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
     """A 2-layer Llama with the SmolLM2 tokenizer, saved as an HF directory: the trainer loads it by path."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama(seed=0).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return helpers.tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -91,3 +89,9 @@ def tiny_config(tmp_path, tiny_model_dir, pairs_file):
     return make
 
 
+@pytest.fixture
+def data_file(tmp_path, monkeypatch) -> str:
+    """A valid one-pair file; the tests run in tmp_path so paths in messages are short and exact."""
+    monkeypatch.chdir(tmp_path)
+    Path("pairs.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n', encoding="utf-8")
+    return "pairs.jsonl"

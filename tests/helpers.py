@@ -27,6 +27,13 @@ def tiny_llama(vocab_size: int = 49152, seed: int = 0, **overrides):
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
 
 
+def tiny_model_dir(path: Path, tokenizer, seed: int = 0) -> str:
+    """`tiny_llama(seed)` with the SmolLM2 tokenizer, saved as an HF directory the trainer loads by path."""
+    tiny_llama(seed=seed).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 PAIRS = [
     ("What is the capital of France?", "Paris.", "I don't care."),
     ("What is 2 plus 3?", "2 plus 3 is 5.", "It is 7, obviously."),
@@ -102,3 +109,21 @@ def wait_for(predicate, proc, timeout=120.0):
             return False
         time.sleep(0.002)
     raise TimeoutError
+
+
+def load_with_pairs(*overrides: str, path: str | None = None):
+    """`load_config(path, ["data.train=pairs.jsonl", *overrides])`, in the `data_file` fixture's folder."""
+    from dpokit.config_loader import load_config
+
+    return load_config(path, ["data.train=pairs.jsonl", *overrides])
+
+
+def config_error(*overrides: str, path: str | None = None) -> str:
+    """The one-line ConfigError of `load_with_pairs(*overrides, path=path)`."""
+    from dpokit.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_with_pairs(*overrides, path=path)
+    message = str(e.value)
+    assert "\n" not in message
+    return message

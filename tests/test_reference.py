@@ -13,7 +13,7 @@ from dpokit.errors import ConfigError, ModelError
 from dpokit.logps import CompletionLogProbs, logps_table
 from dpokit.metrics import read_metrics
 from dpokit.trainer import train
-from tests.helpers import tiny_llama
+from tests.helpers import tiny_llama, tiny_model_dir
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
 
@@ -21,10 +21,7 @@ METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "log
 @pytest.fixture(scope="module")
 def other_model_dir(tmp_path_factory, tokenizer) -> str:
     """Another tiny Llama (other weights), with the policy's tokenizer."""
-    path = tmp_path_factory.mktemp("other-llama")
-    tiny_llama(seed=1).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return tiny_model_dir(tmp_path_factory.mktemp("other-llama"), tokenizer, seed=1)
 
 
 def summed_logps(model_dir: str, pairs_file, tokenizer) -> torch.Tensor:

@@ -3,15 +3,14 @@ unless DPOKIT_DEBUG=1; a bug keeps its traceback; Ctrl-C is 130."""
 
 from __future__ import annotations
 
-import errno
 import os
 import subprocess
 import sys
 
 import pytest
 
-from dpokit.cli import error_line, main
-from dpokit.errors import DataError, DpokitError
+from dpokit.cli import main
+from dpokit.errors import DpokitError
 
 
 def one_line(err: str) -> str:
@@ -30,17 +29,6 @@ def test_an_os_error_is_one_line_naming_the_path(tmp_path, capsys):
     assert one_line(capsys.readouterr().err) == f"No such file or directory: {tmp_path / 'missing.jsonl'}"
     assert main(["label", str(tmp_path), "--out", str(tmp_path / "p.jsonl")]) == 2
     assert one_line(capsys.readouterr().err) == f"Is a directory: {tmp_path}"
-
-
-def test_error_lines():
-    assert error_line(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/runs/a/metrics.jsonl")) == \
-        "No space left on device: /runs/a/metrics.jsonl"
-    assert error_line(PermissionError(errno.EACCES, "Permission denied", "a.tmp", None, "b")) == \
-        "Permission denied: a.tmp -> b"
-    assert error_line(DataError("pairs.jsonl: no rows\n  (the file is empty)")) == "pairs.jsonl: no rows (the file is empty)"
-    # another library's OSError: its first line, not the advice that follows
-    assert error_line(OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection.")) == \
-        "We couldn't connect to 'https://huggingface.co'."
 
 
 def dpokit(*args: str, debug: bool = False) -> subprocess.CompletedProcess:
