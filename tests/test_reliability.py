@@ -1,6 +1,7 @@
 """Crashes, signals and numerics: a killed run resumes to the same weights, a signal leaves a checkpoint,
 non-finite steps are skipped, counted and stop the run, and NaN weights are never written."""
 
+import json
 import math
 import signal
 import time
@@ -112,7 +113,9 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tiny_config, monke
     with pytest.raises(TrainingError, match=r"stopped after 3 steps with a non-finite loss.*step 5 .*pairs\.jsonl:\d+"):
         train(cfg)
     rows = {r["step"]: r for r in read_metrics(cfg.output.dir) if "loss" in r}
-    assert math.isnan(rows[2]["loss"]) and rows[2]["nonfinite_steps"] == 1
+    # a non-finite value is written as null: metrics.jsonl stays strict JSON that every reader reads
+    assert rows[2]["loss"] is None and rows[2]["nonfinite_steps"] == 1
+    json.loads((Path(cfg.output.dir) / "metrics.jsonl").read_text().splitlines()[1], parse_constant=_refuse)
     assert math.isfinite(rows[3]["loss"]) and rows[3]["nonfinite_steps"] == 1
     assert rows[4]["nonfinite_steps"] == 2 and 5 not in rows
     # the skipped step 4 left the weights as step 3 made them; nothing written holds NaN
@@ -130,3 +133,7 @@ def test_nan_weights_are_never_written(tmp_path):
     with pytest.raises(TrainingError, match="refusing to write weights with NaN"):
         save_pretrained(model, tmp_path / "out")
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def _refuse(name: str):
+    raise AssertionError(f"{name} in a JSON file dpokit wrote")

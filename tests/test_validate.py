@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -360,3 +361,21 @@ def test_cli_on_unpaired_kto_rows(tmp_path, smol_tokenizer, capsys):
     assert main(["validate", write(tmp_path / "pairs.jsonl", ROWS[:1]), "--format", "kto"]) == 1
     assert f"    {tmp_path / 'pairs.jsonl'}:1: missing field 'label' (true: desirable, false: undesirable)" \
         in capsys.readouterr().out.splitlines()
+
+
+@pytest.mark.parametrize("weight", [-1, "x", float("nan")])
+def test_validate_runs_the_row_checks_training_runs(tmp_path, tokenizer, tiny_config, weight):
+    """What `dpokit train` refuses, `dpokit validate` reports: one set of row checks (dpokit.data.dataset)."""
+    from dpokit.errors import DataError
+    from dpokit.trainer import train
+
+    path = tmp_path / "weighted.jsonl"
+    rows = [{"prompt": "a", "chosen": "b", "rejected": "c", "weight": weight},
+            {"prompt": "d", "chosen": "e", "rejected": "f", "weight": 1}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = validate_data(str(path), tokenizer)
+    assert not report.ok and report.valid == 1
+    message = f"{path}:1: 'weight' must be a finite number >= 0; got {weight!r}"
+    assert [str(p) for p in report.problems] == [message]
+    with pytest.raises(DataError, match=re.escape(message)):
+        train(tiny_config(f"data.train={path}"))

@@ -38,6 +38,15 @@ class StorageError(DpokitError):
     and the free space."""
 
 
+class UserCodeError(DpokitError):
+    """The user's own code (a `module:function` judge) raised: one line naming it, then the user's frames of
+    the traceback (not dpokit's), which the CLI prints below the line."""
+
+    def __init__(self, message: str, frames: str = ""):
+        super().__init__(message)
+        self.frames = frames
+
+
 class RunLockedError(DpokitError):
     """Another process holds the run directory."""
 
@@ -72,6 +81,8 @@ def exit_status(command, *args) -> int:
         if os.environ.get("DPOKIT_DEBUG", "0") not in ("", "0"):
             traceback.print_exc()
         print(f"error: {error_line(e)}", file=sys.stderr)
+        if isinstance(e, UserCodeError) and e.frames:
+            print(e.frames.rstrip("\n"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -47,6 +47,7 @@ from dpokit import models
 from dpokit.config_loader import load_config, set_value
 from dpokit.data.dataset import prepare_data
 from dpokit.errors import ConfigError
+from dpokit.storage import json_text
 
 GB = 1e9
 CPU_RUNTIME_BYTES = 0.45e9  # python + torch + transformers + tokenizer, measured as a process's RSS before loading
@@ -391,7 +392,6 @@ def add_estimate(sub):
 
 
 def estimate_command(args) -> int:
-    import json
 
     config, overrides = args.config, args.overrides
     if config and "=" in config:
@@ -417,7 +417,7 @@ def estimate_command(args) -> int:
         fits = suggestions(cfg, args.device_gb * GB, shape=shape, lengths_of=lengths_of, world=args.world,
                            device=device) if est.bound > args.device_gb * GB else []
     if args.json:
-        print(json.dumps({"peak_bytes": est.peak, "step_bytes": est.step, "loading_bytes": est.loading,
+        print(json_text({"peak_bytes": est.peak, "step_bytes": est.step, "loading_bytes": est.loading,
                           "optimizer_step_bytes": est.stepping, "freed_heap_allowance_bytes": est.heap_allowance,
                           "parts_bytes": est.parts, "host_bytes": est.host, "lengths": dataclasses.asdict(est.lengths),
                           "device": device, "notes": est.notes, "device_gb": args.device_gb,

@@ -4,7 +4,6 @@ with the run's config and final metrics. Weights with NaN or inf are never writt
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from dpokit import attention
 from dpokit.errors import TrainingError
 from dpokit.logps import causal_lm
 from dpokit.models import nonfinite_parameters
-from dpokit.storage import atomic_dir
+from dpokit.storage import atomic_dir, json_text
 
 
 def save_pretrained(model, directory: Path, *, state_dict: dict | None = None) -> None:
@@ -65,7 +64,7 @@ def export(model, tokenizer, directory: Path, *, method, merge_lora: bool, confi
         save_pretrained(model, tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(method, config, metrics, base_model, lora=lora))
-        (tmp / "dpokit_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (tmp / "dpokit_metrics.json").write_text(json_text(metrics, indent=2) + "\n")
     return directory
 
 

@@ -15,7 +15,7 @@ import torch
 
 from dpokit.logps import SequenceLogps
 from dpokit.objectives.losses import ObjectiveOutput
-from dpokit.storage import disk_errors
+from dpokit.storage import disk_errors, json_text
 
 # DPO's metrics: summed per pair, then divided by the pair count
 PAIR_SUMS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -106,7 +106,7 @@ class MetricsWriter:
         step = row["step"]
         out = {k if k in ("step", "epoch") else prefix + k: v for k, v in row.items()}
         with disk_errors(self.path):
-            self.file.write(json.dumps(out) + "\n")
+            self.file.write(json_text(out) + "\n")
             self.file.flush()
         for tracker in self.trackers:
             tracker.log_metrics(out, step)
@@ -120,7 +120,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         with disk_errors(self.samples_path), self.samples_path.open("a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+            f.write("".join(json_text(row, ensure_ascii=False) + "\n" for row in rows))
         for tracker in self.trackers:
             tracker.log_samples(rows, step)
 

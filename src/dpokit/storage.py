@@ -8,6 +8,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -17,6 +18,22 @@ from dpokit.errors import StorageError
 # the write failures that are the disk's doing; EFBIG is a file-size limit (ulimit -f, some filesystems)
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 MANIFEST = "manifest.json"
+
+
+def json_text(value, **kwargs) -> str:
+    """`json.dumps` for every JSON file dpokit writes: NaN and ±Infinity become null, so that strict readers
+    (`jq`, `pandas.read_json(lines=True)`, JavaScript) read every file."""
+    return json.dumps(_finite(value), allow_nan=False, **kwargs)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def free_bytes(path: Path) -> int | None:

@@ -13,15 +13,14 @@ missing, an unsupported file type, unreadable, a directory that is not a dataset
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 
 from dpokit import models
-from dpokit.config import Config, DataSection, ModelSection
+from dpokit.config import Config, DataSection, ModelSection, ObjectiveSection, RewardSection
 from dpokit.config_loader import set_value
-from dpokit.data.dataset import settings_of
+from dpokit.data.dataset import LABEL, field_problems, margin_field, settings_of, weight_field
 from dpokit.data.records import PreferenceRecord, Problems, RowProblem, RowReader, read_preferences
 from dpokit.data.tokenize import (
     TokenizedPair,
@@ -32,6 +31,7 @@ from dpokit.data.tokenize import (
 )
 from dpokit.errors import DataError, SourceError
 from dpokit.fields import choices_of
+from dpokit.storage import json_text
 
 LENGTH_BIAS_SHARE = 0.6  # a note when one side is the longer one in at least this share of pairs ...
 LENGTH_BIAS_MIN_PAIRS = 10  # ... of at least this many
@@ -169,13 +169,16 @@ def validate_data(source: str, tokenizer, settings: TokenizeSettings | None = No
     report = ValidationReport(source, model, settings, split=split, skip_invalid=skip_invalid, format=format)
     problems = Problems("collect")
     labels: dict[str, bool] | None = None
+    fields = [weight_field(ObjectiveSection().weight_field), margin_field(RewardSection().margin_field)]
     try:
         if _schema(source, split, format) == "kto":  # unpaired rows, read as KTO reads them
-            read = read_preferences(source, split=split, problems=problems, format=format, use="labelled")
-            labels = {where: row["label"] for where, row in RowReader(source, split, Problems("collect"), format="kto")
-                      if isinstance(row, dict)}
+            fields.append(LABEL)
+            read = read_preferences(source, split=split, problems=problems, format=format, use="labelled",
+                                    fields=[f.key for f in fields])
+            labels = {r.source: r.extra.get("label") for r in read.records}
         else:
-            read = read_preferences(source, split=split, problems=problems, format=format)
+            read = read_preferences(source, split=split, problems=problems, format=format,
+                                    fields=[f.key for f in fields])
         report.detected = read.format
         pairs = encode_records(read.records, tokenizer, problems)
     except DataError as e:
@@ -191,6 +194,11 @@ def validate_data(source: str, tokenizer, settings: TokenizeSettings | None = No
             if len(p.prompt) > settings.max_prompt_length:
                 report.over_max_prompt_length.append(p.source)
     kept, stats = truncate_pairs(pairs, settings, problems)
+    bad_fields = [p for f in fields for p in field_problems(kept, f)]  # the checks training runs on these fields
+    for problem in bad_fields:
+        problems.add(problem.source, problem.reason, problem.detail)
+    bad = {p.source for p in bad_fields}
+    kept = [p for p in kept if p.source not in bad]
     report.valid = len(kept)
     report.truncated_prompt, report.truncated_completion = stats.truncated_prompt, stats.truncated_completion
     report.problems = problems.rows
@@ -253,11 +261,11 @@ def _repeats(records: list[PreferenceRecord], labels: dict[str, bool] | None = N
     duplicates, contradictory = [], []
     for r in records:
         if labels is not None:
-            key = json.dumps([r.prompt, r.chosen, labels[r.source]], sort_keys=True)
-            swapped = json.dumps([r.prompt, r.chosen, not labels[r.source]], sort_keys=True)
+            key = json_text([r.prompt, r.chosen, labels[r.source]], sort_keys=True)
+            swapped = json_text([r.prompt, r.chosen, not labels[r.source]], sort_keys=True)
         else:
-            key = json.dumps([r.prompt, r.chosen, r.rejected], sort_keys=True)
-            swapped = json.dumps([r.prompt, r.rejected, r.chosen], sort_keys=True)
+            key = json_text([r.prompt, r.chosen, r.rejected], sort_keys=True)
+            swapped = json_text([r.prompt, r.rejected, r.chosen], sort_keys=True)
         if key in seen:
             duplicates.append((r.source, seen[key]))
             continue
@@ -352,7 +360,7 @@ def validate_command(args: argparse.Namespace) -> int:
     report = validate_data(cfg.data.train, tokenizer, settings_of(cfg.data), split=cfg.data.train_split,
                            skip_invalid=cfg.data.skip_invalid, model=cfg.model.name, format=cfg.data.format)
     if args.json:
-        print(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+        print(json_text(report.to_json(), indent=2, ensure_ascii=False))
     else:
         print(report.render(show=max(args.show, 0)))
     if report.unreadable:

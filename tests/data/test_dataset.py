@@ -8,7 +8,7 @@ import json
 import pytest
 
 from dpokit.config_loader import load_config
-from dpokit.data.dataset import finite_number, prepare_data, row_values
+from dpokit.data.dataset import margin_field, prepare_data, row_values, weight_field
 from dpokit.errors import DataError
 
 
@@ -32,22 +32,21 @@ def _prepare(tmp_path, tokenizer, weights, fields=("weight",)):
 def test_extra_fields_travel_with_their_items(tmp_path, tokenizer):
     data = _prepare(tmp_path, tokenizer, [0.5, 1, "2", 3.5])
     splits = {"train": data.train, "eval": data.eval}
-    got = row_values(splits, "weight", finite_number, expected="a number", ignore="")
+    got = row_values(splits, weight_field("weight"))
     by_source = {item.source: w for s, items in splits.items() for item, w in zip(items, got[s])}
     assert sorted(by_source.items()) == [(f"{tmp_path / 'pairs.jsonl'}:{i + 1}", w)
                                          for i, w in enumerate([0.5, 1.0, 2.0, 3.5])]
     assert len(data.eval) == 1  # eval_fraction's held-out item kept its weight too
-    assert row_values(splits, "margin", finite_number, expected="a number", ignore="") is None
+    assert row_values(splits, margin_field("margin")) is None
 
 
 def test_a_missing_or_bad_value_names_its_row(tmp_path, tokenizer):
     data = _prepare(tmp_path, tokenizer, [1, None, 2, 3])
     with pytest.raises(DataError, match=r"pairs.jsonl:2: no 'weight' field, which other rows have"):
-        row_values({"train": data.train, "eval": data.eval}, "weight", finite_number, expected="x", ignore="")
+        row_values({"train": data.train, "eval": data.eval}, weight_field("weight"))
     data = _prepare(tmp_path, tokenizer, [1, "x", 2, 3])
-    with pytest.raises(DataError, match=r"pairs.jsonl:2: 'weight' must be a number; got 'x'"):
-        row_values({"train": data.train, "eval": data.eval}, "weight", finite_number, expected="a number",
-                   ignore="")
+    with pytest.raises(DataError, match=r"pairs.jsonl:2: 'weight' must be a finite number >= 0; got 'x'"):
+        row_values({"train": data.train, "eval": data.eval}, weight_field("weight"))
 
 
 def test_fields_not_asked_for_are_not_kept(tmp_path, tokenizer):

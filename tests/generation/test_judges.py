@@ -1,8 +1,11 @@
 """Every judge behind the one interface: VADER, sequence classifiers, simple rules, user callables."""
 
+import json
+import re
+
 import pytest
 
-from dpokit.errors import ConfigError
+from dpokit.errors import ConfigError, DpokitError
 from dpokit.generation.judges import Judge, build_judge, score_rows
 
 
@@ -108,3 +111,57 @@ def test_classifier_judge_uses_the_positive_label_probability(tmp_path, tokenize
 def test_score_rows_keeps_the_row_structure():
     rows = [{"prompt": "a", "completions": [" x", " yy"]}, {"prompt": "b", "completions": [" zzz"]}]
     assert score_rows(build_judge("length", options={"unit": "chars"}), rows, batch_size=2) == [[2.0, 3.0], [4.0]]
+
+
+JUDGES_PY = """
+import math
+
+def nan(prompt, completion):
+    return math.nan
+
+def good(prompt, completion):
+    return "good"
+
+def nothing(prompt, completion):
+    return None
+
+def broken(prompt, completion):
+    return helper(completion)
+
+def helper(completion):
+    raise ValueError(f"cannot judge {completion!r}")
+"""
+
+
+@pytest.fixture
+def user_judges(tmp_path):
+    path = tmp_path / "judges.py"
+    path.write_text(JUDGES_PY)
+    return path
+
+
+def test_every_score_is_a_finite_number_or_a_one_line_error(user_judges):
+    from dpokit.generation.judges import checked_scores
+
+    prompts, completions = ["a", "b"], ["x", "y"]
+    cases = {"nan": "returned a non-finite score (nan) for row 1", "good": "returned 'good' for row 1 (a number is needed)",
+             "nothing": "returned None for row 1 (a number is needed)"}
+    for name, message in cases.items():
+        judge = build_judge(f"{user_judges}:{name}")
+        with pytest.raises(DpokitError, match=re.escape(f"judge {user_judges}:{name} {message}")):
+            checked_scores(judge, prompts, completions)
+    rows = [{"prompt": "a", "completions": ["x", "y"]}, {"prompt": "b", "completions": ["z"]}]
+    with pytest.raises(DpokitError, match="for row 1"):
+        score_rows(build_judge(f"{user_judges}:good"), rows)
+
+
+def test_an_exception_in_the_users_judge_is_one_line_and_its_own_frames(user_judges, tmp_path, capsys):
+    from dpokit.cli import main
+
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps({"prompt": "a", "completions": ["x", "y"]}) + "\n")
+    assert main(["label", str(samples), "--judge", f"{user_judges}:broken", "--out", str(tmp_path / "p.jsonl")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"error: judge {user_judges}:broken raised ValueError on row 1: cannot judge 'x'"
+    frames = "\n".join(err[1:])
+    assert "in broken" in frames and "in helper" in frames and "dpokit/" not in frames

@@ -9,7 +9,6 @@ into those settings and calls the library function (`dpokit.pipeline.commands`).
 from __future__ import annotations
 
 import argparse
-import json
 from typing import TYPE_CHECKING
 
 from dpokit import models
@@ -21,6 +20,7 @@ from dpokit.generation.settings import ChatSettings, PairingSettings, Placement,
 from dpokit.pipeline import commands
 from dpokit.pipeline.chat import Chat, chat_loop
 from dpokit.pipeline.commands import EVAL_SEED, GENERATION
+from dpokit.storage import json_text
 
 if TYPE_CHECKING:
     from dpokit.pipeline.evaluate import Evaluator
@@ -201,7 +201,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if args.out:
         print(f"result written to {write_result(result, args.out)}")
     else:
-        print(json.dumps(result.to_json()))
+        print(json_text(result.to_json()))
     return 0
 
 

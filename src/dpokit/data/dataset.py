@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -10,9 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpokit.data.records import Problems, read_preferences
+from dpokit.data.records import Problems, RowProblem, read_preferences
 from dpokit.data.tokenize import TokenizedPair, TokenizeSettings, TruncationStats, tokenize_records
 from dpokit.errors import DataError
+from dpokit.storage import json_text
 
 
 @dataclass
@@ -37,10 +37,10 @@ class PreparedData:
         }
 
     def write_report(self, run_dir: Path) -> None:
-        (run_dir / "data_report.json").write_text(json.dumps(self.report(), indent=2) + "\n")
+        (run_dir / "data_report.json").write_text(json_text(self.report(), indent=2) + "\n")
         with (run_dir / "skipped_rows.jsonl").open("w", encoding="utf-8") as f:
             for p in self.problems.rows:
-                f.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
+                f.write(json_text(p.to_json(), ensure_ascii=False) + "\n")
 
     def summary(self) -> str:
         r = self.report()
@@ -87,27 +87,57 @@ def prepare_data(data_cfg, tokenizer, *, seed: int = 0, use: str = "pairs", fiel
     return PreparedData(train, evals, rows, problems, stats, "pairs" if use == "pairs" else "completions")
 
 
-def row_values(splits: dict[str, list[TokenizedPair]], key: str | None, parse: Callable[[Any], Any], *,
-               expected: str, ignore: str) -> dict[str, list] | None:
-    """Each item's value of the field `key` of its row, kept in its `extra` when the data were read
-    (`prepare_data(fields=...)`), per split and in the items' order; None when `key` is None or no item has
-    it. An item without it when others have it, or whose value `parse` turns down (None), is an error naming
-    the row: `expected` says what the value must be, `ignore` how to do without the field."""
-    if not key or not any(key in item.extra for items in splits.values() for item in items):
+@dataclass(frozen=True)
+class RowField:
+    """A field a method reads from each row besides the text (a per-pair weight, a margin, KTO's label): its
+    name in the rows, how its value is read (None: not a valid value), what it must be, and how to do
+    without it. Training (`row_values`) and `dpokit validate` (`field_problems`) run the same checks."""
+
+    key: str | None
+    parse: Callable[[Any], Any]
+    expected: str
+    ignore: str
+
+
+def weight_field(key: str | None) -> RowField:
+    return RowField(key, lambda v: n if (n := finite_number(v)) is not None and n >= 0 else None,
+                    "a finite number >= 0", "set objective.weight_field=null to ignore them")
+
+
+def margin_field(key: str | None) -> RowField:
+    return RowField(key, finite_number, "a finite number", "set reward.margin_field=null to ignore them")
+
+
+LABEL = RowField("label", lambda v: v if isinstance(v, bool) else None, "true or false", "label them all")
+
+
+def field_problems(items: list[TokenizedPair], f: RowField) -> list[RowProblem]:
+    """Every item whose row lacks `f` while others have it, or holds a value `f` does not read."""
+    if not f.key or not any(f.key in item.extra for item in items):
+        return []
+    problems = []
+    for item in items:
+        if f.key not in item.extra:
+            problems.append(RowProblem(item.source, f"missing_{f.key}",
+                                       f"no '{f.key}' field, which other rows have: give every row one, or {f.ignore}"))
+        elif f.parse(item.extra[f.key]) is None:
+            problems.append(RowProblem(item.source, f"bad_{f.key}",
+                                       f"'{f.key}' must be {f.expected}; got {item.extra[f.key]!r}"))
+    return problems
+
+
+def row_values(splits: dict[str, list[TokenizedPair]], f: RowField) -> dict[str, list] | None:
+    """Each item's value of the field `f.key` of its row, kept in its `extra` when the data were read
+    (`prepare_data(fields=...)`), per split and in the items' order; None when the key is None or no item
+    has it. An item without it when others have it, or with a value `f` does not read, stops here with the
+    error naming its row (`field_problems`)."""
+    items = [item for split in splits.values() for item in split]
+    if not f.key or not any(f.key in item.extra for item in items):
         return None
-    out = {}
-    for split, items in splits.items():
-        parsed = []
-        for item in items:
-            if key not in item.extra:
-                raise DataError(f"{item.source}: no '{key}' field, which other rows have: give every row one, or "
-                                f"{ignore}")
-            value = parse(item.extra[key])
-            if value is None:
-                raise DataError(f"{item.source}: '{key}' must be {expected}; got {item.extra[key]!r}")
-            parsed.append(value)
-        out[split] = parsed
-    return out
+    problems = field_problems(items, f)
+    if problems:
+        raise DataError(str(problems[0]))
+    return {split: [f.parse(item.extra[f.key]) for item in split_items] for split, split_items in splits.items()}
 
 
 def finite_number(value: Any) -> float | None:

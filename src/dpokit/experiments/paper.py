@@ -39,6 +39,7 @@ from dpokit.generation.settings import PairingSettings, SamplingSettings
 from dpokit.pipeline import commands
 from dpokit.pipeline.evaluate import Evaluator
 from dpokit.pipeline.frontier import best_of_targets, expand_targets
+from dpokit.storage import json_text
 
 JUDGE = demo.JUDGE
 KL_BINS = (2.0, 5.0, 10.0)  # best reward at KL ≤ each, nats
@@ -210,7 +211,7 @@ def report(out: Path, planned: list[Run], timings: dict[str, float], total: floa
     curves = ppo_curves(out, planned)
     console.print(f"plot: {out / 'frontier' / 'frontier.png'}" + (f"; PPO's curves: {curves}" if curves else "")
                   + f"; total {total / 60:.1f} min")
-    (out / "comparison.json").write_text(json.dumps({"rows": rows, "timings": timings, "total_seconds": total},
+    (out / "comparison.json").write_text(json_text({"rows": rows, "timings": timings, "total_seconds": total},
                                                     indent=2) + "\n")
     return rows
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dpokit.errors import DataError
+from dpokit.storage import json_text
 
 
 def read_utf8(path: Path) -> str:
@@ -50,7 +51,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(json_text(row, ensure_ascii=False) + "\n")
     tmp.replace(path)
     return path
 
@@ -80,7 +81,7 @@ class ResumableJsonl:
         self._file = self.path.open("a", encoding="utf-8")
 
     def append(self, row: dict) -> None:
-        self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._file.write(json_text(row, ensure_ascii=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -99,7 +100,7 @@ def meta_path(path: str | Path) -> Path:
 
 
 def write_meta(path: str | Path, meta: dict[str, Any]) -> None:
-    meta_path(path).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    meta_path(path).write_text(json_text(meta, indent=2) + "\n", encoding="utf-8")
 
 
 def read_meta(path: str | Path) -> dict | None:

@@ -28,6 +28,7 @@ import importlib.util
 import math
 import re
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -36,7 +37,7 @@ import torch
 
 from dpokit.config_loader import split_assignment, yaml_value
 from dpokit.distributed import pick_device
-from dpokit.errors import ConfigError, DpokitError
+from dpokit.errors import ConfigError, DpokitError, UserCodeError
 from dpokit.generation.llm_judge import build_llm_judge
 from dpokit.generation.prompts import Prompt, prompt_text
 from dpokit.models import local_files_only, resolve
@@ -188,13 +189,22 @@ class CallableJudge:
         self.fn, self.name = fn, name
         self.batched = bool(getattr(fn, "batched", False))
 
-    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
-        scores = (self.fn(list(prompts), list(completions)) if self.batched
-                  else [self.fn(p, c) for p, c in zip(prompts, completions)])
-        out = [float(s) for s in scores]
-        if len(out) != len(completions):
-            raise DpokitError(f"judge {self.name} returned {len(out)} scores for {len(completions)} completions")
-        return out
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list:
+        """The function's values as it returns them (`checked_scores` checks them); an exception in it is
+        one line naming the judge and the row, with the user's frames of the traceback."""
+        if self.batched:
+            return list(self._call(list(prompts), list(completions), row=None))
+        return [self._call(p, c, row=k) for k, (p, c) in enumerate(zip(prompts, completions), 1)]
+
+    def _call(self, prompt, completion, *, row: int | None):
+        try:
+            return self.fn(prompt, completion)
+        except Exception as e:
+            frames = traceback.extract_tb(e.__traceback__)[1:]  # below this call: the user's own code
+            where = f" on row {row}" if row is not None else ""
+            raise UserCodeError(f"judge {self.name} raised {type(e).__name__}{where}: {e}",
+                                "Traceback of the judge (most recent call last):\n"
+                                + "".join(traceback.format_list(frames))) from e
 
 
 def _sentiment(model: str | None = None, **options) -> Judge:
@@ -227,6 +237,17 @@ def parse_options(items: Sequence[str], where: str) -> dict[str, Any]:
         key, raw = split_assignment(item, where, "key=value")
         options[key] = yaml_value(raw, f"{where} {key}")
     return options
+
+
+def check_scoring_judge(spec: str | None, options: Sequence[str], where: str) -> None:
+    """A judge named in a config that must score each completion (PPO's reward, the samples during
+    training): its options parse, and it is not the llm judge comparing pairs (its default)."""
+    if spec is None:
+        return
+    parsed = parse_options(options, f"{where}_options")
+    if spec == "llm" and parsed.get("mode", "pairwise") != "score":
+        raise ConfigError(f"{where} scores each completion: the llm judge compares pairs unless {where}_options "
+                          "has mode=score")
 
 
 def build_judge(spec: str, *, model: str | None = None, options: dict[str, Any] | None = None) -> Judge:
@@ -294,16 +315,31 @@ def load_callable(spec: str) -> Any:
     return getattr(module, attr)
 
 
+def checked_scores(judge: Judge, prompts: Sequence[Prompt], completions: Sequence[str], *,
+                   first_row: int = 1) -> list[float]:
+    """`judge.score`, the one path every judge call takes: one finite number per completion, else a
+    one-line error naming the judge and the row (numbered from `first_row`)."""
+    scores = list(judge.score(prompts, completions))
+    if len(scores) != len(completions):
+        raise DpokitError(f"judge {judge.name} returned {len(scores)} scores for {len(completions)} completions")
+    out = []
+    for k, score in enumerate(scores, first_row):
+        number = score.item() if hasattr(score, "item") and getattr(score, "ndim", 1) == 0 else score
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise DpokitError(f"judge {judge.name} returned {score!r} for row {k} (a number is needed)")
+        if not math.isfinite(number):
+            raise DpokitError(f"judge {judge.name} returned a non-finite score ({number}) for row {k}")
+        out.append(float(number))
+    return out
+
+
 def score_rows(judge: Judge, rows: Sequence[dict], *, batch_size: int = 256) -> list[list[float]]:
     """Scores of every completion of every sample row (rows hold `prompt` and `completions`)."""
     flat = [(r["prompt"], c) for r in rows for c in r["completions"]]
     scores: list[float] = []
     for start in range(0, len(flat), batch_size):
         chunk = flat[start:start + batch_size]
-        scores += judge.score([p for p, _ in chunk], [c for _, c in chunk])
-    bad = next((s for s in scores if not math.isfinite(s)), None)
-    if bad is not None:
-        raise DpokitError(f"judge {judge.name} returned a non-finite score ({bad})")
+        scores += checked_scores(judge, [p for p, _ in chunk], [c for _, c in chunk], first_row=start + 1)
     out, k = [], 0
     for r in rows:
         out.append(scores[k:k + len(r["completions"])])

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpokit.errors import ConfigError, DataError
-from dpokit.generation.judges import build_judge, parse_options
+from dpokit.generation.judges import build_judge, checked_scores, parse_options
 from dpokit.generation.prompts import Prompt, as_model_input, read_prompts
 from dpokit.generation.sampling import Sampler
 from dpokit.generation.settings import SamplingSettings
@@ -53,9 +53,6 @@ class TrainingSamples:
         if t.sample_judge is not None:
             judge = build_judge(t.sample_judge, model=t.sample_judge_model,
                                 options=parse_options(t.sample_judge_options, "train.sample_judge_options"))
-            if getattr(judge, "pairwise", False):
-                raise ConfigError("train.sample_judge scores each generation: the llm judge compares pairs unless "
-                                  "train.sample_judge_options has mode=score")
         return cls(cfg, tokenizer, prompts, judge)
 
     def generate(self, model, step: int) -> tuple[list[dict], dict]:
@@ -69,7 +66,8 @@ class TrainingSamples:
             completions = [cs[0] for cs in sampler.sample_ids(ids)]
             logps = sampler.logps(ids, [c.ids for c in completions])
         texts = [sampler.decode(c.ids) for c in completions]
-        scores = self.judge.score([p.prompt for p in self.prompts], texts) if self.judge is not None else None
+        scores = (checked_scores(self.judge, [p.prompt for p in self.prompts], texts) if self.judge is not None
+                  else None)
         rows = [{"step": step, "index": i, "prompt": p.prompt, "completion": text,
                  "score": None if scores is None else scores[i], "num_tokens": len(c.ids), "finished": c.finished,
                  "logp": logp}

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from dpokit import models
 from dpokit.errors import ConfigError
+from dpokit.generation.judges import check_scoring_judge
 
 if TYPE_CHECKING:
     from dpokit.config import Config
@@ -46,6 +47,8 @@ class Method:
         if cfg.train.sample_every and not cls.can_sample:
             raise ConfigError(f"train.sample_every: dpokit {cls.name} trains a model that does not generate; leave "
                               "it at 0")
+        if cfg.train.sample_every:
+            check_scoring_judge(cfg.train.sample_judge, cfg.train.sample_judge_options, "train.sample_judge")
 
     def __init__(self, cfg: Config, runtime: Runtime, tokenizer):
         raise NotImplementedError

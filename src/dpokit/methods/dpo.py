@@ -20,7 +20,7 @@ import torch
 
 from dpokit import models, reference
 from dpokit.config import Config
-from dpokit.data.dataset import finite_number, prepare_data, row_values
+from dpokit.data.dataset import LABEL, prepare_data, row_values, weight_field
 from dpokit.data.layouts import collate
 from dpokit.data.records import Problems, RowReader
 from dpokit.data.tokenize import TokenizedPair
@@ -69,15 +69,13 @@ class DPO(Method):
         if not self.data.train:
             raise DataError(f"{cfg.data.train}: no valid training rows ({self.data.summary()})")
         splits = {"train": self.data.train, "eval": self.data.eval}
-        weights = row_values(splits, o.weight_field, _weight, expected="a finite number >= 0",
-                             ignore="set objective.weight_field=null to ignore them")
+        weights = row_values(splits, weight_field(o.weight_field))
         if weights is not None and not all(OBJECTIVES[n].pair_weights for n in o.losses):
             raise ConfigError(f"the rows have per-pair weights ('{o.weight_field}'), which {o.name} cannot apply: it "
                               "sorts the pairs of a batch apart; set objective.weight_field=null")
         self.labels: dict[str, torch.Tensor] = {}
         if self.kto:
-            labels = (row_values(splits, "label", _label, expected="true or false", ignore="label them all")
-                      if use == "labelled" else None)
+            labels = row_values(splits, LABEL) if use == "labelled" else None
             splits, self.labels, weights = kto_items(splits, labels, weights, seed=cfg.train.seed,
                                                      max_length=cfg.data.max_length)
             self.data = dataclasses.replace(self.data, train=splits["train"], eval=splits["eval"], noun="completions")
@@ -163,15 +161,6 @@ class DPO(Method):
         return (f"{base_model} aligned with dpokit",
                 f"Trained with Direct Preference Optimization by {SITE}:\n"
                 f"objective `{loss}`, β = {obj.get('beta')}. Contents: {contents}, tokenizer.")
-
-
-def _weight(value) -> float | None:
-    number = finite_number(value)
-    return number if number is not None and number >= 0 else None
-
-
-def _label(value) -> bool | None:
-    return value if isinstance(value, bool) else None
 
 
 def kto_use(data_cfg) -> str:

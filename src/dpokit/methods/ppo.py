@@ -38,7 +38,6 @@ FSDP2 the rollouts are sampled through the sharded module (its `generate`), ever
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,8 +49,8 @@ from dpokit.config import Config
 from dpokit.data.layouts import collate
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.distributed import Runtime
-from dpokit.errors import ConfigError, DataError, DpokitError
-from dpokit.generation.judges import build_judge, parse_options
+from dpokit.errors import ConfigError, DataError
+from dpokit.generation.judges import build_judge, check_scoring_judge, checked_scores, parse_options
 from dpokit.generation.prompts import as_model_input, read_prompts
 from dpokit.generation.sampling import generate, stop_token_ids
 from dpokit.logps import CompletionLogProbs, causal_lm
@@ -137,7 +136,7 @@ class PPO(Method):
         if p.minibatch_size and p.minibatch_size % t.micro_batch_size:
             raise ConfigError(f"ppo.minibatch_size ({p.minibatch_size}) must be a multiple of "
                               f"train.micro_batch_size ({t.micro_batch_size})")
-        parse_options(p.judge_options, "ppo.judge_options")
+        check_scoring_judge(p.judge, p.judge_options, "ppo.judge")
 
     def __init__(self, cfg: Config, runtime: Runtime, tokenizer):
         self.cfg, self.rt, self.tokenizer = cfg, runtime, tokenizer
@@ -196,10 +195,7 @@ class PPO(Method):
         stops = set(self.stop_ids)
         texts = [self.tokenizer.decode([t for t in c.ids if t not in stops], skip_special_tokens=True)
                  for c in completions]
-        raw = self.judge.score([it.prompt for it in items], texts)
-        bad = next((s for s in raw if not math.isfinite(s)), None)
-        if bad is not None:
-            raise DpokitError(f"judge {self.judge.name} returned a non-finite score ({bad})")
+        raw = checked_scores(self.judge, [it.prompt for it in items], texts)
         device = self.rt.device
         scores = torch.tensor(raw, dtype=torch.float32, device=device)
         finished = torch.tensor([c.finished for c in completions], device=device)

@@ -25,7 +25,7 @@ from torch import nn
 
 from dpokit import models
 from dpokit.config import Config
-from dpokit.data.dataset import finite_number, prepare_data, row_values
+from dpokit.data.dataset import margin_field, prepare_data, row_values
 from dpokit.data.layouts import Batch, collate, last_non_pad_index
 from dpokit.distributed import Runtime
 from dpokit.errors import ConfigError, DataError
@@ -146,6 +146,5 @@ class RewardModel(Method):
 def read_margins(cfg: Config, splits: dict[str, list]) -> dict[str, torch.Tensor] | None:
     """Each pair's margin from its row's `reward.margin_field` field, per split, in the order of the pairs;
     None when no row has the field (or it is set to null)."""
-    margins = row_values(splits, cfg.reward.margin_field, finite_number, expected="a finite number",
-                         ignore="set reward.margin_field=null to ignore them")
+    margins = row_values(splits, margin_field(cfg.reward.margin_field))
     return None if margins is None else {split: torch.tensor(m, dtype=torch.float32) for split, m in margins.items()}

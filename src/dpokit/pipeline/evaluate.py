@@ -58,6 +58,7 @@ from dpokit.generation.prompts import Prompt
 from dpokit.generation.sampling import Completion, PromptSamples, Sampler, SamplingSettings
 from dpokit.logps import CompletionLogProbs, logps_table
 from dpokit.rundir import default_reference
+from dpokit.storage import json_text
 
 # ------------------------------------------------------------------------------------------ estimators
 
@@ -467,5 +468,5 @@ def print_result(result: EvalResult, *, title: str | None = None) -> None:
 def write_result(result: EvalResult, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
+    path.write_text(json_text(result.to_json(), indent=2) + "\n", encoding="utf-8")
     return path

@@ -13,7 +13,6 @@ series "Best-of-N", a point per N, whose KL is the analytic bound log N âˆ’ (Nâˆ
 from __future__ import annotations
 
 import csv
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from dpokit.methods.registry import METHODS
 from dpokit.objectives.registry import OBJECTIVES
 from dpokit.pipeline.evaluate import EvalResult, Evaluator, write_result
 from dpokit.rundir import RunModel, run_model, run_models
+from dpokit.storage import json_text
 
 CSV_FIELDS = ("series", "label", "model", "beta", "step", "kl", "kl_se", "reward", "reward_se", "win_rate",
               "win_rate_se", "preference_accuracy", "tokens", "best_of", "kl_kind")
@@ -120,7 +120,7 @@ def run_frontier(evaluator: Evaluator, targets: list[Target], out_dir: str | Pat
     reference = evaluator_reference_row(evaluator, points)
     write_csv(points, reference, out / "frontier.csv")
     plot_frontier(points, reference, out / "frontier.png", judge=evaluator.judge.name)
-    (out / "frontier.json").write_text(json.dumps({"reference": reference, "points": [p.row() for p in points]},
+    (out / "frontier.json").write_text(json_text({"reference": reference, "points": [p.row() for p in points]},
                                                   indent=2) + "\n", encoding="utf-8")
     return points
 
