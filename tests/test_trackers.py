@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -130,3 +131,37 @@ def test_report_to_checks_names_and_reads_the_tensorboard_key(pairs_file):
     assert cfg.output.report_to == ["tensorboard", "wandb"]
     set_value(cfg, "output.tensorboard", False)
     assert cfg.output.report_to == ["wandb"]
+
+
+def test_mlflow_file_store_is_refused_before_anything_is_written(pairs_file, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run = tmp_path / "run"
+    for uri in (f"file://{tmp_path}/mlruns", str(tmp_path / "mlruns")):
+        with pytest.raises(ConfigError, match=r"MLflow's file store, .* use sqlite:///PATH/mlflow.db .* "
+                                              r"MLFLOW_ALLOW_FILE_STORE=true"):
+            load_config(None, [f"data.train={pairs_file}", f"output.dir={run}", "output.report_to=[mlflow]",
+                               f"output.mlflow_tracking_uri={uri}"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path}/mlruns")
+    with pytest.raises(ConfigError, match="^MLFLOW_TRACKING_URI=file://"):
+        load_config(None, [f"data.train={pairs_file}", "output.report_to=[mlflow]"])
+    load_config(None, [f"data.train={pairs_file}", "output.report_to=[mlflow]",
+                       f"output.mlflow_tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
+    assert not run.exists()
+
+
+def test_a_tracker_that_cannot_start_is_one_line_and_leaves_the_directory_as_it_was(tiny_config, tmp_path,
+                                                                                      monkeypatch, capsys):
+    from dpokit import trackers
+    from dpokit.trainer import train
+
+    class Refuses(trackers.TensorBoard):
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("the store is in maintenance mode\nlots of advice")
+
+    monkeypatch.setitem(trackers.CLASSES, "tensorboard", Refuses)
+    cfg = tiny_config("output.report_to=[tensorboard]")
+    with pytest.raises(ConfigError, match="^output.report_to: tensorboard could not start: the store is in "
+                                          "maintenance mode$"):
+        train(cfg)
+    assert not Path(cfg.output.dir).exists()  # nothing to refuse or resume: the corrected command just runs

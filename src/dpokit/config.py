@@ -488,7 +488,7 @@ def _check_environment(cfg: Config) -> None:
         raise ConfigError("data.train is required: a preference file, datasets directory or hub dataset name")
     if models.missing_path(cfg.model.name):
         raise ConfigError(f"model.name: not found: {cfg.model.name}")
-    check_report_to(cfg.output.report_to)
+    check_report_to(cfg.output.report_to, cfg.output.mlflow_tracking_uri)
     t = cfg.train
     if t.sample_prompts is not None and missing_file(t.sample_prompts):
         raise ConfigError(f"train.sample_prompts: file not found: {t.sample_prompts}")

@@ -26,8 +26,8 @@ MODEL = "model"
 METRICS = "metrics.jsonl"
 FINAL_METRICS = "dpokit_metrics.json"  # in model/: the exported model's metrics, its `step` among them
 RUN_INFO = "run.json"  # {"method": ...}: which trainer made the run (dpo, sft, ...)
-RUN_FILES = ("checkpoints", "tensorboard", MODEL, METRICS, CONFIG, RUN_INFO, "data_report.json", "samples.jsonl",
-             "trackers.json", "wandb")
+RUN_FILES = ("checkpoints", "tensorboard", MODEL, METRICS, CONFIG, RUN_INFO, "data_report.json", "skipped_rows.jsonl",
+             "samples.jsonl", "trackers.json", "wandb")
 
 
 @dataclass
@@ -134,6 +134,16 @@ class RunDir:
         if began is not None and began != method:
             raise ConfigError(f"{self.path} holds a {began} run; continue it with `dpokit {command(began)} --resume`, "
                               f"or set output.overwrite=true to start a {method} run there")
+
+    def unstart(self) -> None:
+        """Undo a fresh start that failed before its first step (a tracker that cannot start): what `start`
+        and the run's reports wrote is removed, so the corrected command runs without --resume or overwrite."""
+        for name in RUN_FILES:
+            p = self.path / name
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
     def start(self, start: Start, config: dict, method: str) -> None:
         """Write the run's config; a fresh start first clears what an earlier run left (only reached when

@@ -15,9 +15,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
-from dpokit.errors import ConfigError
+from dpokit.errors import ConfigError, DpokitError, first_line
 from dpokit.fields import did_you_mean
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
@@ -28,8 +29,9 @@ IDS_FILE = "trackers.json"
 SAMPLE_COLUMNS = ("step", "prompt", "completion", "score", "num_tokens", "logp")
 
 
-def check_report_to(report_to: list[str]) -> None:
-    """Known names, each once, with its package installed: else one line naming the pip extra."""
+def check_report_to(report_to: list[str], mlflow_tracking_uri: str | None = None) -> None:
+    """Known names, each once, with its package installed: else one line naming the pip extra. MLflow's
+    store must be one MLflow 3 opens for new runs (its file store is in maintenance mode)."""
     for name in report_to:
         if name not in TRACKERS:
             raise ConfigError(f"output.report_to: unknown tracker {name!r}{did_you_mean(name, TRACKERS)}; "
@@ -42,6 +44,20 @@ def check_report_to(report_to: list[str]) -> None:
         module, extra = PACKAGES[name]
         raise ConfigError(f"output.report_to includes {name}, but the package {module} is not installed: "
                           f"pip install 'dpokit[{extra}]'")
+    if "mlflow" in report_to:
+        uri = mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        allowed = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true", "yes")
+        if uri and _file_store(uri) and not allowed:
+            where = "output.mlflow_tracking_uri" if mlflow_tracking_uri else "MLFLOW_TRACKING_URI"
+            raise ConfigError(f"{where}={uri} is MLflow's file store, which MLflow 3 keeps in maintenance mode and "
+                              "refuses new runs in: use sqlite:///PATH/mlflow.db (or a tracking server), or set "
+                              "MLFLOW_ALLOW_FILE_STORE=true")
+
+
+def _file_store(uri: str) -> bool:
+    """Whether an MLflow tracking URI names its file store: `file:` or a plain path (no scheme)."""
+    scheme = uri.split("://", 1)[0] if "://" in uri else ("file" if ":" not in uri else uri.split(":", 1)[0])
+    return scheme == "file"
 
 
 def missing_packages(report_to: list[str]) -> list[str]:
@@ -239,10 +255,15 @@ def open_trackers(output, run_dir: Path, config: dict, files: list[Path], *, res
     opened = []
     try:
         for name in output.report_to:
-            opened.append(CLASSES[name](run_dir, project=output.project, run_name=run_name, run_id=ids.get(name),
-                                        config=config, mode=output.wandb_mode,
-                                        tracking_uri=output.mlflow_tracking_uri, resume_step=resume_step))
-            opened[-1].start(config, files)
+            try:
+                opened.append(CLASSES[name](run_dir, project=output.project, run_name=run_name, run_id=ids.get(name),
+                                            config=config, mode=output.wandb_mode,
+                                            tracking_uri=output.mlflow_tracking_uri, resume_step=resume_step))
+                opened[-1].start(config, files)
+            except DpokitError:
+                raise
+            except Exception as e:  # the tracker's own refusal (a store it cannot open, a server it cannot reach)
+                raise ConfigError(f"output.report_to: {name} could not start: {first_line(e)}") from e
     except BaseException:
         for tracker in opened:
             tracker.close()

@@ -138,10 +138,15 @@ class Trainer:
         trackers = []
         if runtime.is_main:
             self.output.start(self.start, cfg.to_dict(), self.method.name)
-            self.method.write_report(self.run_dir)
-            files = [self.run_dir / name for name in ("config.yaml", "data_report.json")]
-            trackers = open_trackers(cfg.output, self.run_dir, cfg.to_dict(), [f for f in files if f.is_file()],
-                                     resume_step=self.step)
+            try:
+                self.method.write_report(self.run_dir)
+                files = [self.run_dir / name for name in ("config.yaml", "data_report.json")]
+                trackers = open_trackers(cfg.output, self.run_dir, cfg.to_dict(), [f for f in files if f.is_file()],
+                                         resume_step=self.step)
+            except BaseException:
+                if self.start.fresh:  # nothing of this run is left behind to be refused or resumed
+                    self.output.unstart()
+                raise
         runtime.barrier()
         self.writer = MetricsWriter(self.run_dir, enabled=runtime.is_main, trackers=trackers,
                                     total_steps=self.total_steps, resume_step=self.step, desc=self.method.name)
