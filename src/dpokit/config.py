@@ -480,6 +480,9 @@ def _check_environment(cfg: Config) -> None:
         chat_template_text(d.chat_template)
     if cfg.reference.name is not None and models.missing_path(cfg.reference.name):
         raise ConfigError(f"reference.name: not found: {cfg.reference.name}")
+    wrong = cfg.reference.name is not None and models.reward_model_error(cfg.reference.name)
+    if wrong:
+        raise ConfigError(f"reference.name: {wrong}")
     for key in ("train", "eval"):
         source = getattr(d, key)
         if source is not None and missing_file(source):

@@ -77,6 +77,25 @@ def missing_path(name: str) -> bool:
     return local and not Path(name).expanduser().exists()
 
 
+def reward_model_error(name: str) -> str | None:
+    """What is wrong with `name` where a causal LM is needed, when it is a local model (or a dpokit run or
+    checkpoint) whose config says it is a sequence classifier: a reward model, as `dpokit reward` exports."""
+    p = Path(name).expanduser()
+    for candidate in (p, p / "model"):
+        config = candidate / "config.json"
+        if config.is_file():
+            try:
+                architectures = json.loads(config.read_text()).get("architectures") or []
+            except (OSError, ValueError, AttributeError):
+                return None
+            if any(str(a).endswith("ForSequenceClassification") for a in architectures):
+                return (f"{name} is a reward model (a sequence classifier, as dpokit reward exports): it scores text, "
+                        "it does not generate; a causal LM is needed here (to use it as a judge: --judge reward-model "
+                        f"--judge-model {name}, or ppo.judge=reward-model)")
+            return None
+    return None
+
+
 HUB_PROBE_SECONDS = 10
 
 
@@ -138,6 +157,9 @@ def load_model(name: str, *, dtype: str = "float32", revision: str | None = None
     `device`, for LoRA adapters on a frozen base (QLoRA); `dtype` is then their compute dtype."""
     from transformers import AutoModelForCausalLM
 
+    wrong = reward_model_error(name)
+    if wrong:
+        raise ModelError(wrong)
     src = _loadable(resolve(name))
     kwargs = dict(dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
     if quantization != "none":

@@ -229,7 +229,11 @@ def run_models(run_dir: str | Path, *, checkpoints: bool) -> list[RunModel]:
 
 def check_model(name: str) -> None:
     """Stop at once on a model that is not there, before anything loads or samples: a dpokit run or
-    checkpoint passes, other names go through `models.resolve` (a missing path fails, a hub id passes)."""
+    checkpoint passes, other names go through `models.resolve` (a missing path fails, a hub id passes). A
+    reward model is refused: where this is asked, a model that generates is needed."""
+    wrong = models.reward_model_error(name)
+    if wrong:
+        raise ModelError(wrong)
     if run_model(name) is None:
         models.resolve(name)
 

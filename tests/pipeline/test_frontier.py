@@ -76,3 +76,22 @@ def test_frontier_of_best_of_n_alone_takes_the_reference_from_its_samples(prompt
 def test_best_of_user_errors_are_one_line(argv, message, prompts, capsys):
     assert main([*argv, "--prompts", str(prompts), *JUDGE]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_legend_lies_outside_the_axes(tmp_path, monkeypatch):
+    """No point is ever under the legend: it stands right of the plotting area."""
+    from types import SimpleNamespace as NS
+
+    import matplotlib.pyplot as plt
+
+    from dpokit.pipeline.frontier import FrontierPoint, Target, plot_frontier
+
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)
+    points = [FrontierPoint(Target(s, "final", f"/runs/{s}"), NS(kl=NS(mean=kl, se=0.1), reward_policy=NS(mean=r, se=0.01)))
+              for s, kl, r in (("DPO", 8.2, 0.45), ("Preferred-FT", 8.4, 0.23), ("Unlikelihood", 8.6, 0.21))]
+    plot_frontier(points, {"reward": 0.15}, tmp_path / "f.png")
+    (fig,) = kept
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1

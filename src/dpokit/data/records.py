@@ -174,6 +174,11 @@ def parse_row(row: Any, where: str, problems: Problems) -> PreferenceRecord | No
         return None
     for key in ("chosen", "rejected"):
         if key not in row:
+            if "completion" in row or "messages" in row:  # a single completion where a pair was expected
+                problems.add(where, "missing_field", f"missing field '{key}': the row looks like a KTO row without "
+                                                     "its 'label' (prompt, completion, label: objective.loss=kto) or "
+                                                     "a completion to imitate (dpokit sft)")
+                return None
             near = difflib.get_close_matches(key, [k for k in row if isinstance(k, str) and k not in FIELDS], n=1)
             problems.add(where, "missing_field", f"missing field '{key}'" + (f" (the row has '{near[0]}')" if near else ""))
             return None
@@ -244,8 +249,10 @@ def parse_completion_row(row: Any, where: str, problems: Problems) -> Preference
     else:
         for key in ("prompt", "completion"):
             if key not in row:
-                problems.add(where, "missing_field", f"missing field '{key}' (a completion row has prompt and "
-                                                     "completion, or messages)")
+                pair = "chosen" in row and "rejected" in row
+                problems.add(where, "missing_field", f"missing field '{key}' " + (
+                    "(the row is a preference pair: data.use=chosen trains on its chosen side)" if pair else
+                    "(a completion row has prompt and completion, or messages)"))
                 return None
         values = {}
         for key in ("prompt", "completion"):

@@ -152,7 +152,7 @@ def plot_frontier(points: list[FrontierPoint], reference: dict, path: str | Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    fig, ax = plt.subplots(figsize=(8.0, 4.4), dpi=120)
     series: dict[str, list[FrontierPoint]] = {}
     for p in points:
         series.setdefault(p.target.series, []).append(p)
@@ -182,9 +182,10 @@ def plot_frontier(points: list[FrontierPoint], reference: dict, path: str | Path
     ax.set_ylabel(f"mean reward ({judge})")
     ax.set_title("reward vs KL frontier")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    # outside the axes, right of them: inside, it covered points wherever they lay
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
 
