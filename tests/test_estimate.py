@@ -192,3 +192,26 @@ def test_cli_counts_the_heap_allowance_on_a_cpu(smol_dir, pairs_file, capsys):
     out = run(capsys, *common, "--device-gb", between)[1].splitlines()
     assert out[-1] == f"fits {between} GB unless glibc keeps more freed heap: train.release_freed_memory=true to be sure"
     assert json.loads(run(capsys, *common, "--json", "--device-gb", between)[1])["fits"] is False
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device-gb", "-1"], "--device-gb: must be a finite number > 0, got -1"),
+    (["--device-gb", "0"], "--device-gb: must be a finite number > 0, got 0"),
+    (["--device-gb", "nan"], "--device-gb: must be a finite number > 0, got nan"),
+    (["--device-gb", "inf"], "--device-gb: must be a finite number > 0, got inf"),
+    (["--world", "0"], "--world: must be a finite number > 0, got 0"),
+    (["--world", "-3"], "--world: must be a finite number > 0, got -3"),
+])
+def test_cli_refuses_nonsense_device_sizes_and_process_counts(tiny_model_dir, args, message, capsys):
+    from dpokit.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["estimate", f"model.name={tiny_model_dir}", *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_needs_no_data_without_from_data(tiny_model_dir, capsys):
+    from dpokit.cli import main
+
+    assert main(["estimate", f"model.name={tiny_model_dir}"]) == 0
+    assert "expected peak per device" in capsys.readouterr().out

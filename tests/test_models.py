@@ -1,5 +1,7 @@
 """Model sources (alias, .gguf, directory, run), LoRA, export; the embedded model where realism matters."""
 
+import re
+
 import pytest
 import torch
 
@@ -63,3 +65,23 @@ def test_embedded_model_trains_one_lora_step(tmp_path, pairs_file):
     assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
     assert rows[1]["rewards/margins"] != 0.0
     assert -200 < rows[0]["logps/chosen"] < 0  # a pretrained model: plausible sequence log-probs
+
+
+def test_a_reward_model_is_refused_where_a_causal_lm_is_needed(tmp_path, tiny_config, tokenizer):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from dpokit.errors import ConfigError
+    from dpokit.rundir import check_model
+
+    reward = tmp_path / "reward" / "model"
+    LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                               num_hidden_layers=1, num_attention_heads=2, num_labels=1,
+                                               pad_token_id=2)).save_pretrained(reward)
+    run = str(reward.parent)
+    message = f"{run} is a reward model (a sequence classifier, as dpokit reward exports): it scores text"
+    with pytest.raises(ModelError, match=re.escape(message)):
+        check_model(run)  # dpokit chat, generate and evaluate ask this first
+    with pytest.raises(ModelError, match=re.escape(message)):
+        models.load_model(run)
+    with pytest.raises(ConfigError, match=re.escape(f"reference.name: {message}")):
+        tiny_config(f"reference.name={run}")

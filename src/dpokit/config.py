@@ -342,13 +342,15 @@ class Config:
             section, _, key = dotted.partition(".")
             setattr(getattr(self, section), key, self.train.batch_size if value == "batch_size" else value)
 
-    def validate(self) -> None:
-        """Every check of every section; each failure is one clear line."""
+    def validate(self, *, need_data: bool = True) -> None:
+        """Every check of every section; each failure is one clear line. `need_data=False`: data.train may
+        be missing (a memory estimate from the config alone)."""
         for section in SECTIONS:
             check_fields(getattr(self, section), section)
         for check in (_check_model, _check_lora, _check_data, _check_objective, _check_reference, _check_train,
-                      _check_distributed, _check_environment):  # the rules first, then the disk and packages
+                      _check_distributed):
             check(self)
+        _check_environment(self, need_data=need_data)  # the rules first, then the disk and packages
 
 
 def _check_model(cfg: Config) -> None:
@@ -473,7 +475,7 @@ def _check_train(cfg: Config) -> None:
                           "distributed.strategy=fsdp (sharded weights); use ddp or sample after training")
 
 
-def _check_environment(cfg: Config) -> None:
+def _check_environment(cfg: Config, *, need_data: bool = True) -> None:
     """What the sections name outside the config: files, models and the trackers' packages."""
     d = cfg.data
     if d.chat_template is not None:
@@ -487,7 +489,7 @@ def _check_environment(cfg: Config) -> None:
         source = getattr(d, key)
         if source is not None and missing_file(source):
             raise ConfigError(f"data.{key}: file not found: {source}")
-    if d.train is None:
+    if d.train is None and need_data:
         raise ConfigError("data.train is required: a preference file, datasets directory or hub dataset name")
     if models.missing_path(cfg.model.name):
         raise ConfigError(f"model.name: not found: {cfg.model.name}")

@@ -26,9 +26,10 @@ from dpokit.errors import ConfigError, first_line, type_name
 from dpokit.fields import did_you_mean
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), *, need_data: bool = True) -> Config:
     """Read a YAML file (optional) and apply `section.key=value` overrides, then validate: the config
-    `dpokit train CONFIG key=value ...` runs (`dpokit.load_config`)."""
+    `dpokit train CONFIG key=value ...` runs (`dpokit.load_config`). `need_data=False`: data.train may be
+    left out (`dpokit estimate` without --from-data)."""
     values = read_yaml(path) if path is not None else {}
     cfg = config_from_dict(values, source=str(path) if path else "config")
     for item in overrides:
@@ -38,7 +39,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
             value = raw  # `model.revision=1234567`, `output.dir=2024`: the text, not the number YAML reads
         set_value(cfg, key, value, source="override")
     cfg.apply_preset()
-    cfg.validate()
+    cfg.validate(need_data=need_data)
     return cfg
 
 

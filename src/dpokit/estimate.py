@@ -40,13 +40,15 @@ at a time); with distributed.cpu_offload they live in host memory instead.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from dpokit import models
 from dpokit.config_loader import load_config, set_value
 from dpokit.data.dataset import prepare_data
-from dpokit.errors import ConfigError
+from dpokit.errors import ConfigError, ModelError
 from dpokit.storage import json_text
 
 GB = 1e9
@@ -86,8 +88,13 @@ def model_shape(name: str, *, revision: str | None = None, trust_remote_code: bo
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = models.model_dir(name)
-    config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    src = models.loadable_source(name)
+    path = src.path
+    try:  # a hub id is probed once as training probes it: an unknown one fails at once, not after retries
+        config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code,
+                                            local_files_only=models.local_files_only(src, revision))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the config of model {name!r}: {str(e).splitlines()[0]}") from None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     head = model.get_output_embeddings()
@@ -366,7 +373,7 @@ def _with(cfg, overrides: list[str]):
         key, _, raw = item.partition("=")
         set_value(new, key, yaml.safe_load(raw))
     new.apply_preset()
-    new.validate()
+    new.validate(need_data=new.data.train is not None)
     return new
 
 
@@ -380,10 +387,11 @@ def add_estimate(sub):
                                    "from the model's config alone; with --device-gb, the settings that fit.")
     p.add_argument("config", nargs="?", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    p.add_argument("--device-gb", type=float, default=None, help="memory of one device in GB: suggest settings that fit")
+    p.add_argument("--device-gb", type=_positive(float), default=None,
+                   help="memory of one device in GB: suggest settings that fit")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where training runs (auto: cuda when a GPU is visible)")
-    p.add_argument("--world", type=int, default=1, help="processes under torchrun (FSDP2 shards over them)")
+    p.add_argument("--world", type=_positive(int), default=1, help="processes under torchrun (FSDP2 shards over them)")
     p.add_argument("--from-data", action="store_true",
                    help="activations for the largest micro-batch of data.train (reads the tokenizer and the data) "
                         "instead of the configured worst case")
@@ -391,12 +399,27 @@ def add_estimate(sub):
     return p
 
 
+def _positive(kind: type):
+    """An argparse type: a finite number of `kind` above 0 (argparse's own line for anything else)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def estimate_command(args) -> int:
 
     config, overrides = args.config, args.overrides
     if config and "=" in config:
         config, overrides = None, [config, *overrides]
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, overrides, need_data=args.from_data)  # the data only counts with --from-data
     device = args.device
     if device == "auto":
         import torch

@@ -311,7 +311,12 @@ def _adapter_base(adapter_dir: str) -> str:
 
 def model_dir(name: str) -> str:
     """The local directory or hub id the model loads from (the converted directory for GGUF)."""
-    return _loadable(resolve(name)).path
+    return loadable_source(name).path
+
+
+def loadable_source(name: str) -> ModelSource:
+    """Where `name` loads from: `resolve`'s answer, a GGUF file as its converted directory."""
+    return _loadable(resolve(name))
 
 
 def apply_lora(model, lora_cfg, task_type: str = "CAUSAL_LM"):

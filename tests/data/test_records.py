@@ -395,3 +395,16 @@ def test_chosen_use_keeps_the_chosen_side_of_pairs(tmp_path):
     path.write_text(json.dumps({"prompt": "Q", "chosen": " good", "rejected": " bad"}) + "\n")
     (record,) = read_preferences(str(path), use="chosen").records
     assert (record.prompt, record.chosen, record.rejected) == ("Q", " good", "")
+
+
+def test_a_row_of_the_other_kind_says_what_it_looks_like(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    with pytest.raises(DataError, match=r"pairs.jsonl:1: missing field 'completion' \(the row is a preference pair: "
+                                        r"data.use=chosen trains on its chosen side\)"):
+        read_preferences(str(pairs), use="completion")
+    single = tmp_path / "single.jsonl"
+    single.write_text('{"prompt": "a", "completion": "b"}\n')
+    with pytest.raises(DataError, match=r"single.jsonl:1: missing field 'chosen': the row looks like a KTO row without "
+                                        r"its 'label' .* or a completion to imitate \(dpokit sft\)"):
+        read_preferences(str(single), format="standard")

@@ -184,9 +184,11 @@ def test_http_judge_against_transformers_serve(served, saying):
     babbles = build_judge("llm", options={"url": served, "model": saying("Hello"), "max_new_tokens": 2})
     assert babbles.compare(PROMPTS[:1], ["a"], ["b"]) == [0.5] and babbles.unparsed == 2
 
+    # an endpoint that stops answering after the judge was built: the request's own error
+    judge = build_judge("llm", options={"url": served, "model": saying(" A"), "max_new_tokens": 1})
+    judge.backend.url = f"http://127.0.0.1:{free_port()}/v1/chat/completions"
     with pytest.raises(DpokitError, match="cannot reach the judge endpoint"):
-        build_judge("llm", options={"url": f"http://127.0.0.1:{free_port()}/v1", "model": "m"}).compare(
-            PROMPTS[:1], ["a"], ["b"])
+        judge.compare(PROMPTS[:1], ["a"], ["b"])
 
 
 # ------------------------------------------------------------------------------------------ evaluate --against chosen
@@ -254,3 +256,21 @@ def test_llm_judge_scores_samples_while_training(tiny_config, saying, pairs_file
                                "train.max_steps=2"))
     rows = [json.loads(line) for line in (result.run_dir / "samples.jsonl").read_text().splitlines()]
     assert [(r["step"], r["score"]) for r in rows] == [(0, 7.0), (0, 7.0), (2, 7.0), (2, 7.0)]
+
+
+def test_an_unknown_option_lists_the_judges_options_and_an_unreachable_endpoint_fails_at_once():
+    import socket
+    import time
+
+    with pytest.raises(ConfigError, match=r"judge llm: unknown option 'foo'; its options: url, model, mode, "):
+        build_judge("llm", options={"foo": 1, "url": "http://127.0.0.1:9/v1", "model": "m"})
+    with pytest.raises(ConfigError, match=r"judge length: unknown option 'unt' \(did you mean 'unit'\?\); its "
+                                          r"options: unit, target"):
+        build_judge("length", options={"unt": "chars"})
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=rf"llm judge: cannot reach http://127.0.0.1:{port} .*is the server running"):
+        build_judge("llm", options={"url": f"http://127.0.0.1:{port}/v1", "model": "m"})
+    assert time.monotonic() - start < 6

@@ -127,10 +127,13 @@ def _evaluator(args: argparse.Namespace, reference: str, *, scores: str | None =
     if args.against == "chosen" and prompts is None:
         raise ConfigError("--against chosen reads the chosen completions from --prompts (a preference file)")
     chosen = read_chosen(args.prompts) if args.against == "chosen" else None
-    judge = _judge(args)
-    if scores is not None and getattr(judge, "pairwise", False):
+    from dpokit.generation.judges import parse_options  # judges load torch: not for `dpokit --help`
+
+    if scores is not None and args.judge == "llm" and parse_options(args.judge_option, "--judge-option").get(
+            "mode", "pairwise") != "score":  # before the judge is built (an endpoint is probed then)
         raise ConfigError(f"{scores} needs a judge that scores each completion; the llm judge compares pairs unless "
                           "--judge-option mode=score")
+    judge = _judge(args)
     placement = from_arguments(Placement, args)
     return Evaluator(reference, judge, settings, prompts=prompts, reference_samples=args.reference_samples,
                      pairs=args.pairs, device=placement.device, dtype=placement.dtype, against=args.against,

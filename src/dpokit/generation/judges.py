@@ -25,6 +25,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+import inspect
 import math
 import re
 import sys
@@ -38,6 +39,7 @@ import torch
 from dpokit.config_loader import split_assignment, yaml_value
 from dpokit.distributed import pick_device
 from dpokit.errors import ConfigError, DpokitError, UserCodeError
+from dpokit.fields import did_you_mean
 from dpokit.generation.llm_judge import build_llm_judge
 from dpokit.generation.prompts import Prompt, prompt_text
 from dpokit.models import local_files_only, resolve
@@ -230,6 +232,15 @@ JUDGES: dict[str, Callable[..., Judge]] = {
 }
 
 
+def _options_of(spec: str, model: str | None) -> list[str]:
+    """The --judge-option keys the built-in judge `spec` takes (with its --judge-model `model`)."""
+    target = {"sentiment": VaderSentiment if model is None else SequenceClassifier, "reward-model": SequenceClassifier,
+              "llm": build_llm_judge}.get(spec, JUDGES[spec])
+    skip = {"self", "model", "local_model"} if spec != "llm" else {"local_model"}
+    return [name for name, p in inspect.signature(target).parameters.items()
+            if name not in skip and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
 def parse_options(items: Sequence[str], where: str) -> dict[str, Any]:
     """`key=value` judge settings (`--judge-option`, `ppo.judge_options`) → a dict, each value read as YAML."""
     options = {}
@@ -259,6 +270,11 @@ def build_judge(spec: str, *, model: str | None = None, options: dict[str, Any] 
         kwargs = dict(options, model=model) if spec in ("sentiment", "reward-model") else options
         if spec == "llm":
             kwargs = dict(options, local_model=model)
+        valid = _options_of(spec, model)
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ConfigError(f"judge {spec}: unknown option {unknown[0]!r}{did_you_mean(unknown[0], valid)}; its "
+                              f"options: {', '.join(valid) or 'none'}")
         try:
             judge = JUDGES[spec](**kwargs)
         except TypeError as e:

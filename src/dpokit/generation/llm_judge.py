@@ -27,7 +27,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -139,16 +141,35 @@ class LocalChat:
         return [self.sampler.decode(cs[0].ids) for cs in self.sampler.sample_ids(ids)]
 
 
+TIMEOUT = 60.0  # seconds a request may take (--judge-option timeout=S)
+PROBE_SECONDS = 5.0
+
+
+def probe(url: str) -> None:
+    """Connect to the endpoint's host once, before anything is sampled: an address nothing listens on (or
+    that cannot be resolved) fails here in seconds, not after the policy and the reference were sampled."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"llm judge: url must be http(s)://host[:port]/..., got {url!r}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=PROBE_SECONDS).close()
+    except OSError as e:
+        raise ConfigError(f"llm judge: cannot reach {parts.scheme}://{parts.hostname}:{port} "
+                          f"({e.strerror or type(e).__name__}); is the server running?") from None
+
+
 class OpenAIChat:
     """POST /chat/completions of an OpenAI-compatible server, temperature 0, `workers` requests at a time."""
 
     def __init__(self, url: str, model: str, *, max_new_tokens: int, api_key: str | None = None,
-                 timeout: float = 300.0, workers: int = 4):
+                 timeout: float = TIMEOUT, workers: int = 4):
         url = url.rstrip("/")
         self.url = url if url.endswith("/chat/completions") else url + "/chat/completions"
         self.model, self.max_new_tokens, self.timeout, self.workers = model, max_new_tokens, timeout, workers
         self.api_key = api_key or os.environ.get("OPENAI_API_KEY")
         self.name = f"{model}@{url}"
+
 
     def reply(self, conversations: Sequence[list[dict]]) -> list[str]:
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
@@ -244,7 +265,7 @@ class LLMJudge:
 def build_llm_judge(local_model: str | None = None, *, url: str | None = None, model: str | None = None,
                     mode: str = "pairwise", template: str | None = None, max_new_tokens: int = 128,
                     batch_size: int = 8, device: str = "auto", dtype: str = "float32", api_key: str | None = None,
-                    timeout: float = 300.0, workers: int = 4, low: float = 1.0, high: float = 10.0) -> LLMJudge:
+                    timeout: float = TIMEOUT, workers: int = 4, low: float = 1.0, high: float = 10.0) -> LLMJudge:
     """`--judge llm`: `local_model` is --judge-model; `url` and `model` (the served model's name) the endpoint."""
     if (local_model is None) == (url is None):
         raise ConfigError("the llm judge needs a model: --judge-model NAME_OR_DIR (local transformers) or "
@@ -260,7 +281,10 @@ def build_llm_judge(local_model: str | None = None, *, url: str | None = None, m
             raise ConfigError("--judge-option model= names an endpoint's model; with --judge-model leave it out")
         backend = LocalChat(local_model, max_new_tokens=int(max_new_tokens), batch_size=int(batch_size),
                             device=str(device), dtype=str(dtype))
-    return LLMJudge(backend, mode=mode, template=template, low=low, high=high)
+    judge = LLMJudge(backend, mode=mode, template=template, low=low, high=high)
+    if url is not None:
+        probe(backend.url)
+    return judge
 
 
 def pairwise_win_rate(judge: LLMJudge, prompts: Sequence[Prompt], samples: Sequence[Sequence[str]],
