@@ -85,3 +85,13 @@ def test_a_reward_model_is_refused_where_a_causal_lm_is_needed(tmp_path, tiny_co
         models.load_model(run)
     with pytest.raises(ConfigError, match=re.escape(f"reference.name: {message}")):
         tiny_config(f"reference.name={run}")
+
+
+@pytest.mark.slow  # a fresh process: bitsandbytes warns once, when first imported
+def test_lora_without_quantization_prints_no_kernel_download_warning():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import dpokit.models, peft, bitsandbytes"], capture_output=True,
+                         text=True, check=True)
+    assert "gemm_4bit_forward" not in out.stderr and "kernels-community" not in out.stderr

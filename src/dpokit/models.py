@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import shutil
@@ -19,6 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpokit.errors import ModelError
+
+# bitsandbytes, which peft imports whenever it is installed (LoRA without any quantization too), warns on CPUs with
+# AVX512-bf16 that it could not fetch a faster 4-bit kernel from the hub; dpokit never fetches code at run time,
+# and bitsandbytes' own kernel runs instead
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded model every command starts from unless told otherwise
 ALIASES = {

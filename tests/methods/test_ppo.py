@@ -137,3 +137,14 @@ def test_dpokit_ppo_command_and_its_checks(ppo_config, tmp_path, capsys):
     assert "dpokit ppo needs a reward" in capsys.readouterr().err
     assert main(["ppo", str(path), "ppo.minibatch_size=5", "output.overwrite=true"]) == 2
     assert "ppo.minibatch_size (5) must divide train.batch_size (16)" in capsys.readouterr().err
+
+
+def test_a_judge_that_fails_at_start_leaves_nothing_behind(ppo_config, tmp_path):
+    from pathlib import Path
+
+    from dpokit.errors import ConfigError
+
+    cfg = ppo_config("ppo.judge=no_such_module_here:score")
+    with pytest.raises(ConfigError, match="cannot import no_such_module_here"):
+        train(cfg, method=PPO)
+    assert not Path(cfg.output.dir).exists()  # the corrected run starts without --resume or overwrite
