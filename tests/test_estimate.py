@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from dpokit import models
 from dpokit.estimate import GB, Lengths, Shape, configured_lengths, estimate, micro_batch_lengths, model_shape
 
 # a 2-layer Llama-type model: hidden 32, 4 heads of 8 (2 for keys and values), MLP 64, 1,000 tokens, tied embeddings
@@ -215,3 +216,36 @@ def test_cli_needs_no_data_without_from_data(tiny_model_dir, capsys):
 
     assert main(["estimate", f"model.name={tiny_model_dir}"]) == 0
     assert "expected peak per device" in capsys.readouterr().out
+
+
+def test_each_method_is_estimated_by_what_it_holds(tiny_model_dir, pairs_file, capsys):
+    common = (f"model.name={tiny_model_dir}", "data.max_length=256", "data.max_prompt_length=64",
+              "reference.strategy=copy", "train.layout=packed", "--device", "cpu", "--json")
+    reports = {}
+    for method in ("dpo", "sft", "reward", "ppo"):
+        code, out = run(capsys, *common, "--method", method)
+        assert code == 0
+        reports[method] = json.loads(out)
+    tokens = {m: r["lengths"]["tokens"] for m, r in reports.items()}
+    assert tokens == {"dpo": 4 * (2 * 64 + 2 * 192), "sft": 4 * (64 + 192), "reward": 4 * (2 * 64 + 2 * 192),
+                      "ppo": 4 * (64 + 53)}  # PPO: rollouts of ppo.max_new_tokens (53)
+    parts = {m: r["parts_bytes"] for m, r in reports.items()}
+    assert parts["dpo"]["reference"] > 0 and parts["ppo"]["reference"] > 0  # a frozen copy
+    assert parts["sft"]["reference"] == parts["reward"]["reference"] == 0  # none
+    assert parts["reward"]["lm_head"] == 0 < parts["dpo"]["lm_head"]  # a scalar head
+
+
+def test_an_unknown_hub_id_is_one_line_at_once_as_in_training(capsys):
+    import time
+
+    from dpokit.cli import main
+    from dpokit.errors import DpokitError
+
+    name = "nobody-here/no-such-model-xyz"
+    start = time.monotonic()
+    assert main(["estimate", f"model.name={name}"]) == 2
+    err = capsys.readouterr().err
+    assert time.monotonic() - start < 20 and err.count("\n") == 1
+    with pytest.raises(DpokitError) as training:
+        models.load_tokenizer(name)  # what `dpokit train` asks first
+    assert err == f"error: {training.value}\n"

@@ -49,6 +49,7 @@ from dpokit import models
 from dpokit.config_loader import load_config, set_value
 from dpokit.data.dataset import prepare_data
 from dpokit.errors import ConfigError, ModelError
+from dpokit.methods.registry import METHODS
 from dpokit.storage import json_text
 
 GB = 1e9
@@ -116,6 +117,8 @@ def model_shape(name: str, *, revision: str | None = None, trust_remote_code: bo
 
 # ------------------------------------------------------------------------------------------ lengths
 
+SINGLE_COMPLETION = ("sft", "ppo")  # the methods whose items are one completion, not a pair
+
 
 @dataclass
 class Lengths:
@@ -128,35 +131,46 @@ class Lengths:
 
 
 def micro_batch_lengths(pairs: list[tuple[int, int, int]], layout: str, source: str) -> Lengths:
-    """`pairs`: (prompt, chosen, rejected) token counts of one micro-batch."""
+    """`pairs`: (prompt, chosen, rejected) token counts of one micro-batch; a rejected count of 0 is a single
+    completion (SFT, PPO's rollouts), one sequence."""
     if layout == "padded":
         width = max(p + max(c, r) for p, c, r in pairs)
-        tokens = 2 * len(pairs) * width
+        tokens = sum(1 + bool(r) for _, _, r in pairs) * width
     elif layout == "packed":
-        tokens = sum(2 * p + c + r for p, c, r in pairs)
+        tokens = sum((1 + bool(r)) * p + c + r for p, c, r in pairs)
     else:
         tokens = sum(p + c + r for p, c, r in pairs)
     return Lengths(tokens, sum(c + r for _, c, r in pairs), len(pairs), source)
 
 
-def configured_lengths(cfg) -> Lengths:
-    """The configured worst case: micro_batch_size pairs with the longest prompt truncation keeps
-    (max_prompt_length) and completions filling max_length."""
+def configured_lengths(cfg, method: str = "dpo") -> Lengths:
+    """The configured worst case of `method`'s micro-batch: micro_batch_size items with the longest prompt
+    truncation keeps (max_prompt_length) and completions filling max_length (PPO: its rollouts of
+    ppo.max_new_tokens); two completions an item for the pair methods, one for SFT and PPO."""
     d = cfg.data
     p = d.max_prompt_length
-    c = d.max_length - p
-    pairs = [(p, c, c)] * cfg.train.micro_batch_size
-    return micro_batch_lengths(pairs, cfg.train.layout,
-                               f"{cfg.train.micro_batch_size} pairs of {p} prompt + 2 × {c} completion tokens "
-                               "(data.max_prompt_length, data.max_length)")
+    c = cfg.ppo.max_new_tokens if method == "ppo" else d.max_length - p
+    single = method in SINGLE_COMPLETION
+    items = [(p, c, 0 if single else c)] * cfg.train.micro_batch_size
+    what = ("completion tokens (ppo.max_new_tokens)" if method == "ppo" else
+            "completion tokens (data.max_prompt_length, data.max_length)" if single else
+            "completion tokens (data.max_prompt_length, data.max_length)")
+    counted = f"{c}" if single else f"2 × {c}"
+    noun = "pairs" if not single else ("rollouts" if method == "ppo" else "sequences")
+    return micro_batch_lengths(items, cfg.train.layout,
+                               f"{cfg.train.micro_batch_size} {noun} of {p} prompt + {counted} {what}")
 
 
-def data_lengths(cfg, tokenizer) -> Lengths:
-    """The largest micro-batch the training data can form: its micro_batch_size longest pairs."""
-    data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed, use="pairs")
+def data_lengths(cfg, tokenizer, method: str = "dpo") -> Lengths:
+    """The largest micro-batch the training data can form: its micro_batch_size longest items."""
+    if method == "ppo":
+        raise ConfigError("--from-data: PPO's rollouts are sampled while it trains; its estimate uses "
+                          "data.max_prompt_length and ppo.max_new_tokens")
+    use = ("completion" if cfg.data.use == "auto" else cfg.data.use) if method == "sft" else "pairs"
+    data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed, use=use)
     sizes = sorted(((len(x.prompt), len(x.chosen), len(x.rejected)) for x in data.train), key=sum, reverse=True)
     return micro_batch_lengths(sizes[:cfg.train.micro_batch_size], cfg.train.layout,
-                               f"the {cfg.train.micro_batch_size} longest pairs of {cfg.data.train}")
+                               f"the {cfg.train.micro_batch_size} longest {data.noun} of {cfg.data.train}")
 
 
 # ------------------------------------------------------------------------------------------ the estimate
@@ -188,13 +202,14 @@ class Estimate:
 
 
 def estimate(cfg, *, lengths: Lengths | None = None, shape: Shape | None = None, world: int = 1,
-             device: str = "cpu") -> Estimate:
-    """The expected peak memory per device of a training step under `cfg` (after its first update, with the
-    optimizer state) for micro-batches of `lengths` (default: the configured worst case)."""
+             device: str = "cpu", method: str = "dpo") -> Estimate:
+    """The expected peak memory per device of a training step of `method` (dpo, sft, reward, ppo: what
+    each holds) under `cfg` (after its first update, with the optimizer state) for micro-batches of
+    `lengths` (default: the configured worst case)."""
     t = cfg.train
     shape = shape or model_shape(cfg.model.name, revision=cfg.model.revision,
                                  trust_remote_code=cfg.model.trust_remote_code)
-    lengths = lengths or configured_lengths(cfg)
+    lengths = lengths or configured_lengths(cfg, method)
     precision = t.precision if t.precision != "auto" else ("bf16-mixed" if device == "cuda" else "fp32")
     weight_bytes = 2 if precision == "bf16" else 4
     act_bytes = {"fp32": 4, "bf16": 2, "bf16-mixed": 3}[precision]  # autocast: matmul outputs in bf16, the rest fp32
@@ -222,7 +237,8 @@ def estimate(cfg, *, lengths: Lengths | None = None, shape: Shape | None = None,
 
     from dpokit.reference import resolve_strategy
 
-    strategy = resolve_strategy(cfg.reference.strategy, needs_reference=cfg.objective.needs_reference,
+    needs_reference = {"sft": False, "reward": False, "ppo": True}.get(method, cfg.objective.needs_reference)
+    strategy = resolve_strategy(cfg.reference.strategy, needs_reference=needs_reference,
                                 lora=cfg.lora.enabled, named=cfg.reference.name is not None,
                                 follows=bool(cfg.reference.sync_every))
     ref_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.reference.dtype or "", weight_bytes)
@@ -231,6 +247,13 @@ def estimate(cfg, *, lengths: Lengths | None = None, shape: Shape | None = None,
         notes.append(f"reference.name: assumed the size of {cfg.model.name}")
 
     full_layer, activations, head = _activation_bytes(t, shape, lengths, act_bytes)
+    if method == "reward":  # a scalar head reads one position a sequence: no vocabulary-wide logits
+        head = 0.0
+        notes.append("reward: a linear head to one score in place of the LM head")
+    if method == "ppo":
+        notes.append(f"ppo: the rollouts' KV cache while sampling ({cfg.train.batch_size} prompts of up to "
+                     f"{cfg.data.max_prompt_length} + {cfg.ppo.max_new_tokens} tokens) comes before the step, "
+                     "not counted")
     if t.activation_offload and device == "cuda":
         notes.append("activation_offload: the saved activations are in pinned host memory, one layer's on the GPU")
         activations = full_layer * 2
@@ -316,7 +339,8 @@ SUGGESTIONS = [
 ]
 
 
-def suggestions(cfg, device_bytes: float, *, shape: Shape, lengths_of, world: int, device: str) -> list[dict]:
+def suggestions(cfg, device_bytes: float, *, shape: Shape, lengths_of, world: int, device: str,
+                method: str = "dpo") -> list[dict]:
     """Each suggestion's overrides on top of `cfg` (the earlier ones' too, unless the lean preset replaces them),
     its estimate and whether it fits `device_bytes` with its heap allowance, up to the first that fits; then
     halving micro_batch_size.
@@ -327,7 +351,7 @@ def suggestions(cfg, device_bytes: float, *, shape: Shape, lengths_of, world: in
             trial = _with(cfg, overrides)
         except ConfigError:
             return None
-        est = estimate(trial, lengths=lengths_of(trial), shape=shape, world=world, device=device)
+        est = estimate(trial, lengths=lengths_of(trial), shape=shape, world=world, device=device, method=method)
         return {"label": label, "overrides": list(overrides), "peak": est.peak, "heap_allowance": est.heap_allowance,
                 "fits": est.bound <= device_bytes, "micro_batch_size": trial.train.micro_batch_size}
 
@@ -336,7 +360,8 @@ def suggestions(cfg, device_bytes: float, *, shape: Shape, lengths_of, world: in
 
     rows: list[dict] = []
     accumulated: list[str] = []
-    best = estimate(cfg, lengths=lengths_of(cfg), shape=shape, world=world, device=device).bound  # to be lowered
+    best = estimate(cfg, lengths=lengths_of(cfg), shape=shape, world=world, device=device,
+                    method=method).bound  # to be lowered
     for label, extra in SUGGESTIONS:
         trying = extra if "train.preset=lean" in extra else accumulated + extra
         r = row(label, trying)
@@ -395,6 +420,9 @@ def add_estimate(sub):
     p.add_argument("--from-data", action="store_true",
                    help="activations for the largest micro-batch of data.train (reads the tokenizer and the data) "
                         "instead of the configured worst case")
+    p.add_argument("--method", choices=tuple(METHODS), default="dpo",
+                   help="the method the config trains (what its step holds: a reference, one or two completions "
+                        "an item, an LM head or a scalar one); default dpo")
     p.add_argument("--json", action="store_true", help="print JSON")
     return p
 
@@ -432,13 +460,13 @@ def estimate_command(args) -> int:
                                           trust_remote_code=cfg.model.trust_remote_code)
 
     def lengths_of(c):
-        return data_lengths(c, tokenizer) if tokenizer is not None else configured_lengths(c)
+        return data_lengths(c, tokenizer, args.method) if tokenizer is not None else configured_lengths(c, args.method)
 
-    est = estimate(cfg, lengths=lengths_of(cfg), shape=shape, world=args.world, device=device)
+    est = estimate(cfg, lengths=lengths_of(cfg), shape=shape, world=args.world, device=device, method=args.method)
     fits = None
     if args.device_gb:
         fits = suggestions(cfg, args.device_gb * GB, shape=shape, lengths_of=lengths_of, world=args.world,
-                           device=device) if est.bound > args.device_gb * GB else []
+                           device=device, method=args.method) if est.bound > args.device_gb * GB else []
     if args.json:
         print(json_text({"peak_bytes": est.peak, "step_bytes": est.step, "loading_bytes": est.loading,
                           "optimizer_step_bytes": est.stepping, "freed_heap_allowance_bytes": est.heap_allowance,
