@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from dpokit.config import F_DIVERGENCE
+from dpokit.config_loader import load_config
 from dpokit.objectives.registry import OBJECTIVES
 from tests.helpers import config_error as error_of
 
@@ -155,3 +156,11 @@ def test_cli_config_file_errors(data_file, no_model_loads, capsys):
     assert main(["train"]) == 2
     assert capsys.readouterr().err == ("error: data.train is required: a preference file, datasets directory or hub "
                                        "dataset name\n")
+
+
+def test_the_quickstart_config_pins_the_precision_the_docs_measured():
+    """precision=auto is bf16 autocast on CPUs with AMX: the quickstart's figures hold on any CPU in fp32."""
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs/quickstart.yaml", [f"data.train={root / 'data/quickstart/train.jsonl'}",
+                                                         f"data.eval={root / 'data/quickstart/eval.jsonl'}"])
+    assert cfg.train.precision == "fp32"

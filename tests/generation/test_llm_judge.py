@@ -235,8 +235,9 @@ def test_evaluate_against_chosen_completions(tiny_model_dir, heldout, tmp_path, 
     assert main(["evaluate", tiny_model_dir, "--reference", tiny_model_dir, "--prompts", str(heldout),
                  "--against", "chosen", "--judge", "llm", "--judge-model", saying(" A"),
                  "--judge-option", "max_new_tokens=1", "--n", "2", "--max-new-tokens", "4", "--out", str(out)]) == 0
-    saved = json.loads(out.read_text())
+    saved = json.loads(out.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in {out}"))
     assert saved["against"] == "chosen" and saved["win_rate"]["mean"] == 0.5 and saved["judge"] == "llm"
+    assert saved["reward_policy"]["mean"] is None  # a pairwise judge has no rewards: null, not NaN
     assert "win rate vs the chosen completions" in capsys.readouterr().out
 
     # best-of-N needs scores: refused before anything is sampled
