@@ -28,6 +28,7 @@ from dpokit.generation.jsonl import ResumableJsonl
 from dpokit.generation.prompts import Prompt, as_model_input, read_prompts
 from dpokit.generation.settings import SamplingSettings
 from dpokit.logps import CompletionLogProbs, logps_table
+from dpokit.rundir import load_tokenizer_for
 
 
 @dataclass
@@ -122,8 +123,6 @@ class Sampler:
     @classmethod
     def load(cls, name: str, settings: SamplingSettings, *, device: str = "auto", dtype: str = "float32",
              tokenizer_from: str | None = None) -> Sampler:
-        from dpokit.rundir import load_tokenizer_for
-
         tokenizer = load_tokenizer_for(name, fallback=tokenizer_from)
         model = models.load_model(name, dtype=dtype).to(pick_device(device)).eval()
         return cls(model, tokenizer, settings)

@@ -54,6 +54,7 @@ from dpokit.distributed import pick_device
 from dpokit.errors import ConfigError, DataError
 from dpokit.generation.jsonl import meta_path, read_jsonl, read_meta, write_jsonl
 from dpokit.generation.judges import Judge, score_rows
+from dpokit.generation.llm_judge import pairwise_win_rate
 from dpokit.generation.prompts import Prompt
 from dpokit.generation.sampling import Completion, PromptSamples, Sampler, SamplingSettings
 from dpokit.logps import CompletionLogProbs, logps_table
@@ -290,8 +291,6 @@ class Evaluator:
         """Win rate of the samples `texts` (their `scores` from a pointwise judge) against the opponents:
         the reference's samples or the chosen completions."""
         if self.pairwise:
-            from dpokit.generation.llm_judge import pairwise_win_rate
-
             opponents = ([[c] for c in self.chosen] if self.chosen is not None
                          else [r["completions"] for r in self.reference_rows])
             return mean_over_prompts(pairwise_win_rate(self.judge, self.prompts, texts, opponents))
