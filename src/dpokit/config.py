@@ -191,6 +191,13 @@ class PPOSection:
                                  "normalise the reward model so on reference samples); false: scores as given")
 
 
+@dataclass
+class GenerationSection:
+    backend: str = opt("transformers", "what samples completions during training (PPO's rollouts, train.sample_every): "
+                       "transformers (model.generate on the live policy); the seam a vLLM backend plugs into, "
+                       "dpokit.generation.backends", choices=("transformers",))
+
+
 OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit", "rmsprop")
 # train.preset: each preset's settings, applied to the keys the user did not set. `batch_size` stands for the value
 # of train.batch_size (one forward pass per update: optimizer_in_backward allows no gradient accumulation).
@@ -304,6 +311,7 @@ SECTIONS: dict[str, type] = {
     "reference": ReferenceSection,
     "reward": RewardSection,
     "ppo": PPOSection,
+    "generation": GenerationSection,
     "train": TrainSection,
     "checkpoint": CheckpointSection,
     "output": OutputSection,
@@ -320,6 +328,7 @@ class Config:
     reference: ReferenceSection = field(default_factory=ReferenceSection)
     reward: RewardSection = field(default_factory=RewardSection)
     ppo: PPOSection = field(default_factory=PPOSection)
+    generation: GenerationSection = field(default_factory=GenerationSection)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     output: OutputSection = field(default_factory=OutputSection)

@@ -108,7 +108,7 @@ def test_prompt_files_in_every_format(tmp_path):
 
 
 def test_left_padding_does_not_change_what_a_prompt_generates(tiny):
-    from dpokit.generation.sampling import generate
+    from dpokit.generation.backends import generate
 
     model, tok = tiny
     short, long = tok("The plot")["input_ids"], tok("My wife and I saw the musical last night and")["input_ids"]

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from dpokit.generation.sampling import completion_logps, generate
+from dpokit.generation.backends import generate
+from dpokit.generation.sampling import completion_logps
 from dpokit.pipeline.evaluate import mean_over_prompts, preference_accuracy, sequence_kl, win_rate
 from tests.helpers import tiny_llama
 

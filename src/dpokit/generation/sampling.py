@@ -19,68 +19,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from dpokit import models
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.distributed import pick_device
+from dpokit.generation.backends import Completion, TransformersBackend, stop_token_ids
 from dpokit.generation.jsonl import ResumableJsonl
 from dpokit.generation.prompts import Prompt, as_model_input, read_prompts
 from dpokit.generation.settings import SamplingSettings
 from dpokit.logps import CompletionLogProbs, logps_table
 from dpokit.rundir import load_tokenizer_for
-
-
-@dataclass
-class Completion:
-    ids: tuple[int, ...]  # sampled ids, the stop token included when one was sampled
-    finished: bool  # ended with a stop token (else cut at max_new_tokens)
-
-
-def stop_token_ids(model, tokenizer) -> list[int]:
-    """EOS of the tokenizer and of the model's generation config (chat models often list end-of-turn too)."""
-    ids = [tokenizer.eos_token_id]
-    gen = getattr(model, "generation_config", None)
-    extra = getattr(gen, "eos_token_id", None)
-    ids += extra if isinstance(extra, list) else [extra]
-    return sorted({i for i in ids if i is not None})
-
-
-@torch.no_grad()
-def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, top_p: float, max_new_tokens: int,
-             stop_ids: Sequence[int], pad_id: int, seed: int, streamer=None, synced: bool = False) -> list[Completion]:
-    """One sampled completion per row of `prompt_ids` (repeat a prompt to get several). Every logits
-    processor but temperature and top-p is switched off, so temperature 1 / top-p 1 samples from π itself.
-    A transformers streamer (one prompt) receives the tokens as they are generated (`dpokit chat`).
-    `synced`: every process of a sharded model runs forward passes until all have finished (FSDP2 gathers
-    each layer's parameters collectively); otherwise transformers decides (DeepSpeed ZeRO-3, FSDP1)."""
-    from transformers import GenerationConfig
-
-    device = next(model.parameters()).device
-    width = max(len(p) for p in prompt_ids)
-    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for i, ids in enumerate(prompt_ids):  # left padding: every row's next token is at the same column
-        input_ids[i, width - len(ids):] = torch.tensor(list(ids))
-        attention_mask[i, width - len(ids):] = 1
-    greedy = temperature == 0
-    config = GenerationConfig(
-        do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
-        top_k=0 if not greedy else None, typical_p=1.0, min_p=None, repetition_penalty=1.0, no_repeat_ngram_size=0,
-        min_new_tokens=0, max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids), pad_token_id=pad_id,
-        num_return_sequences=1, use_cache=True,
-    )
-    model.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                             generation_config=config, streamer=streamer, synced_gpus=synced or None)
-    stops = set(stop_ids)
-    completions = []
-    for row in out[:, width:].tolist():
-        end = next((i for i, t in enumerate(row) if t in stops), None)
-        completions.append(Completion(tuple(row if end is None else row[:end + 1]), end is not None))
-    return completions
 
 
 def completion_logps(model, prompt_ids: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,
@@ -114,11 +61,13 @@ def completion_logps(model, prompt_ids: Sequence[Sequence[int]], completions: Se
 class Sampler:
     """A loaded model and tokenizer that turn prompts into sample rows."""
 
-    def __init__(self, model, tokenizer, settings: SamplingSettings):
+    def __init__(self, model, tokenizer, settings: SamplingSettings, *, backend=None):
+        """`backend`: a `backends.GenerationBackend` (default: `model.generate`, the transformers backend)."""
         self.model, self.tokenizer, self.settings = model, tokenizer, settings.check()
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.scorer = CompletionLogProbs(model)
+        self.backend = backend if backend is not None else TransformersBackend(model)
 
     @classmethod
     def load(cls, name: str, settings: SamplingSettings, *, device: str = "auto", dtype: str = "float32",
@@ -139,9 +88,9 @@ class Sampler:
         done: list[Completion] = []
         for start in range(0, len(rows), s.batch_size):
             batch = rows[start:start + s.batch_size]
-            done += generate(self.model, [ids for _, ids in batch], temperature=s.temperature, top_p=s.top_p,
-                             max_new_tokens=s.max_new_tokens, stop_ids=self.stop_ids, pad_id=self.pad_id,
-                             seed=s.seed * 1_000_003 + first_index * s.n + start)
+            done += self.backend.generate([ids for _, ids in batch], temperature=s.temperature, top_p=s.top_p,
+                                          max_new_tokens=s.max_new_tokens, stop_ids=self.stop_ids, pad_id=self.pad_id,
+                                          seed=s.seed * 1_000_003 + first_index * s.n + start)
         return [done[k * s.n:(k + 1) * s.n] for k in range(len(prompt_ids))]
 
     def logps(self, prompt_ids: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]) -> list[float]:

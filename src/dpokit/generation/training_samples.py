@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpokit.errors import ConfigError, DataError
+from dpokit.generation.backends import build_backend
 from dpokit.generation.judges import build_judge, checked_scores, parse_options
 from dpokit.generation.prompts import Prompt, as_model_input, read_prompts
 from dpokit.generation.sampling import Sampler
@@ -35,6 +36,7 @@ class TrainingSamples:
     def __init__(self, cfg, tokenizer, prompts: list[HeldOutPrompt], judge=None):
         t = cfg.train
         self.tokenizer, self.prompts, self.judge = tokenizer, prompts, judge
+        self.backend_name = cfg.generation.backend
         self.settings = SamplingSettings(n=1, temperature=t.sample_temperature, top_p=t.sample_top_p,
                                          max_new_tokens=t.sample_max_new_tokens, seed=t.seed,
                                          batch_size=len(prompts)).check()
@@ -60,7 +62,7 @@ class TrainingSamples:
         the metrics (`samples/score` with a judge, `samples/num_tokens`). The model is left in eval mode."""
         import torch
 
-        sampler = Sampler(model, self.tokenizer, self.settings)
+        sampler = Sampler(model, self.tokenizer, self.settings, backend=build_backend(self.backend_name, model))
         ids = [p.ids for p in self.prompts]
         with torch.no_grad():
             completions = [cs[0] for cs in sampler.sample_ids(ids)]

@@ -50,9 +50,9 @@ from dpokit.data.layouts import collate
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.distributed import Runtime
 from dpokit.errors import ConfigError, DataError
+from dpokit.generation.backends import build_backend, stop_token_ids
 from dpokit.generation.judges import build_judge, check_scoring_judge, checked_scores, parse_options
 from dpokit.generation.prompts import as_model_input, read_prompts
-from dpokit.generation.sampling import generate, stop_token_ids
 from dpokit.logps import CompletionLogProbs, causal_lm
 from dpokit.methods.base import Method
 from dpokit.metrics import MicroBatch
@@ -172,6 +172,7 @@ class PPO(Method):
         self.policy, self.autocast = module, autocast
         self.stop_ids = stop_token_ids(module.model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.sampler = build_backend(cfg.generation.backend, module, synced=self.rt.sharded)
         return module
 
     @torch.no_grad()
@@ -189,9 +190,9 @@ class PPO(Method):
         self.step = step
         items = [self.train_set[i] for i in item_ids]
         with self.autocast():  # the module itself: under FSDP2 its generate gathers the root's parameters
-            completions = generate(self.policy, [it.ids for it in items], temperature=1.0, top_p=1.0,
-                                   max_new_tokens=p.max_new_tokens, stop_ids=self.stop_ids, pad_id=self.pad_id,
-                                   seed=cfg.train.seed * 1_000_003 + step, synced=self.rt.sharded)
+            completions = self.sampler.generate([it.ids for it in items], temperature=1.0, top_p=1.0,
+                                                max_new_tokens=p.max_new_tokens, stop_ids=self.stop_ids,
+                                                pad_id=self.pad_id, seed=cfg.train.seed * 1_000_003 + step)
         stops = set(self.stop_ids)
         texts = [self.tokenizer.decode([t for t in c.ids if t not in stops], skip_special_tokens=True)
                  for c in completions]

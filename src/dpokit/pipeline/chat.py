@@ -24,7 +24,7 @@ class Chat:
 
     def __init__(self, model, tokenizer, *, system: str | None = None, temperature: float = 0.7, top_p: float = 0.9,
                  max_new_tokens: int = 256, seed: int = 0):
-        from dpokit.generation.sampling import stop_token_ids
+        from dpokit.generation.backends import stop_token_ids
 
         if tokenizer.chat_template is None:
             raise ConfigError("this model's tokenizer has no chat template; use `dpokit generate` to continue text")
@@ -51,7 +51,7 @@ class Chat:
     def reply(self, text: str, out: TextIO | None = None) -> str:
         """The model's answer to the user turn `text`, streamed to `out` as it is generated; both turns join
         the conversation."""
-        from dpokit.generation.sampling import generate
+        from dpokit.generation.backends import generate
 
         self.messages.append({"role": "user", "content": text})
         _, ids = as_model_input(self.messages, self.tokenizer, "chat")

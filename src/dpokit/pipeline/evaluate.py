@@ -52,11 +52,12 @@ from dpokit.data.records import Problems, read_preferences
 from dpokit.data.tokenize import TokenizedPair, TokenizeSettings, tokenize_records
 from dpokit.distributed import pick_device
 from dpokit.errors import ConfigError, DataError
+from dpokit.generation.backends import Completion
 from dpokit.generation.jsonl import meta_path, read_jsonl, read_meta, write_jsonl
 from dpokit.generation.judges import Judge, score_rows
 from dpokit.generation.llm_judge import pairwise_win_rate
 from dpokit.generation.prompts import Prompt
-from dpokit.generation.sampling import Completion, PromptSamples, Sampler, SamplingSettings
+from dpokit.generation.sampling import PromptSamples, Sampler, SamplingSettings
 from dpokit.logps import CompletionLogProbs, logps_table
 from dpokit.rundir import default_reference
 from dpokit.storage import json_text
