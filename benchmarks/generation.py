@@ -1,0 +1,200 @@
+"""Generation speed: dpokit's sampling path against plain `model.generate`, on the same model and prompts.
+
+    .venv/bin/python benchmarks/generation.py                       # the grid below, fp32 and bf16
+    .venv/bin/python benchmarks/generation.py --batch-sizes 16 128 --new-tokens 16 --dtypes float32
+
+For each cell (batch size × new tokens × dtype) it times, on the same prompts (the sentiment openings, each
+repeated to fill the batch):
+- `plain generate`: transformers' `model.generate`, default dynamic cache, sampling at temperature 1 with
+  every other logits processor off (the same distribution dpokit samples from), generation alone;
+- `dpokit generate`: the transformers backend of `dpokit.generation.backends` (what PPO's rollouts and the
+  samples during training call), generation alone;
+- `dpokit sample`: `Sampler.sample`, what `dpokit sample` runs per batch: generation, the log-prob of each
+  completion under the model (a second forward pass), decoding;
+- llama.cpp on the same GGUF, where `llama_cpp` is installed (else the row says why it is skipped).
+
+It prints completions/s and generated tokens/s of each, the matmul floor (2 × parameters FLOPs per
+generated token at the measured matmul peak of this dtype), and the sample distribution of plain generate
+and dpokit: the mean log-prob of the samples under the model and the judge's mean reward (VADER), each with
+its standard error, which must agree within noise. Results go to benchmarks/results/generation-<date>.json.
+Run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from dpokit import models
+from dpokit.generation.backends import TransformersBackend, stop_token_ids
+from dpokit.generation.judges import build_judge, checked_scores
+from dpokit.generation.prompts import as_model_input, read_prompts
+from dpokit.generation.sampling import Sampler, SamplingSettings, completion_logps
+from dpokit.storage import json_text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 1.0) -> float:
+    """FLOP/s of a square matmul in `dtype` on the CPU."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    return 2 * size ** 3 * n / (time.perf_counter() - start)
+
+
+def plain_generate(model, input_ids, attention_mask, *, max_new_tokens: int, pad_id: int, stop_ids, seed: int):
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
+                              eos_token_id=list(stop_ids), pad_token_id=pad_id)
+    torch.manual_seed(seed)
+    return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+
+
+def left_pad(prompt_ids, pad_id):
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompt_ids):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def cut(rows, stops):
+    out = []
+    for row in rows:
+        end = next((i for i, t in enumerate(row) if t in stops), None)
+        out.append(row if end is None else row[:end + 1])
+    return out
+
+
+def mean_se(values):
+    values = [v for v in values if math.isfinite(v)]
+    if len(values) < 2:
+        return {"mean": values[0] if values else None, "se": None}
+    return {"mean": statistics.fmean(values), "se": statistics.stdev(values) / math.sqrt(len(values))}
+
+
+def cell(model, tokenizer, judge, prompts, *, batch: int, new_tokens: int, calls: int, seed: int = 0) -> dict:
+    stops = stop_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    encoded = [as_model_input(p, tokenizer, "none") for p in prompts]
+    backend = TransformersBackend(model)
+    settings = SamplingSettings(n=1, max_new_tokens=new_tokens, batch_size=batch, template="none", seed=seed)
+    sampler = Sampler(model, tokenizer, settings)
+    out = {"batch_size": batch, "new_tokens": new_tokens, "calls": calls}
+    samples = {"plain generate": [], "dpokit generate": []}
+    for name in ("plain generate", "dpokit generate", "dpokit sample"):
+        tokens = completions = 0
+        start = time.perf_counter()
+        for k in range(calls):
+            chunk = [encoded[(k * batch + i) % len(encoded)] for i in range(batch)]
+            ids = [c[1] for c in chunk]
+            if name == "plain generate":
+                input_ids, mask = left_pad(ids, pad_id)
+                rows = plain_generate(model, input_ids, mask, max_new_tokens=new_tokens, pad_id=pad_id,
+                                      stop_ids=stops, seed=seed + k)[:, input_ids.shape[1]:].tolist()
+                got = cut(rows, set(stops))
+            elif name == "dpokit generate":
+                got = [c.ids for c in backend.generate(ids, temperature=1.0, top_p=1.0, max_new_tokens=new_tokens,
+                                                      stop_ids=stops, pad_id=pad_id, seed=seed + k)]
+            else:  # generation, each completion's log-prob and its text: one `dpokit sample` batch
+                rows = sampler.sample([c[0] for c in chunk], first_index=k * batch)
+                got = [()] * len(rows)
+                tokens += sum(r["num_tokens"][0] for r in rows)
+            tokens += sum(len(g) for g in got)
+            completions += len(got)
+            if name in samples:
+                samples[name] += [(chunk[i][0], ids[i], got[i]) for i in range(len(got))]
+        seconds = time.perf_counter() - start
+        out[name] = {"seconds": seconds, "completions_per_s": completions / seconds, "tokens_per_s": tokens / seconds,
+                     "tokens": tokens}
+    # the same distribution: log-probs of the samples under the model, and the judge's reward
+    for name, drawn in samples.items():
+        logps = completion_logps(model, [d[1] for d in drawn], [d[2] for d in drawn], pad_id=pad_id,
+                                 batch_size=max(2, batch))
+        texts = [tokenizer.decode([t for t in d[2] if t not in stops], skip_special_tokens=True) for d in drawn]
+        rewards = checked_scores(judge, [d[0] for d in drawn], texts)
+        out[name]["logp"] = mean_se(logps)
+        out[name]["reward"] = mean_se(rewards)
+    return out
+
+
+def llama_cpp_row() -> dict:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return {"skipped": "llama-cpp-python is not installed here (PyPI's package builds llama.cpp from source "
+                           "with cmake and a C++ compiler at install time; not part of dpokit's set-up)"}
+    return {"skipped": "llama_cpp is installed, but its row is not implemented yet"}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=models.DEFAULT_MODEL)
+    parser.add_argument("--prompts", default=str(ROOT / "data/sentiment/prompts_train.jsonl"))
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 128])
+    parser.add_argument("--new-tokens", type=int, nargs="+", default=[16, 128])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--completions", type=int, default=256,
+                        help="completions per cell and path, at least one batch (default 256)")
+    parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/generation-<date>.json)")
+    args = parser.parse_args(argv)
+
+    from measure import machine, versions
+
+    tokenizer = models.load_tokenizer(args.model)
+    prompts = read_prompts(args.prompts)
+    judge = build_judge("sentiment")
+    params = None
+    report = {"date": datetime.date.today().isoformat(), "machine": machine("cpu"), "versions": versions(),
+              "model": args.model, "prompts": args.prompts, "cells": [], "llama.cpp": llama_cpp_row()}
+    print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, flags "
+          f"{' '.join(report['machine']['cpu_flags'])}")
+    for dtype_name in args.dtypes:
+        dtype = models.torch_dtype(dtype_name)
+        model = models.load_model(args.model, dtype=dtype_name).eval()
+        params = sum(p.numel() for p in model.parameters())
+        peak = matmul_peak(dtype)
+        print(f"\n{dtype_name}: matmul peak {peak / 1e9:.0f} GFLOP/s; floor = 2 × {params / 1e6:.0f}M FLOPs a token")
+        for new_tokens in args.new_tokens:
+            for batch in args.batch_sizes:
+                calls = max(1, args.completions // batch)
+                with torch.no_grad():
+                    r = cell(model, tokenizer, judge, prompts, batch=batch, new_tokens=new_tokens, calls=calls)
+                r["dtype"] = dtype_name
+                r["matmul_peak_flops"] = peak
+                r["floor_tokens_per_s"] = peak / (2 * params)
+                report["cells"].append(r)
+                plain = r["plain generate"]["completions_per_s"]
+                line = [f"  batch {batch:>3} × {new_tokens:>3} tokens:"]
+                for name in ("plain generate", "dpokit generate", "dpokit sample"):
+                    x = r[name]
+                    line.append(f"{name} {x['completions_per_s']:7.1f} compl/s {x['tokens_per_s']:7.0f} tok/s "
+                                f"({x['completions_per_s'] / plain:.2f}×)")
+                print(" | ".join(line) + f" | floor {r['floor_tokens_per_s']:.0f} tok/s")
+                p, d = r["plain generate"], r["dpokit generate"]
+                print(f"    same distribution: log-prob {p['logp']['mean']:.2f}±{p['logp']['se']:.2f} vs "
+                      f"{d['logp']['mean']:.2f}±{d['logp']['se']:.2f}; reward {p['reward']['mean']:.3f}±"
+                      f"{p['reward']['se']:.3f} vs {d['reward']['mean']:.3f}±{d['reward']['se']:.3f}")
+        del model
+    print(f"\nllama.cpp: {report['llama.cpp']}")
+    out = Path(args.out or ROOT / f"benchmarks/results/generation-{report['date']}.json")
+    out.write_text(json_text(report, indent=1) + "\n")
+    print(f"written: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
