@@ -149,6 +149,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--completions", type=int, default=256,
                         help="completions per cell and path, at least one batch (default 256)")
+    parser.add_argument("--max-calls", type=int, default=16,
+                        help="generate calls per cell and path at the most (batch 1: 16 completions; default 16)")
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/generation-<date>.json)")
     args = parser.parse_args(argv)
 
@@ -170,7 +172,7 @@ def main(argv=None) -> int:
         print(f"\n{dtype_name}: matmul peak {peak / 1e9:.0f} GFLOP/s; floor = 2 × {params / 1e6:.0f}M FLOPs a token")
         for new_tokens in args.new_tokens:
             for batch in args.batch_sizes:
-                calls = max(1, args.completions // batch)
+                calls = max(1, min(args.completions // batch, args.max_calls))
                 with torch.no_grad():
                     r = cell(model, tokenizer, judge, prompts, batch=batch, new_tokens=new_tokens, calls=calls)
                 r["dtype"] = dtype_name
