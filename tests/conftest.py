@@ -95,3 +95,11 @@ def data_file(tmp_path, monkeypatch) -> str:
     monkeypatch.chdir(tmp_path)
     Path("pairs.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n', encoding="utf-8")
     return "pairs.jsonl"
+
+
+@pytest.fixture(scope="session")
+def peaked_model_dir(tmp_path_factory, tokenizer) -> str:
+    """The tiny Llama with large initial weights: a peaked next-token distribution (entropy ≈ 2.4 nats
+    instead of the uniform 10.8 over 49k tokens), so a few dozen small batches can move it."""
+    path = tmp_path_factory.mktemp("tiny-peaked")
+    return helpers.tiny_model_dir(path, tokenizer, initializer_range=1.0)

@@ -1,7 +1,7 @@
 """Run under torchrun by tests/test_distributed.py: several trainings in one process group.
 
 usage: torchrun --nproc-per-node 2 tests/distributed_worker.py RUNS.json
-RUNS.json: {"name": [override, ...], ...}; a name starting "sft-", "reward-" or "ppo-" trains that method
+RUNS.json: {"name": [override, ...], ...}; a name starting "sft-", "reward-", "ppo-" or "online-" trains that method
 (DPO otherwise); a name ending in "-crash" raises at step 2 (both ranks, after the step-2 checkpoint), then the
 same run resumes to the end.
 """
@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from dpokit.config_loader import load_config
 from dpokit.methods.dpo import DPO
+from dpokit.methods.online_dpo import OnlineDPO
 from dpokit.methods.ppo import PPO
 from dpokit.methods.reward import RewardModel
 from dpokit.methods.sft import SFT
@@ -21,7 +22,7 @@ from dpokit.trainer import Trainer, train
 
 
 def method_of(name: str) -> type:
-    return {"sft": SFT, "reward": RewardModel, "ppo": PPO}.get(name.split("-")[0], DPO)
+    return {"sft": SFT, "reward": RewardModel, "ppo": PPO, "online": OnlineDPO}.get(name.split("-")[0], DPO)
 
 
 def main() -> None:

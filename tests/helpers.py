@@ -27,9 +27,9 @@ def tiny_llama(vocab_size: int = 49152, seed: int = 0, **overrides):
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
 
 
-def tiny_model_dir(path: Path, tokenizer, seed: int = 0) -> str:
-    """`tiny_llama(seed)` with the SmolLM2 tokenizer, saved as an HF directory the trainer loads by path."""
-    tiny_llama(seed=seed).save_pretrained(path)
+def tiny_model_dir(path: Path, tokenizer, seed: int = 0, **overrides) -> str:
+    """`tiny_llama(seed, **overrides)` with the SmolLM2 tokenizer, saved as an HF directory the trainer loads."""
+    tiny_llama(seed=seed, **overrides).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 
@@ -51,7 +51,7 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-def crash_then_resume(cfg, monkeypatch, *, at_step: int = 3):
+def crash_then_resume(cfg, monkeypatch, *, at_step: int = 3, method: str | type = "dpo"):
     """Train `cfg` until a crash inside step `at_step` (the checkpoints before it written), then resume it
     in the same process: the resumed run's result, to compare with an uninterrupted run."""
     from dpokit.trainer import Trainer, train
@@ -65,9 +65,9 @@ def crash_then_resume(cfg, monkeypatch, *, at_step: int = 3):
 
     monkeypatch.setattr(Trainer, "train_step", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(cfg)
+        train(cfg, method=method)
     monkeypatch.setattr(Trainer, "train_step", real_step)
-    return train(cfg, resume=True)
+    return train(cfg, resume=True, method=method)
 
 
 def resume_matches_uninterrupted(cfg, method: str | type = "dpo"):

@@ -35,7 +35,9 @@ METHOD_CASES = {f"{method}-{strategy}": [f"distributed.strategy={strategy}", *ex
                 for method, extra in (("sft", ["data.use=chosen"]), ("reward", []),
                                       ("reward-lora", ["lora.enabled=true", "lora.r=4", "train.lr=5e-3"]),
                                       ("ppo", ["ppo.judge=length", "ppo.max_new_tokens=8", "ppo.template=none",
-                                               "ppo.minibatch_size=2", "ppo.epochs=2", "train.precision=fp32"]))
+                                               "ppo.minibatch_size=2", "ppo.epochs=2", "train.precision=fp32"]),
+                                      ("online", ["online.judge=length", "online.max_new_tokens=8",
+                                                  "online.template=none", "online.samples=3", "train.precision=fp32"]))
                 for strategy in ("ddp", "fsdp")}
 
 

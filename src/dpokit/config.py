@@ -192,6 +192,30 @@ class PPOSection:
 
 
 @dataclass
+class OnlineSection:
+    judge: str | None = opt(None, "dpokit online: the judge that ranks each prompt's samples, any judge (sentiment, length, "
+                            "keywords, module:function, llm with mode=score) or a trained reward model (reward-model "
+                            "with judge_model DIR)")
+    judge_model: str | None = opt(None, "dpokit online: the judge's model (a reward model's directory or hub id)")
+    judge_options: list[str] = opt([], "dpokit online: the judge's key=value options (as --judge-option)")
+    template: str = opt("auto", "dpokit online: chat template for the prompts (data.train): auto applies it to "
+                        "conversations, and to string prompts when the model has one; none continues plain text",
+                        choices=("auto", "chat", "none"))
+    samples: int = opt(2, "dpokit online: K, completions sampled per prompt at every step from the current policy "
+                       "(Guo et al. 2024: 2)", min=2)
+    pairing: str = opt("best-vs-worst", "dpokit online: which pairs train: best-vs-worst (one a prompt) or all-pairs "
+                       "(every two samples of a prompt)", choices=("best-vs-worst", "all-pairs"))
+    margin: float = opt(0.0, "dpokit online: drop pairs whose scores differ by less than this; ties are always dropped "
+                        "(and counted, as every dropped pair)", min=0.0)
+    temperature: float = opt(1.0, "dpokit online: sampling temperature", min=0.0, min_exclusive=True)
+    top_p: float = opt(1.0, "dpokit online: nucleus mass, 1 for off", min=0.0, min_exclusive=True, max=1.0)
+    max_new_tokens: int = opt(53, "dpokit online: most tokens a sample", min=1)
+    missing_eos_penalty: float | None = opt(None, "dpokit online: subtracted from the score of a sample cut at "
+                                            "max_new_tokens without EOS (as ppo.missing_eos_penalty); null: none",
+                                            min=0.0)
+
+
+@dataclass
 class GenerationSection:
     backend: str = opt("transformers", "what samples completions during training (PPO's rollouts, train.sample_every): "
                        "transformers (model.generate on the live policy); the seam a vLLM backend plugs into, "
@@ -311,6 +335,7 @@ SECTIONS: dict[str, type] = {
     "reference": ReferenceSection,
     "reward": RewardSection,
     "ppo": PPOSection,
+    "online": OnlineSection,
     "generation": GenerationSection,
     "train": TrainSection,
     "checkpoint": CheckpointSection,
@@ -328,6 +353,7 @@ class Config:
     reference: ReferenceSection = field(default_factory=ReferenceSection)
     reward: RewardSection = field(default_factory=RewardSection)
     ppo: PPOSection = field(default_factory=PPOSection)
+    online: OnlineSection = field(default_factory=OnlineSection)
     generation: GenerationSection = field(default_factory=GenerationSection)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)

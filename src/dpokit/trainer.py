@@ -243,9 +243,13 @@ class Trainer:
         if applied:
             self.scheduler.step()
         unit = self.method.unit
-        row = rows[0] if len(rows) == 1 else {
-            k: (sum(r[k] for r in rows) if k in (unit, "tokens") else sum(r[k] for r in rows) / len(rows))
-            for k in rows[0]}
+        if not rows:  # the method had nothing to train on this step (online DPO kept no pair)
+            row = {unit: 0, "tokens": 0}
+        elif len(rows) == 1:
+            row = rows[0]
+        else:
+            row = {k: (sum(r[k] for r in rows) if k in (unit, "tokens") else sum(r[k] for r in rows) / len(rows))
+                   for k in rows[0]}
         row.update(extra)
         seconds = time.perf_counter() - start
         row.update({"step": self.step + 1, "epoch": (self.step + 1) / self.steps_per_epoch, "lr": lr,

@@ -15,19 +15,9 @@ from dpokit.distributed import Runtime
 from dpokit.methods.ppo import PPO
 from dpokit.metrics import read_metrics
 from dpokit.trainer import train
-from tests.helpers import tiny_llama, write_jsonl
+from tests.helpers import write_jsonl
 
 PROMPTS = ["The movie was", "I think that", "This film is", "My review:"]
-
-
-@pytest.fixture(scope="module")
-def peaked_model_dir(tmp_path_factory, tokenizer) -> str:
-    """The tiny Llama with large initial weights: a peaked next-token distribution (entropy ≈ 2.4 nats
-    instead of the uniform 10.8 over 49k tokens), so a few dozen small batches can move it."""
-    path = tmp_path_factory.mktemp("tiny-peaked")
-    tiny_llama(seed=0, initializer_range=1.0).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture

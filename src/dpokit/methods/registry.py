@@ -29,6 +29,9 @@ METHODS: dict[str, MethodInfo] = {
     "reward": MethodInfo("dpokit.methods.reward:RewardModel", "reward",
                          "train a Bradley–Terry reward model on preference pairs", "Reward model"),
     "ppo": MethodInfo("dpokit.methods.ppo:PPO", "ppo", "RLHF with PPO against a judge or a reward model", "PPO"),
+    "online_dpo": MethodInfo("dpokit.methods.online_dpo:OnlineDPO", "online",
+                             "online DPO: pairs sampled from the current policy and ranked by a judge at every step",
+                             "Online DPO"),
 }
 BY_COMMAND = {info.command: name for name, info in METHODS.items()}
 

@@ -1,0 +1,170 @@
+"""Online DPO on the shared loop (Guo et al. 2024, "Direct Language Model Alignment from Online AI
+Feedback"; TRL's OnlineDPOTrainer): the preference pairs of each step come from the current policy.
+
+One loop step on `train.batch_size` prompts of `data.train` (a prompt file, as PPO's):
+
+1. `prepare` (no gradients): `online.samples` = K completions per prompt sampled from the policy itself
+   (`online.temperature`, `online.top_p`, `online.max_new_tokens`, seeded by the step, through the
+   generation backend); the judge scores each (`online.judge`: any judge, a reward model, or the llm
+   judge in score mode), less `online.missing_eos_penalty` for a sample cut without EOS; each prompt's
+   samples become pairs (`online.pairing`: best-vs-worst, or all pairs) by `generation.pairs`, which
+   drops, and counts, ties, pairs under `online.margin`, empty and identical samples (TRL keeps ties).
+   The samples' KL to the reference, Σ_t (log π − log π_ref) on the sampled tokens as PPO logs it, is
+   measured on the way.
+2. One optimizer update over the step's kept pairs with the configured pair objective (`objective.loss`,
+   β, every option of the DPO family), against a reference frozen at the start or moved by TR-DPO
+   (`reference.sync_every`): `methods.dpo.DPO`'s models, objective and reference, reused. A step that keeps
+   no pair makes no update (its metrics say so).
+
+Metrics: the step's `reward` (the judge's mean over all samples), `kl`, `pairs` kept, `dropped/<reason>`,
+and DPO's loss and reward metrics over the kept pairs. Under several processes every rank samples the whole
+batch with the same seeds and trains on its share of the pairs; a resumed run replays a step exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dpokit import reference
+from dpokit.config import Config
+from dpokit.data.layouts import collate
+from dpokit.data.tokenize import TokenizedPair
+from dpokit.distributed import Runtime
+from dpokit.errors import ConfigError, DataError
+from dpokit.generation.backends import build_backend, stop_token_ids
+from dpokit.generation.judges import build_judge, check_scoring_judge, checked_scores, parse_options
+from dpokit.generation.pairs import PairCounts, preference_pairs
+from dpokit.generation.prompts import as_model_input, read_prompts
+from dpokit.methods.dpo import DPO
+from dpokit.methods.ppo import PromptItem
+from dpokit.metrics import PAIR_SUMS, MicroBatch, pair_sums
+from dpokit.objectives.losses import build_objective
+from dpokit.objectives.registry import OBJECTIVES
+
+
+class OnlineDPO(DPO):
+    name = "online_dpo"
+    unit = "pairs"
+    metric_names = PAIR_SUMS
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        """The online section, and the objectives and references that apply to pairs made at every step."""
+        super(DPO, cls).check(cfg)
+        o = cfg.online
+        if o.judge is None:
+            raise ConfigError("dpokit online needs a judge to rank its samples: online.judge=sentiment|length|"
+                              "keywords|module:function, or online.judge=reward-model with online.judge_model=DIR")
+        check_scoring_judge(o.judge, o.judge_options, "online.judge")
+        single = [n for n in cfg.objective.losses if OBJECTIVES[n].single_completions]
+        if single:
+            raise ConfigError(f"objective.loss={single[0]} trains on single completions; dpokit online makes pairs")
+        if cfg.reference.strategy not in ("auto", "copy", "adapters", "none"):
+            raise ConfigError(f"reference.strategy={cfg.reference.strategy} does not apply to dpokit online: its pairs "
+                              "are new at every step; use auto, copy or adapters (LoRA)")
+
+    def __init__(self, cfg: Config, runtime: Runtime, tokenizer):
+        self.cfg, self.rt, self.tokenizer = cfg, runtime, tokenizer
+        o = cfg.online
+        self.judge = build_judge(o.judge, model=o.judge_model, options=parse_options(o.judge_options,
+                                                                                      "online.judge_options"))
+        items = []
+        for k, prompt in enumerate(read_prompts(cfg.data.train)):
+            stored, ids = as_model_input(prompt, tokenizer, o.template)
+            keep = cfg.data.max_prompt_length  # an over-long prompt keeps its end, the text the model continues
+            items.append(PromptItem(stored, tuple(ids[-keep:]), f"{cfg.data.train}:{k + 1}"))
+        if not items:
+            raise DataError(f"{cfg.data.train}: no prompts")
+        self.train_set, self.eval_set = items, []
+        self.data = None  # no fixed pairs: the reference is never precomputed
+        self.kto, self.weights, self.labels = False, None, {}
+        self.objective = build_objective(cfg.objective)
+        self.reference: reference.Reference = reference.NoReference()
+        self.policy = None
+        self.pairs: list[TokenizedPair] = []
+
+    def build(self, *, precision: str, autocast, resume_from, echo):
+        policy = super().build(precision=precision, autocast=autocast, resume_from=resume_from, echo=echo)
+        self.autocast = autocast
+        self.stop_ids = stop_token_ids(policy.model, self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.sampler = build_backend(self.cfg.generation.backend, policy, synced=self.rt.sharded)
+        return policy
+
+    # ----------------------------------------------------------------------------------- samples → pairs
+
+    @torch.no_grad()
+    def prepare(self, policy, item_ids: list[int], step: int) -> dict:
+        """K samples of each prompt of `item_ids`, scored and paired; returns the step's sample metrics."""
+        metrics = super().prepare(policy, item_ids, step)  # TR-DPO: the reference follows first
+        cfg, o = self.cfg, self.cfg.online
+        items = [self.train_set[i] for i in item_ids]
+        rows = [it for it in items for _ in range(o.samples)]
+        with self.autocast():
+            samples = self.sampler.generate([it.ids for it in rows], temperature=o.temperature, top_p=o.top_p,
+                                            max_new_tokens=o.max_new_tokens, stop_ids=self.stop_ids,
+                                            pad_id=self.pad_id, seed=cfg.train.seed * 1_000_003 + step)
+        stops = set(self.stop_ids)
+        texts = [self.tokenizer.decode([t for t in c.ids if t not in stops], skip_special_tokens=True)
+                 for c in samples]
+        raw = checked_scores(self.judge, [it.prompt for it in rows], texts)
+        penalty = o.missing_eos_penalty or 0.0
+        scores = [s - (penalty if not c.finished else 0.0) for s, c in zip(raw, samples)]
+        self.pairs, counts = [], PairCounts()
+        for k, it in enumerate(items):
+            span = range(k * o.samples, (k + 1) * o.samples)
+            chosen_rejected, c = preference_pairs([scores[i] for i in span], mode=o.pairing, margin=o.margin,
+                                                  texts=[texts[i] for i in span])
+            counts.add(c)
+            for a, b in chosen_rejected:
+                self.pairs.append(TokenizedPair(it.ids, samples[span[a]].ids, samples[span[b]].ids, it.source))
+        metrics.update({"reward": sum(raw) / len(raw), "kl": self._kl(rows, samples),
+                        "eos_fraction": sum(c.finished for c in samples) / len(samples),
+                        "completion_length": sum(len(c.ids) for c in samples) / len(samples),
+                        "pairs_kept": float(counts.pairs),
+                        **{f"dropped/{k}": float(v) for k, v in counts.dropped.items()}})
+        return metrics
+
+    def _kl(self, rows: list[PromptItem], samples) -> float:
+        """Mean over the samples of Σ_t (log π − log π_ref) on their tokens (PPO's `kl`); 0 without a reference."""
+        if isinstance(self.reference, reference.NoReference):
+            return 0.0
+        total, mb = 0.0, self.cfg.train.micro_batch_size
+        singles = [TokenizedPair(it.ids, c.ids, (), it.source) for it, c in zip(rows, samples)]
+        for s in range(0, len(singles), mb):
+            chunk = singles[s:s + mb]
+            batch = collate(chunk, list(range(s, s + len(chunk))), self.cfg.train.layout, self.pad_id)
+            batch = batch.to(self.rt.device)
+            with self.autocast():
+                total += (self.policy(batch).chosen - self.reference.logps(batch, "train").chosen).double().sum().item()
+        return total / len(singles)
+
+    def updates(self, item_ids: list[int]) -> list[list[int]]:
+        """One update over the step's kept pairs (none when every pair was dropped)."""
+        return [list(range(len(self.pairs)))] if self.pairs else []
+
+    def forward(self, policy, ids: list[int], split: str) -> MicroBatch:
+        """The objective on pairs `ids` of the step's samples; `policy` may be DDP/FSDP-wrapped."""
+        batch = collate([self.pairs[j] for j in ids], ids, self.cfg.train.layout, self.pad_id).to(self.rt.device)
+        logps = policy(batch)
+        out = self.objective(logps, self.reference.logps(batch, split), None)
+        return MicroBatch(out.losses, pair_sums(out, logps), batch.num_tokens)
+
+    # ----------------------------------------------------------------------------------- reports
+
+    def describe(self) -> str:
+        o, obj = self.cfg.online, self.cfg.objective
+        return (f"online DPO: {o.samples} samples a prompt judged by {self.judge.name}, {o.pairing} pairs, objective "
+                f"{obj.name} β={obj.beta}, reference {self.reference.name}")
+
+    def summary(self) -> str:
+        return (f"{len(self.train_set)} prompts from {self.cfg.data.train}; {self.cfg.online.samples} samples a prompt "
+                f"of up to {self.cfg.online.max_new_tokens} tokens")
+
+    def write_report(self, run_dir) -> None:
+        return None
+
+    def card(self, config: dict, base_model: str, contents: str) -> tuple[str, str]:
+        title, how = super().card(config, base_model, contents)
+        return title, how.replace("Trained with Direct Preference Optimization", "Trained with online DPO (pairs sampled "
+                                  "from the policy and ranked by a judge at every step)")

@@ -1,0 +1,83 @@
+"""Online DPO: pairs sampled from the current policy and ranked by a judge at every step."""
+
+from __future__ import annotations
+
+import pytest
+
+from dpokit.config_loader import load_config
+from dpokit.errors import ConfigError
+from dpokit.metrics import read_metrics
+from dpokit.trainer import train
+from tests.helpers import crash_then_resume, write_jsonl
+
+PROMPTS = ["The movie was", "I think that", "This film is", "My review:"]
+
+
+@pytest.fixture
+def online_config(tmp_path, peaked_model_dir):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS * 2])
+
+    def make(*overrides: str):
+        base = [f"model.name={peaked_model_dir}", f"data.train={prompts}", f"output.dir={tmp_path / 'run'}",
+                "online.judge=length", "online.samples=4", "online.max_new_tokens=8", "online.template=none",
+                "train.batch_size=8", "train.micro_batch_size=4", "train.lr=1e-3", "train.schedule=constant",
+                "train.epochs=1000", "train.max_steps=4", "checkpoint.every=0", "output.report_to=[]",
+                "train.precision=fp32", "objective.beta=0.1"]
+        return load_config(None, base + list(overrides))
+
+    return make
+
+
+@pytest.mark.slow  # 25 steps of sampling and training
+def test_online_dpo_raises_the_judges_reward(online_config):
+    """The `length` judge (words, at most 8 here): over 25 steps of 8 prompts × 4 samples the mean reward of
+    the last five steps is clearly above that of the first five (PPO's test asks the same of PPO), with every
+    step's metrics logged."""
+    result = train(online_config("train.max_steps=25", "train.lr=3e-3"), method="online_dpo")
+    rows = [r for r in read_metrics(result.run_dir) if "reward" in r]
+    assert [r["step"] for r in rows] == list(range(1, 26))
+    for key in ("reward", "kl", "pairs_kept", "dropped/tie", "dropped/below_margin", "eos_fraction", "lr"):
+        assert key in rows[0], key
+    first, last = (sum(r["reward"] for r in rs) / 5 for rs in (rows[:5], rows[-5:]))
+    assert last > first + 0.4, (first, last)  # measured 5.48 → 6.30 (AMD EPYC, fp32)
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the first samples come from the reference itself
+    assert rows[-1]["kl"] > 0.1
+
+
+def test_ties_are_dropped_and_counted_and_a_step_without_pairs_makes_no_update(online_config):
+    """A constant judge ties every pair: every step drops them all, trains on nothing and leaves the weights."""
+    result = train(online_config("online.judge=keywords", "online.judge_options=[words=zzzqqq]", "train.max_steps=2"),
+                   method="online_dpo")
+    rows = [r for r in read_metrics(result.run_dir) if "reward" in r]
+    assert [r["pairs_kept"] for r in rows] == [0, 0] and all(r["dropped/tie"] == 8 for r in rows)
+    assert all(r["pairs"] == 0 and "loss" not in r for r in rows)
+
+
+def test_online_dpo_resumes_exactly(online_config, monkeypatch):
+    cfg = online_config("train.max_steps=5", "checkpoint.every=1")
+    straight = [r for r in read_metrics(train(cfg, method="online_dpo").run_dir) if "reward" in r]
+    resumed_cfg = online_config("train.max_steps=5", "checkpoint.every=1", "output.overwrite=true")
+    crash_then_resume(resumed_cfg, monkeypatch, at_step=3, method="online_dpo")
+    resumed = [r for r in read_metrics(resumed_cfg.output.dir) if "reward" in r]
+    for a, b in zip(straight, resumed, strict=True):
+        assert (a["reward"], a["pairs_kept"]) == (b["reward"], b["pairs_kept"])
+        assert a.get("loss") == pytest.approx(b.get("loss"), abs=1e-6)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([], None),
+    (["online.judge=null"], "dpokit online needs a judge"),
+    (["online.judge=llm", "online.judge_options=[url=http://127.0.0.1:9/v1, model=m]"],
+     "online.judge scores each completion: the llm judge compares pairs"),
+    (["objective.loss=kto"], "objective.loss=kto trains on single completions"),
+    (["reference.strategy=precomputed"], "does not apply to dpokit online"),
+])
+def test_its_checks_run_before_anything_loads(online_config, overrides, message):
+    from dpokit.methods.online_dpo import OnlineDPO
+
+    cfg = online_config(*overrides)
+    if message is None:
+        OnlineDPO.check(cfg)
+        return
+    with pytest.raises(ConfigError, match=message):
+        OnlineDPO.check(cfg)
