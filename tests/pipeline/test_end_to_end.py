@@ -84,3 +84,18 @@ def test_user_errors_are_one_line(pipeline, capsys):
     assert main(["evaluate", str(pipeline / "run"), "--judge", "length"]) == 2
     assert "--prompts" in capsys.readouterr().err
     assert main(["label", str(pipeline / "samples.jsonl"), "--out", str(pipeline / "x.jsonl"), "--judge", "vader"]) == 2
+
+
+def test_a_second_judge_reports_beside_the_first(pipeline, tiny_model_dir, capsys):
+    """--also-judge: each point's mean reward and win rate by another judge, in the result, the CSV and the table."""
+    out = pipeline / "frontier-also"
+    assert main(["frontier", str(pipeline / "run"), "--prompts", str(pipeline / "heldout_prompts.jsonl"), "--n", "2",
+                 *GEN, *JUDGE, "--also-judge", "afinn", "--also-judge", "length", "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "frontier.csv").open()))
+    assert {"afinn_reward", "afinn_win_rate", "length_reward"} <= set(rows[0])
+    assert rows[0]["series"] == "reference" and float(rows[0]["afinn_win_rate"]) == 0.5
+    point = json.loads(sorted((out / "points").glob("*.json"))[-1].read_text())
+    assert set(point["also"]) == {"afinn", "length"}
+    assert point["also"]["length"]["reward_policy"]["mean"] > 0  # words, where the judge counts characters
+    assert 0.0 <= point["also"]["afinn"]["win_rate"]["mean"] <= 1.0
+    assert "afinn" in capsys.readouterr().out  # its column in the printed table

@@ -38,6 +38,10 @@ def _add_judge(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     g.add_argument("--judge-model", default=None,
                    help="model of the reward-model judge, a sentiment classifier to use instead of VADER (hub id or "
                         "local directory), or the llm judge's local model (anything model.name accepts)")
+    if required:  # evaluate and frontier: judges that report beside the judge, never optimised
+        g.add_argument("--also-judge", action="append", default=[], metavar="JUDGE",
+                       help="repeatable: another judge (any that scores, e.g. afinn, a second sentiment lexicon) whose "
+                            "mean reward and win rate are reported beside the judge's for every point")
     g.add_argument("--judge-option", action="append", default=[], metavar="KEY=VALUE",
                    help="judge setting, repeatable: on=text|completion, label=NAME (classifiers), unit=words|chars "
                         "and target=N (length), words=a,b,c and weight=W (keywords), batch_size=N; llm: "
@@ -135,9 +139,12 @@ def _evaluator(args: argparse.Namespace, reference: str, *, scores: str | None =
                           "--judge-option mode=score")
     judge = _judge(args)
     placement = from_arguments(Placement, args)
+    from dpokit.generation.judges import build_judge
+
+    also = [build_judge(spec) for spec in args.also_judge]
     return Evaluator(reference, judge, settings, prompts=prompts, reference_samples=args.reference_samples,
                      pairs=args.pairs, device=placement.device, dtype=placement.dtype, against=args.against,
-                     chosen=chosen)
+                     chosen=chosen, also=also)
 
 
 BEST_OF_HELP = ("the reference's Best-of-N as a policy: each of the --n samples per prompt is the judge's best of N "

@@ -80,6 +80,24 @@ class VaderSentiment:
                 for p, c in zip(prompts, completions)]
 
 
+class AfinnSentiment:
+    """AFINN-165's lexicon (Nielsen 2011; PyPI `afinn`, lexicon included): the sum of the valences (−5..5) of the
+    text's words, no rules. A second sentiment judge that nothing in the paper comparison trains on, so a
+    policy that learned VADER's quirks rather than positive text shows up as a gap between the two."""
+
+    name = "afinn"
+
+    def __init__(self, on: str = "text"):
+        from afinn import Afinn
+
+        judged_text("", "", on)
+        self.on = on
+        self.analyzer = Afinn(language="en")
+
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+        return [float(self.analyzer.score(judged_text(p, c, self.on))) for p, c in zip(prompts, completions)]
+
+
 class SequenceClassifier:
     """A Hugging Face `AutoModelForSequenceClassification` as a judge: the logit when the model has one
     label (a reward model), else softmax probability of `label` (a name or an index)."""
@@ -225,6 +243,7 @@ def _reward_model(model: str | None = None, **options) -> Judge:
 
 JUDGES: dict[str, Callable[..., Judge]] = {
     "sentiment": _sentiment,
+    "afinn": AfinnSentiment,
     "reward-model": _reward_model,
     "length": WordLength,
     "keywords": KeywordCount,

@@ -82,15 +82,18 @@ def frontier(targets: list[Target], evaluator: Evaluator, out: str | Path) -> in
 
     points = run_frontier(evaluator, targets, out)
     table = Table(title=f"frontier against {evaluator.reference_name}")
-    for col in ("series", "point", "KL", "reward", "win rate"):
+    also = list(points[0].result.extra.get("also", {})) if points else []  # --also-judge: reported, not optimised
+    for col in ("series", "point", "KL", "reward", "win rate", *(f"{n} reward" for n in also)):
         table.add_column(col, justify="left" if col in ("series", "point") else "right")
     if points:
-        ref = points[0].result.reward_reference
-        table.add_row("reference", "π_ref", "0", f"{ref.mean:.3f}", "0.500")
+        ref = points[0].result
+        table.add_row("reference", "π_ref", "0", f"{ref.reward_reference.mean:.3f}", "0.500",
+                      *(f"{ref.extra['also'][n]['reward_reference']['mean']:.3f}" for n in also))
     for pt in points:
         r = pt.result
         kl = f"{r.kl.mean:.2f}" + (" (bound)" if r.kl_kind == "bound" else "")
-        table.add_row(pt.target.series, pt.target.label, kl, f"{r.reward_policy.mean:.3f}", f"{r.win_rate.mean:.3f}")
+        table.add_row(pt.target.series, pt.target.label, kl, f"{r.reward_policy.mean:.3f}", f"{r.win_rate.mean:.3f}",
+                      *(f"{r.extra['also'][n]['reward_policy']['mean']:.3f}" for n in also))
     Console().print(table)
     print(f"written: {Path(out) / 'frontier.csv'}, {Path(out) / 'frontier.png'}")
     return 0

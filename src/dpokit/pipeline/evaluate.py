@@ -188,7 +188,9 @@ class Evaluator:
     def __init__(self, reference: str, judge: Judge, settings: SamplingSettings, *,
                  prompts: Sequence[Prompt] | None = None, reference_samples: str | Path | None = None,
                  pairs: str | Path | None = None, device: str = "auto", dtype: str = "float32", progress: bool = True,
-                 against: str = "reference", chosen: Sequence[str] | None = None):
+                 against: str = "reference", chosen: Sequence[str] | None = None, also: Sequence[Judge] = ()):
+        """`also`: more judges, each scoring every evaluated sample beside `judge` (reported, never optimised:
+        a second judge shows whether a gain is the optimised judge's quirks)."""
         if against not in AGAINST:
             raise ConfigError(f"against must be one of {', '.join(AGAINST)}; got {against!r}")
         if (against == "chosen") != (chosen is not None):
@@ -217,6 +219,9 @@ class Evaluator:
         self.reference_rows = ref_rows
         self.against, self.pairwise = against, bool(getattr(judge, "pairwise", False))
         self.reference_scores = None if self.pairwise else score_rows(judge, ref_rows)
+        if any(getattr(j, "pairwise", False) for j in also):
+            raise ConfigError("--also-judge reports mean rewards: the llm judge needs --judge-option mode=score there")
+        self.also = {j.name: (j, score_rows(j, ref_rows)) for j in also}
         self.chosen, self.chosen_scores = None, None
         if chosen is not None:
             if len(chosen) != len(self.prompts):
@@ -275,6 +280,7 @@ class Evaluator:
             tokens_policy=_mean(len(c.ids) for d in drawn for c in d.completions),
             tokens_reference=_mean(n for r in self.reference_rows for n in r["num_tokens"]),
         )
+        self._also(result, [{"prompt": d.prompt, "completions": d.texts} for d in drawn])
         if self.pairs:
             lp = pair_logps(sampler.scorer, self.pairs, sampler.pad_id, s.batch_size)
             result.preference_accuracy = preference_accuracy(lp[0], lp[1], *self.pairs_reference)
@@ -284,6 +290,15 @@ class Evaluator:
                                       in enumerate(zip(drawn, policy_scores or [None] * len(drawn), ref_logps))])
         del model, sampler
         return result
+
+    def _also(self, result: EvalResult, rows: list[dict]) -> None:
+        """Each second judge's mean reward of the policy's samples and of the reference's, and its win rate."""
+        if self.also:
+            result.extra["also"] = {
+                name: {"reward_policy": asdict(mean_over_prompts(policy := score_rows(judge, rows))),
+                       "reward_reference": asdict(mean_over_prompts(reference)),
+                       "win_rate": asdict(win_rate(policy, reference))}
+                for name, (judge, reference) in self.also.items()}
 
     def _mean_reward(self, scores: list[list[float]] | None) -> Estimate:
         return NO_SCORE if scores is None else mean_over_prompts(scores)
@@ -337,6 +352,8 @@ class Evaluator:
                                                  for i in range(len(self.prompts))]),
             seconds_candidates=sum(r.seconds for r in rounds),
         )
+        self._also(result, [{"prompt": self.prompts[i], "completions": [rounds[j].texts[i][s] for s, j in
+                                                                        enumerate(row)]} for i, row in enumerate(picks)])
         if samples_out is not None:
             write_jsonl(samples_out, [
                 {"index": i, "prompt": self.prompts[i], "best_of": n,
@@ -455,6 +472,10 @@ def result_table(result: EvalResult, *, title: str | None = None):
         table.add_row("KL(π‖π_ref), nats", "0", format_estimate(result.kl, 2))
     if result.preference_accuracy is not None:
         table.add_row(f"held-out preference accuracy ({result.pairs} pairs)", "—", f"{result.preference_accuracy:.3f}")
+    for name, also in result.extra.get("also", {}).items():  # judges that report, not optimise
+        table.add_row(f"mean reward ({name}, not optimised)", format_estimate(Estimate(**also["reward_reference"])),
+                      format_estimate(Estimate(**also["reward_policy"])))
+        table.add_row(f"win rate vs reference ({name})", "0.500", format_estimate(Estimate(**also["win_rate"])))
     table.add_row("completion tokens", f"{result.tokens_reference:.1f}", f"{result.tokens_policy:.1f}")
     return table
 

@@ -97,7 +97,17 @@ class FrontierPoint:
                 "beta": self.target.beta, "step": self.target.step, "kl": r.kl.mean, "kl_se": r.kl.se,
                 "reward": r.reward_policy.mean, "reward_se": r.reward_policy.se, "win_rate": r.win_rate.mean,
                 "win_rate_se": r.win_rate.se, "preference_accuracy": r.preference_accuracy, "tokens": r.tokens_policy,
-                "best_of": self.target.best_of, "kl_kind": r.kl_kind}
+                "best_of": self.target.best_of, "kl_kind": r.kl_kind, **also_columns(r.extra.get("also", {}))}
+
+
+def also_columns(also: dict, side: str = "reward_policy") -> dict:
+    """A second judge's columns (`--also-judge`): `<judge>_reward` and `<judge>_win_rate` of a point (`side`
+    reward_reference: the reference's own row)."""
+    out = {}
+    for name, a in also.items():
+        out[f"{name}_reward"] = a[side]["mean"]
+        out[f"{name}_win_rate"] = a["win_rate"]["mean"] if side == "reward_policy" else 0.5
+    return out
 
 
 def run_frontier(evaluator: Evaluator, targets: list[Target], out_dir: str | Path) -> list[FrontierPoint]:
@@ -111,7 +121,7 @@ def run_frontier(evaluator: Evaluator, targets: list[Target], out_dir: str | Pat
             result = evaluator.evaluate_best_of(target.best_of)
         else:
             result = evaluator.evaluate(target.model)
-        result.extra = {"series": target.series, "label": target.label}
+        result.extra.update(series=target.series, label=target.label)
         write_result(result, out / "points" / f"{k:03d}.json")
         points.append(FrontierPoint(target, result))
         bound = " (analytic bound)" if result.kl_kind == "bound" else ""
@@ -131,13 +141,15 @@ def evaluator_reference_row(evaluator: Evaluator, points: list[FrontierPoint]) -
     return {"series": "reference", "label": "π_ref", "model": evaluator.reference_name, "beta": None, "step": 0,
             "kl": 0.0, "kl_se": 0.0, "reward": ref.mean if ref else math.nan, "reward_se": ref.se if ref else math.nan,
             "win_rate": 0.5, "win_rate_se": 0.0, "preference_accuracy": None,
-            "tokens": points[0].result.tokens_reference if points else math.nan, "best_of": None, "kl_kind": None}
+            "tokens": points[0].result.tokens_reference if points else math.nan, "best_of": None, "kl_kind": None,
+            **also_columns(points[0].result.extra.get("also", {}) if points else {}, "reward_reference")}
 
 
 def write_csv(points: list[FrontierPoint], reference: dict, path: str | Path) -> Path:
     path = Path(path)
     with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        extra = [k for k in reference if k not in CSV_FIELDS]  # the second judges' columns
+        writer = csv.DictWriter(f, fieldnames=[*CSV_FIELDS, *extra])
         writer.writeheader()
         writer.writerow(reference)
         for p in points:
