@@ -216,6 +216,15 @@ class OnlineSection:
 
 
 @dataclass
+class IterateSection:
+    rounds: int = opt(3, "dpokit iterate: R, rounds of sample → judge → pairs → DPO, each from the latest policy "
+                      "(RLHFlow's recipe: 3); the samples, the judge and the pairing are the online section's",
+                      min=1)
+    reference: str = opt("start", "dpokit iterate: each round's reference, the start model (RLHFlow's default) or the "
+                         "previous round's policy", choices=("start", "previous"))
+
+
+@dataclass
 class GenerationSection:
     backend: str = opt("transformers", "what samples completions during training (PPO's rollouts, train.sample_every): "
                        "transformers (model.generate on the live policy); the seam a vLLM backend plugs into, "
@@ -336,6 +345,7 @@ SECTIONS: dict[str, type] = {
     "reward": RewardSection,
     "ppo": PPOSection,
     "online": OnlineSection,
+    "iterate": IterateSection,
     "generation": GenerationSection,
     "train": TrainSection,
     "checkpoint": CheckpointSection,
@@ -354,6 +364,7 @@ class Config:
     reward: RewardSection = field(default_factory=RewardSection)
     ppo: PPOSection = field(default_factory=PPOSection)
     online: OnlineSection = field(default_factory=OnlineSection)
+    iterate: IterateSection = field(default_factory=IterateSection)
     generation: GenerationSection = field(default_factory=GenerationSection)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)

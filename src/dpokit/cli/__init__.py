@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in METHODS:
         training.add_trainer(sub, name).set_defaults(func=training.train_command)
+    training.add_iterate(sub).set_defaults(func=training.iterate_command)
     for add, command in ((validate.add_validate, validate.validate_command),
                          (estimate.add_estimate, estimate.estimate_command),
                          (pipeline.add_sample, pipeline.sample_command),

@@ -32,3 +32,32 @@ def train_command(args: argparse.Namespace) -> int:
     if config and "=" in config:  # `dpokit train key=value` without a file: the first positional is an override
         config, overrides = None, [config, *overrides]
     return commands.train(load_config(config, overrides), method=args.method, resume=args.resume)
+
+
+def add_iterate(sub) -> argparse.ArgumentParser:
+    help = "iterative DPO: rounds of sampling the latest policy, judging, pairing and DPO"
+    p = sub.add_parser(
+        "iterate", help=help,
+        description=f"{help[0].upper()}{help[1:]} (RLHFlow's recipe), each round a run directory "
+                    "<output.dir>/round-R; iterate.rounds and iterate.reference, the online section's sampling, judge "
+                    "and pairing, and every DPO setting apply. A finished round is never redone. Keys, defaults "
+                    "and descriptions:\n\n" + describe(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", nargs="?", help="YAML config file (data.train: the prompts)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted round's DPO from its last checkpoint")
+    return p
+
+
+def iterate_command(args: argparse.Namespace) -> int:
+    from dpokit.pipeline.iterate import iterate
+
+    config, overrides = args.config, args.overrides
+    if config and "=" in config:
+        config, overrides = None, [config, *overrides]
+    rounds = iterate(load_config(config, overrides), resume=args.resume)
+    for r in rounds:
+        print(f"round {r.index}: sampled from {r.policy_from}, mean score {r.mean_score:.4g}, {r.pairs} pairs, "
+              f"reference {r.reference}{' (finished earlier)' if r.resumed else ''} → {r.run_dir / 'model'}")
+    return 0

@@ -1,0 +1,104 @@
+"""`dpokit iterate`: iterative DPO in rounds (Xiong et al. 2024; Dong et al. 2024, "RLHF Workflow"), each
+round a run directory `<output.dir>/round-R` made of the commands' own steps:
+
+    sample   `online.samples` = K completions of every prompt of `data.train` from the latest policy (the
+             start model in round 1), `online.temperature`, `online.top_p`, `online.max_new_tokens`
+    label    the judge (`online.judge`, ...) scores them; best-vs-worst pairs, or all pairs over
+             `online.margin` (`online.pairing`); ties and near-ties dropped and counted
+    train    DPO (every `objective` and `train` setting) on those pairs for `train.epochs`, from the latest
+             policy, against the start model or the previous round's policy (`iterate.reference`)
+
+A finished round (its exported model) is never redone: rerunning the command continues with the first
+unfinished round, whose sampling resumes where it stopped and whose training resumes from its last
+checkpoint with `--resume` (or starts over with `output.overwrite=true`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+from dpokit.config import Config
+from dpokit.config_loader import set_value
+from dpokit.errors import ConfigError
+from dpokit.generation.pairs import label_file
+from dpokit.generation.settings import SamplingSettings
+from dpokit.rundir import RunDir
+
+# a round's files in its run directory, beside the DPO run's own
+SAMPLES, SCORED, PAIRS = "samples.jsonl", "scored.jsonl", "pairs.jsonl"
+
+
+@dataclass
+class Round:
+    index: int
+    run_dir: Path
+    policy_from: str  # the model it sampled from and trained from
+    reference: str
+    mean_score: float  # the judge's mean over the round's samples
+    pairs: int
+    resumed: bool  # finished by an earlier invocation: nothing redone
+
+
+def check(cfg: Config) -> None:
+    """The settings iterate reads, before anything loads."""
+    o = cfg.online
+    if o.judge is None:
+        raise ConfigError("dpokit iterate needs a judge to rank each round's samples: online.judge=sentiment|length|"
+                          "keywords|module:function, or online.judge=reward-model with online.judge_model=DIR")
+    from dpokit.generation.judges import check_scoring_judge  # judges load torch
+
+    check_scoring_judge(o.judge, o.judge_options, "online.judge")
+    if cfg.reference.name is not None:
+        raise ConfigError("dpokit iterate sets each round's reference (iterate.reference: start or previous); leave "
+                          "reference.name unset")
+
+
+def iterate(cfg: Config, *, resume: bool = False, echo=print) -> list[Round]:
+    """All `iterate.rounds` rounds; the policy of the last is `<output.dir>/round-R/model`."""
+    from dpokit.generation.jsonl import read_jsonl
+    from dpokit.generation.judges import build_judge, parse_options
+    from dpokit.generation.sampling import sample_file
+    from dpokit.methods.dpo import DPO
+    from dpokit.trainer import train
+
+    check(cfg)
+    DPO.check(cfg)
+    o, out = cfg.online, Path(cfg.output.dir)
+    judge = build_judge(o.judge, model=o.judge_model, options=parse_options(o.judge_options, "online.judge_options"))
+    start, policy, rounds = cfg.model.name, cfg.model.name, []
+    for r in range(1, cfg.iterate.rounds + 1):
+        run_dir = out / f"round-{r}"
+        reference = start if cfg.iterate.reference == "start" else policy
+        done = RunDir(run_dir).finished_step() is not None
+        if not done:
+            echo(f"[round {r}/{cfg.iterate.rounds}] sample {o.samples} completions a prompt from {policy}")
+            settings = SamplingSettings(n=o.samples, temperature=o.temperature, top_p=o.top_p,
+                                        max_new_tokens=o.max_new_tokens, seed=cfg.train.seed * 1_000 + r,
+                                        batch_size=max(o.samples, cfg.train.micro_batch_size * o.samples),
+                                        template=o.template)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            sample_file(policy, cfg.data.train, run_dir / SAMPLES, settings)
+            summary = label_file(run_dir / SAMPLES, run_dir / PAIRS, judge, mode=o.pairing, margin=o.margin,
+                                 scored_out=run_dir / SCORED)
+            echo(f"[round {r}/{cfg.iterate.rounds}] {summary.counts.summary()}; train DPO against {reference}")
+            train(round_config(cfg, run_dir, policy=policy, reference=reference, start=start), resume=resume,
+                  method="dpo")
+        scores = [s for row in read_jsonl(run_dir / SCORED) for s in row["scores"]]
+        pairs = len(read_jsonl(run_dir / PAIRS))
+        rounds.append(Round(r, run_dir, policy, reference, sum(scores) / len(scores), pairs, done))
+        policy = str(run_dir / "model")
+    return rounds
+
+
+def round_config(cfg: Config, run_dir: Path, *, policy: str, reference: str, start: str) -> Config:
+    """The DPO run of one round: its pairs, its run directory, trained from `policy` against `reference`."""
+    c = copy.deepcopy(cfg)
+    set_value(c, "data.train", str(run_dir / PAIRS), source="iterate")
+    set_value(c, "output.dir", str(run_dir), source="iterate")
+    set_value(c, "model.name", policy, source="iterate")
+    if reference != policy:  # a round after the first, against the start model
+        set_value(c, "reference.name", reference, source="iterate")
+    c.validate()
+    return c
