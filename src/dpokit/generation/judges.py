@@ -269,6 +269,12 @@ def parse_options(items: Sequence[str], where: str) -> dict[str, Any]:
     return options
 
 
+def configured_judge(spec: str, model: str | None, options: Sequence[str], where: str) -> Judge:
+    """The judge a config section names (`ppo.judge`, `online.judge`, `train.sample_judge`): its spec, its model
+    and its `key=value` options (`<where>_options`)."""
+    return build_judge(spec, model=model, options=parse_options(options, f"{where}_options"))
+
+
 def check_scoring_judge(spec: str | None, options: Sequence[str], where: str) -> None:
     """A judge named in a config that must score each completion (PPO's reward, the samples during
     training): its options parse, and it is not the llm judge comparing pairs (its default)."""

@@ -13,6 +13,7 @@ tokens (e.g. BOS).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from dpokit.data.records import ROLES
@@ -101,3 +102,24 @@ def prompt_text(prompt: Prompt) -> str:
     if isinstance(prompt, str):
         return prompt
     return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    """A prompt an online method samples from: as the judge reads it, its token ids, its file:line."""
+
+    prompt: Prompt  # a string, or messages when the chat template was applied
+    ids: tuple[int, ...]
+    source: str
+
+
+def prompt_items(path: str, tokenizer, template: str, max_prompt_length: int) -> list[PromptItem]:
+    """The prompts of `path` encoded for sampling (PPO's rollouts, online DPO's samples); an over-long prompt
+    keeps its last `max_prompt_length` tokens, the text the model continues."""
+    items = []
+    for k, prompt in enumerate(read_prompts(path)):
+        stored, ids = as_model_input(prompt, tokenizer, template)
+        items.append(PromptItem(stored, tuple(ids[-max_prompt_length:]), f"{path}:{k + 1}"))
+    if not items:
+        raise DataError(f"{path}: no prompts")
+    return items

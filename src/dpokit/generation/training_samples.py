@@ -20,7 +20,7 @@ from pathlib import Path
 
 from dpokit.errors import ConfigError, DataError
 from dpokit.generation.backends import build_backend
-from dpokit.generation.judges import build_judge, checked_scores, parse_options
+from dpokit.generation.judges import checked_scores, configured_judge
 from dpokit.generation.prompts import Prompt, as_model_input, read_prompts
 from dpokit.generation.sampling import Sampler
 from dpokit.generation.settings import SamplingSettings
@@ -47,14 +47,10 @@ class TrainingSamples:
         t = cfg.train
         if not t.sample_every:
             return None
-        if cfg.distributed.strategy == "fsdp":
-            raise ConfigError("train.sample_every generates on one process and does not work with "
-                              "distributed.strategy=fsdp (sharded weights); use ddp or sample after training")
         prompts = held_out_prompts(cfg, tokenizer, eval_set)[:t.sample_count]
         judge = None
         if t.sample_judge is not None:
-            judge = build_judge(t.sample_judge, model=t.sample_judge_model,
-                                options=parse_options(t.sample_judge_options, "train.sample_judge_options"))
+            judge = configured_judge(t.sample_judge, t.sample_judge_model, t.sample_judge_options, "train.sample_judge")
         return cls(cfg, tokenizer, prompts, judge)
 
     def generate(self, model, step: int) -> tuple[list[dict], dict]:

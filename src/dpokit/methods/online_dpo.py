@@ -30,13 +30,16 @@ from dpokit.config import Config
 from dpokit.data.layouts import collate
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.distributed import Runtime
-from dpokit.errors import ConfigError, DataError
+from dpokit.errors import ConfigError
 from dpokit.generation.backends import build_backend, stop_token_ids
-from dpokit.generation.judges import build_judge, check_scoring_judge, checked_scores, parse_options
+from dpokit.generation.judges import (
+    check_scoring_judge,
+    checked_scores,
+    configured_judge,
+)
 from dpokit.generation.pairs import PairCounts, preference_pairs
-from dpokit.generation.prompts import as_model_input, read_prompts
+from dpokit.generation.prompts import PromptItem, prompt_items
 from dpokit.methods.dpo import DPO
-from dpokit.methods.ppo import PromptItem
 from dpokit.metrics import PAIR_SUMS, MicroBatch, pair_sums
 from dpokit.objectives.losses import build_objective
 from dpokit.objectives.registry import OBJECTIVES
@@ -66,16 +69,9 @@ class OnlineDPO(DPO):
     def __init__(self, cfg: Config, runtime: Runtime, tokenizer):
         self.cfg, self.rt, self.tokenizer = cfg, runtime, tokenizer
         o = cfg.online
-        self.judge = build_judge(o.judge, model=o.judge_model, options=parse_options(o.judge_options,
-                                                                                      "online.judge_options"))
-        items = []
-        for k, prompt in enumerate(read_prompts(cfg.data.train)):
-            stored, ids = as_model_input(prompt, tokenizer, o.template)
-            keep = cfg.data.max_prompt_length  # an over-long prompt keeps its end, the text the model continues
-            items.append(PromptItem(stored, tuple(ids[-keep:]), f"{cfg.data.train}:{k + 1}"))
-        if not items:
-            raise DataError(f"{cfg.data.train}: no prompts")
-        self.train_set, self.eval_set = items, []
+        self.judge = configured_judge(o.judge, o.judge_model, o.judge_options, "online.judge")
+        self.train_set = prompt_items(cfg.data.train, tokenizer, o.template, cfg.data.max_prompt_length)
+        self.eval_set = []
         self.data = None  # no fixed pairs: the reference is never precomputed
         self.kto, self.weights, self.labels = False, None, {}
         self.objective = build_objective(cfg.objective)

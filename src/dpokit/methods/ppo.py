@@ -49,20 +49,17 @@ from dpokit.config import Config
 from dpokit.data.layouts import collate
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.distributed import Runtime
-from dpokit.errors import ConfigError, DataError
+from dpokit.errors import ConfigError
 from dpokit.generation.backends import build_backend, stop_token_ids
-from dpokit.generation.judges import build_judge, check_scoring_judge, checked_scores, parse_options
-from dpokit.generation.prompts import as_model_input, read_prompts
+from dpokit.generation.judges import (
+    check_scoring_judge,
+    checked_scores,
+    configured_judge,
+)
+from dpokit.generation.prompts import prompt_items
 from dpokit.logps import CompletionLogProbs, causal_lm
 from dpokit.methods.base import Method
 from dpokit.metrics import MicroBatch
-
-
-@dataclass(frozen=True)
-class PromptItem:
-    prompt: object  # as the judge reads it: a string, or messages when the chat template was applied
-    ids: tuple[int, ...]
-    source: str
 
 
 @dataclass
@@ -141,16 +138,9 @@ class PPO(Method):
     def __init__(self, cfg: Config, runtime: Runtime, tokenizer):
         self.cfg, self.rt, self.tokenizer = cfg, runtime, tokenizer
         p = cfg.ppo
-        self.judge = build_judge(p.judge, model=p.judge_model, options=parse_options(p.judge_options,
-                                                                                      "ppo.judge_options"))
-        items = []
-        for k, prompt in enumerate(read_prompts(cfg.data.train)):
-            stored, ids = as_model_input(prompt, tokenizer, p.template)
-            keep = cfg.data.max_prompt_length  # an over-long prompt keeps its end, the text the model continues
-            items.append(PromptItem(stored, tuple(ids[-keep:]), f"{cfg.data.train}:{k + 1}"))
-        if not items:
-            raise DataError(f"{cfg.data.train}: no prompts")
-        self.train_set, self.eval_set = items, []
+        self.judge = configured_judge(p.judge, p.judge_model, p.judge_options, "ppo.judge")
+        self.train_set = prompt_items(cfg.data.train, tokenizer, p.template, cfg.data.max_prompt_length)
+        self.eval_set = []
         self.kl_coef = p.kl_coef
         self.score_stats: tuple[float, float] | None = None  # the judge's mean and std on the first batch
         self.rollouts: Rollouts | None = None

@@ -58,7 +58,7 @@ def check(cfg: Config) -> None:
 def iterate(cfg: Config, *, resume: bool = False, echo=print) -> list[Round]:
     """All `iterate.rounds` rounds; the policy of the last is `<output.dir>/round-R/model`."""
     from dpokit.generation.jsonl import read_jsonl
-    from dpokit.generation.judges import build_judge, parse_options
+    from dpokit.generation.judges import configured_judge
     from dpokit.generation.sampling import sample_file
     from dpokit.methods.dpo import DPO
     from dpokit.trainer import train
@@ -66,7 +66,7 @@ def iterate(cfg: Config, *, resume: bool = False, echo=print) -> list[Round]:
     check(cfg)
     DPO.check(cfg)
     o, out = cfg.online, Path(cfg.output.dir)
-    judge = build_judge(o.judge, model=o.judge_model, options=parse_options(o.judge_options, "online.judge_options"))
+    judge = configured_judge(o.judge, o.judge_model, o.judge_options, "online.judge")
     start, policy, rounds = cfg.model.name, cfg.model.name, []
     for r in range(1, cfg.iterate.rounds + 1):
         run_dir = out / f"round-{r}"
