@@ -3,7 +3,7 @@
     import dpokit
     cfg = dpokit.load_config("configs/quickstart.yaml", ["train.max_steps=10"])
     result = dpokit.train(cfg)                 # DPO (or its family: objective.loss)
-    result = dpokit.train(cfg, method="sft")   # any method the CLI runs: dpo, sft, reward, ppo
+    result = dpokit.train(cfg, method="sft")   # any method the CLI runs: dpo, sft, reward, ppo, online_dpo
 """
 
 from dpokit.config import Config
@@ -18,8 +18,8 @@ __all__ = ["METHODS", "Config", "ConfigError", "DataError", "DpokitError", "Mode
 
 
 def train(config: Config, *, method: str | type = "dpo", resume: bool = False):
-    """Train as configured with `method` (a name of `METHODS`: dpo, sft, reward, ppo); the function
-    `dpokit train | sft | reward | ppo` call. Returns the `trainer.TrainResult`."""
+    """Train as configured with `method` (a name of `METHODS`: dpo, sft, reward, ppo, online_dpo); the function
+    `dpokit train | sft | reward | ppo | online` call. Returns the `trainer.TrainResult`."""
     from dpokit.trainer import train as _train  # torch loads with the loop, not with `import dpokit`
 
     return _train(config, resume=resume, method=method)

@@ -145,11 +145,11 @@ def micro_batch_lengths(pairs: list[tuple[int, int, int]], layout: str, source: 
 
 def configured_lengths(cfg, method: str = "dpo") -> Lengths:
     """The configured worst case of `method`'s micro-batch: micro_batch_size items with the longest prompt
-    truncation keeps (max_prompt_length) and completions filling max_length (PPO: its rollouts of
-    ppo.max_new_tokens); two completions an item for the pair methods, one for SFT and PPO."""
+    truncation keeps (max_prompt_length) and completions filling max_length (PPO and online DPO: their samples of
+    ppo.max_new_tokens, online.max_new_tokens); two completions an item for the pair methods, one for SFT and PPO."""
     d = cfg.data
     p = d.max_prompt_length
-    c = cfg.ppo.max_new_tokens if method == "ppo" else d.max_length - p
+    c = {"ppo": cfg.ppo.max_new_tokens, "online_dpo": cfg.online.max_new_tokens}.get(method, d.max_length - p)
     single = method in SINGLE_COMPLETION
     items = [(p, c, 0 if single else c)] * cfg.train.micro_batch_size
     what = ("completion tokens (ppo.max_new_tokens)" if method == "ppo" else
@@ -163,9 +163,9 @@ def configured_lengths(cfg, method: str = "dpo") -> Lengths:
 
 def data_lengths(cfg, tokenizer, method: str = "dpo") -> Lengths:
     """The largest micro-batch the training data can form: its micro_batch_size longest items."""
-    if method == "ppo":
-        raise ConfigError("--from-data: PPO's rollouts are sampled while it trains; its estimate uses "
-                          "data.max_prompt_length and ppo.max_new_tokens")
+    if method in ("ppo", "online_dpo"):
+        raise ConfigError(f"--from-data: {method}'s completions are sampled while it trains; its estimate uses "
+                          "data.max_prompt_length and the method's max_new_tokens")
     use = ("completion" if cfg.data.use == "auto" else cfg.data.use) if method == "sft" else "pairs"
     data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed, use=use)
     sizes = sorted(((len(x.prompt), len(x.chosen), len(x.rejected)) for x in data.train), key=sum, reverse=True)
@@ -203,7 +203,7 @@ class Estimate:
 
 def estimate(cfg, *, lengths: Lengths | None = None, shape: Shape | None = None, world: int = 1,
              device: str = "cpu", method: str = "dpo") -> Estimate:
-    """The expected peak memory per device of a training step of `method` (dpo, sft, reward, ppo: what
+    """The expected peak memory per device of a training step of `method` (dpo, sft, reward, ppo, online_dpo: what
     each holds) under `cfg` (after its first update, with the optimizer state) for micro-batches of
     `lengths` (default: the configured worst case)."""
     t = cfg.train
