@@ -152,9 +152,9 @@ def configured_lengths(cfg, method: str = "dpo") -> Lengths:
     c = {"ppo": cfg.ppo.max_new_tokens, "online_dpo": cfg.online.max_new_tokens}.get(method, d.max_length - p)
     single = method in SINGLE_COMPLETION
     items = [(p, c, 0 if single else c)] * cfg.train.micro_batch_size
-    what = ("completion tokens (ppo.max_new_tokens)" if method == "ppo" else
-            "completion tokens (data.max_prompt_length, data.max_length)" if single else
-            "completion tokens (data.max_prompt_length, data.max_length)")
+    what = {"ppo": "completion tokens (ppo.max_new_tokens)",
+            "online_dpo": "completion tokens (online.max_new_tokens)"}.get(
+        method, "completion tokens (data.max_prompt_length, data.max_length)")
     counted = f"{c}" if single else f"2 × {c}"
     noun = "pairs" if not single else ("rollouts" if method == "ppo" else "sequences")
     return micro_batch_lengths(items, cfg.train.layout,
