@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from dpokit import models
-from dpokit.generation.backends import TransformersBackend, stop_token_ids
+from dpokit.generation.backends import TransformersBackend, pad_id_for, stop_token_ids
 from dpokit.generation.judges import build_judge, checked_scores
 from dpokit.generation.prompts import as_model_input, read_prompts
 from dpokit.generation.sampling import Sampler, SamplingSettings, completion_logps
@@ -88,7 +88,7 @@ def mean_se(values):
 
 def cell(model, tokenizer, judge, prompts, *, batch: int, new_tokens: int, calls: int, seed: int = 0) -> dict:
     stops = stop_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    pad_id = pad_id_for(tokenizer, stops)
     encoded = [as_model_input(p, tokenizer, "none") for p in prompts]
     backend = TransformersBackend(model)
     settings = SamplingSettings(n=1, max_new_tokens=new_tokens, batch_size=batch, template="none", seed=seed)

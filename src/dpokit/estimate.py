@@ -118,6 +118,7 @@ def model_shape(name: str, *, revision: str | None = None, trust_remote_code: bo
 # ------------------------------------------------------------------------------------------ lengths
 
 SINGLE_COMPLETION = ("sft", "ppo")  # the methods whose items are one completion, not a pair
+SAMPLED = {"ppo": "ppo", "online_dpo": "online"}  # the methods that train on their own samples: their section
 
 
 @dataclass
@@ -149,23 +150,22 @@ def configured_lengths(cfg, method: str = "dpo") -> Lengths:
     ppo.max_new_tokens, online.max_new_tokens); two completions an item for the pair methods, one for SFT and PPO."""
     d = cfg.data
     p = d.max_prompt_length
-    c = {"ppo": cfg.ppo.max_new_tokens, "online_dpo": cfg.online.max_new_tokens}.get(method, d.max_length - p)
+    sampled = SAMPLED.get(method)
+    c = getattr(cfg, sampled).max_new_tokens if sampled else d.max_length - p
+    settings = f"{sampled}.max_new_tokens" if sampled else "data.max_prompt_length, data.max_length"
     single = method in SINGLE_COMPLETION
     items = [(p, c, 0 if single else c)] * cfg.train.micro_batch_size
-    what = {"ppo": "completion tokens (ppo.max_new_tokens)",
-            "online_dpo": "completion tokens (online.max_new_tokens)"}.get(
-        method, "completion tokens (data.max_prompt_length, data.max_length)")
     counted = f"{c}" if single else f"2 × {c}"
     noun = "pairs" if not single else ("rollouts" if method == "ppo" else "sequences")
-    return micro_batch_lengths(items, cfg.train.layout,
-                               f"{cfg.train.micro_batch_size} {noun} of {p} prompt + {counted} {what}")
+    return micro_batch_lengths(items, cfg.train.layout, f"{cfg.train.micro_batch_size} {noun} of {p} prompt + "
+                                                        f"{counted} completion tokens ({settings})")
 
 
 def data_lengths(cfg, tokenizer, method: str = "dpo") -> Lengths:
     """The largest micro-batch the training data can form: its micro_batch_size longest items."""
-    if method in ("ppo", "online_dpo"):
+    if method in SAMPLED:
         raise ConfigError(f"--from-data: {method}'s completions are sampled while it trains; its estimate uses "
-                          "data.max_prompt_length and the method's max_new_tokens")
+                          f"data.max_prompt_length and {SAMPLED[method]}.max_new_tokens")
     use = ("completion" if cfg.data.use == "auto" else cfg.data.use) if method == "sft" else "pairs"
     data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed, use=use)
     sizes = sorted(((len(x.prompt), len(x.chosen), len(x.rejected)) for x in data.train), key=sum, reverse=True)
@@ -250,10 +250,11 @@ def estimate(cfg, *, lengths: Lengths | None = None, shape: Shape | None = None,
     if method == "reward":  # a scalar head reads one position a sequence: no vocabulary-wide logits
         head = 0.0
         notes.append("reward: a linear head to one score in place of the LM head")
-    if method == "ppo":
-        notes.append(f"ppo: the rollouts' KV cache while sampling ({cfg.train.batch_size} prompts of up to "
-                     f"{cfg.data.max_prompt_length} + {cfg.ppo.max_new_tokens} tokens) comes before the step, "
-                     "not counted")
+    if method in SAMPLED:
+        section = SAMPLED[method]
+        rows = cfg.train.batch_size * (cfg.online.samples if section == "online" else 1)
+        notes.append(f"{method}: the KV cache of its sampling ({rows} sequences of up to {cfg.data.max_prompt_length} "
+                     f"+ {getattr(cfg, section).max_new_tokens} tokens) comes before the step, not counted")
     if t.activation_offload and device == "cuda":
         notes.append("activation_offload: the saved activations are in pinned host memory, one layer's on the GPU")
         activations = full_layer * 2

@@ -138,10 +138,14 @@ class RunDir:
     def unstart(self) -> None:
         """Undo a fresh start that failed before its first step (a tracker that cannot start): what `start`
         and the run's reports wrote is removed, so the corrected command runs without --resume or overwrite."""
+        self._clear(ignore_errors=True)  # on the way out of a failure: the failure is the error to show
+
+    def _clear(self, *, ignore_errors: bool = False) -> None:
+        """Remove every file a run writes (RUN_FILES); the directory, its lock and other files stay."""
         for name in RUN_FILES:
             p = self.path / name
             if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
+                shutil.rmtree(p, ignore_errors=ignore_errors)
             else:
                 p.unlink(missing_ok=True)
 
@@ -149,12 +153,7 @@ class RunDir:
         """Write the run's config; a fresh start first clears what an earlier run left (only reached when
         the directory was empty or output.overwrite=true)."""
         if start.fresh:
-            for name in RUN_FILES:
-                p = self.path / name
-                if p.is_dir():
-                    shutil.rmtree(p)
-                else:
-                    p.unlink(missing_ok=True)
+            self._clear()
         self.path.mkdir(parents=True, exist_ok=True)
         with disk_errors(self.path / CONFIG):
             (self.path / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))

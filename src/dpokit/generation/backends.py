@@ -41,6 +41,11 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted({i for i in ids if i is not None})
 
 
+def pad_id_for(tokenizer, stop_ids: Sequence[int]) -> int:
+    """The id that pads sampled rows: the tokenizer's pad token, else the first stop token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+
+
 @torch.no_grad()
 def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, top_p: float, max_new_tokens: int,
              stop_ids: Sequence[int], pad_id: int, seed: int, streamer=None, synced: bool = False) -> list[Completion]:

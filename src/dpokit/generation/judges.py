@@ -62,7 +62,23 @@ def judged_text(prompt: Prompt, completion: str, on: str) -> str:
     return prompt + completion if on == "text" and isinstance(prompt, str) else completion
 
 
-class VaderSentiment:
+class LexiconJudge:
+    """A sentiment lexicon as a judge: `valence(text)` of the text judged (`judged_text`, option `on`)."""
+
+    name: str
+
+    def __init__(self, on: str = "text"):
+        judged_text("", "", on)
+        self.on = on
+
+    def valence(self, text: str) -> float:
+        raise NotImplementedError
+
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+        return [float(self.valence(judged_text(p, c, self.on))) for p, c in zip(prompts, completions)]
+
+
+class VaderSentiment(LexiconJudge):
     """VADER compound score: normalised sum of lexicon valences with rules for negation, intensifiers,
     "but" and punctuation, compound = s / sqrt(s² + 15) ∈ [-1, 1]."""
 
@@ -71,16 +87,14 @@ class VaderSentiment:
     def __init__(self, on: str = "text"):
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-        judged_text("", "", on)
-        self.on = on
+        super().__init__(on)
         self.analyzer = SentimentIntensityAnalyzer()
 
-    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
-        return [float(self.analyzer.polarity_scores(judged_text(p, c, self.on))["compound"])
-                for p, c in zip(prompts, completions)]
+    def valence(self, text: str) -> float:
+        return self.analyzer.polarity_scores(text)["compound"]
 
 
-class AfinnSentiment:
+class AfinnSentiment(LexiconJudge):
     """AFINN-165's lexicon (Nielsen 2011; PyPI `afinn`, lexicon included): the sum of the valences (−5..5) of the
     text's words, no rules. A second sentiment judge that nothing in the paper comparison trains on, so a
     policy that learned VADER's quirks rather than positive text shows up as a gap between the two."""
@@ -90,12 +104,11 @@ class AfinnSentiment:
     def __init__(self, on: str = "text"):
         from afinn import Afinn
 
-        judged_text("", "", on)
-        self.on = on
+        super().__init__(on)
         self.analyzer = Afinn(language="en")
 
-    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
-        return [float(self.analyzer.score(judged_text(p, c, self.on))) for p, c in zip(prompts, completions)]
+    def valence(self, text: str) -> float:
+        return self.analyzer.score(text)
 
 
 class SequenceClassifier:

@@ -22,7 +22,7 @@ from pathlib import Path
 from dpokit import models
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.distributed import pick_device
-from dpokit.generation.backends import Completion, TransformersBackend, stop_token_ids
+from dpokit.generation.backends import Completion, TransformersBackend, pad_id_for, stop_token_ids
 from dpokit.generation.jsonl import ResumableJsonl
 from dpokit.generation.prompts import Prompt, as_model_input, read_prompts
 from dpokit.generation.settings import SamplingSettings
@@ -65,7 +65,7 @@ class Sampler:
         """`backend`: a `backends.GenerationBackend` (default: `model.generate`, the transformers backend)."""
         self.model, self.tokenizer, self.settings = model, tokenizer, settings.check()
         self.stop_ids = stop_token_ids(model, tokenizer)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.pad_id = pad_id_for(tokenizer, self.stop_ids)
         self.scorer = CompletionLogProbs(model)
         self.backend = backend if backend is not None else TransformersBackend(model)
 

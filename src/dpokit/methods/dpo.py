@@ -103,9 +103,13 @@ class DPO(Method):
         self.policy = policy
         return policy
 
+    def pairs_of(self, split: str) -> list[TokenizedPair]:
+        """The pairs of `split` ("train" or "eval") that `forward`'s ids index."""
+        return self.train_set if split == "train" else self.eval_set
+
     def forward(self, policy, ids: list[int], split: str) -> MicroBatch:
         """The objective on pairs `ids` of `split` ("train" or "eval"); `policy` may be DDP/FSDP-wrapped."""
-        pairs = self.train_set if split == "train" else self.eval_set
+        pairs = self.pairs_of(split)
         batch = collate([pairs[j] for j in ids], ids, self.cfg.train.layout, self.tokenizer.pad_token_id)
         batch = batch.to(self.rt.device)
         logps = policy(batch)

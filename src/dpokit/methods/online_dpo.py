@@ -31,7 +31,7 @@ from dpokit.data.layouts import collate
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.distributed import Runtime
 from dpokit.errors import ConfigError
-from dpokit.generation.backends import build_backend, stop_token_ids
+from dpokit.generation.backends import build_backend, pad_id_for, stop_token_ids
 from dpokit.generation.judges import (
     check_scoring_judge,
     checked_scores,
@@ -40,7 +40,7 @@ from dpokit.generation.judges import (
 from dpokit.generation.pairs import PairCounts, preference_pairs
 from dpokit.generation.prompts import PromptItem, prompt_items
 from dpokit.methods.dpo import DPO
-from dpokit.metrics import PAIR_SUMS, MicroBatch, pair_sums
+from dpokit.metrics import PAIR_SUMS
 from dpokit.objectives.losses import build_objective
 from dpokit.objectives.registry import OBJECTIVES
 
@@ -83,7 +83,7 @@ class OnlineDPO(DPO):
         policy = super().build(precision=precision, autocast=autocast, resume_from=resume_from, echo=echo)
         self.autocast = autocast
         self.stop_ids = stop_token_ids(policy.model, self.tokenizer)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.pad_id = pad_id_for(self.tokenizer, self.stop_ids)
         self.sampler = build_backend(self.cfg.generation.backend, policy, synced=self.rt.sharded)
         return policy
 
@@ -139,12 +139,9 @@ class OnlineDPO(DPO):
         """One update over the step's kept pairs (none when every pair was dropped)."""
         return [list(range(len(self.pairs)))] if self.pairs else []
 
-    def forward(self, policy, ids: list[int], split: str) -> MicroBatch:
-        """The objective on pairs `ids` of the step's samples; `policy` may be DDP/FSDP-wrapped."""
-        batch = collate([self.pairs[j] for j in ids], ids, self.cfg.train.layout, self.pad_id).to(self.rt.device)
-        logps = policy(batch)
-        out = self.objective(logps, self.reference.logps(batch, split), None)
-        return MicroBatch(out.losses, pair_sums(out, logps), batch.num_tokens)
+    def pairs_of(self, split: str) -> list[TokenizedPair]:
+        """The step's pairs, which `DPO.forward` trains on (no weights: `self.weights` is None)."""
+        return self.pairs
 
     # ----------------------------------------------------------------------------------- reports
 

@@ -50,7 +50,7 @@ from dpokit.data.layouts import collate
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.distributed import Runtime
 from dpokit.errors import ConfigError
-from dpokit.generation.backends import build_backend, stop_token_ids
+from dpokit.generation.backends import build_backend, pad_id_for, stop_token_ids
 from dpokit.generation.judges import (
     check_scoring_judge,
     checked_scores,
@@ -161,7 +161,7 @@ class PPO(Method):
         models.enable_training_features(module.model, cfg.train)
         self.policy, self.autocast = module, autocast
         self.stop_ids = stop_token_ids(module.model, self.tokenizer)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.pad_id = pad_id_for(self.tokenizer, self.stop_ids)
         self.sampler = build_backend(cfg.generation.backend, module, synced=self.rt.sharded)
         return module
 

@@ -24,14 +24,14 @@ class Chat:
 
     def __init__(self, model, tokenizer, *, system: str | None = None, temperature: float = 0.7, top_p: float = 0.9,
                  max_new_tokens: int = 256, seed: int = 0):
-        from dpokit.generation.backends import stop_token_ids
+        from dpokit.generation.backends import pad_id_for, stop_token_ids
 
         if tokenizer.chat_template is None:
             raise ConfigError("this model's tokenizer has no chat template; use `dpokit generate` to continue text")
         self.model, self.tokenizer = model, tokenizer
         self.system, self.temperature, self.top_p, self.max_new_tokens = system, temperature, top_p, max_new_tokens
         self.stop_ids = stop_token_ids(model, tokenizer)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.pad_id = pad_id_for(tokenizer, self.stop_ids)
         self.seed, self.turn = seed, 0
         self.messages: list[dict] = []
         self.reset()
