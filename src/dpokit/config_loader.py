@@ -43,6 +43,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     return cfg
 
 
+def command_line_config(config: str | None, overrides: Sequence[str]) -> tuple[str | None, list[str]]:
+    """A command's CONFIG and overrides: `dpokit train key=value` names no file, its first positional is an
+    override."""
+    if config and "=" in config:
+        return None, [config, *overrides]
+    return config, list(overrides)
+
+
 def read_yaml(path: str | os.PathLike) -> Any:
     p = Path(path).expanduser()
     if p.is_dir():

@@ -46,7 +46,7 @@ import math
 from dataclasses import dataclass, field
 
 from dpokit import models
-from dpokit.config_loader import load_config, set_value
+from dpokit.config_loader import command_line_config, load_config, set_value
 from dpokit.data.dataset import prepare_data
 from dpokit.errors import ConfigError, ModelError
 from dpokit.methods.registry import METHODS
@@ -445,9 +445,7 @@ def _positive(kind: type):
 
 def estimate_command(args) -> int:
 
-    config, overrides = args.config, args.overrides
-    if config and "=" in config:
-        config, overrides = None, [config, *overrides]
+    config, overrides = command_line_config(args.config, args.overrides)
     cfg = load_config(config, overrides, need_data=args.from_data)  # the data only counts with --from-data
     device = args.device
     if device == "auto":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from dpokit.config import describe
-from dpokit.config_loader import load_config
+from dpokit.config_loader import command_line_config, load_config
 from dpokit.methods.registry import METHODS
 from dpokit.pipeline import commands
 
@@ -28,9 +28,7 @@ def add_trainer(sub, method: str) -> argparse.ArgumentParser:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    config, overrides = args.config, args.overrides
-    if config and "=" in config:  # `dpokit train key=value` without a file: the first positional is an override
-        config, overrides = None, [config, *overrides]
+    config, overrides = command_line_config(args.config, args.overrides)
     return commands.train(load_config(config, overrides), method=args.method, resume=args.resume)
 
 
@@ -53,9 +51,7 @@ def add_iterate(sub) -> argparse.ArgumentParser:
 def iterate_command(args: argparse.Namespace) -> int:
     from dpokit.pipeline.iterate import iterate
 
-    config, overrides = args.config, args.overrides
-    if config and "=" in config:
-        config, overrides = None, [config, *overrides]
+    config, overrides = command_line_config(args.config, args.overrides)
     rounds = iterate(load_config(config, overrides), resume=args.resume)
     for r in rounds:
         print(f"round {r.index}: sampled from {r.policy_from}, mean score {r.mean_score:.4g}, {r.pairs} pairs, "
