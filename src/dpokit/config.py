@@ -213,6 +213,9 @@ class OnlineSection:
     missing_eos_penalty: float | None = opt(None, "dpokit online: subtracted from the score of a sample cut at "
                                             "max_new_tokens without EOS (as ppo.missing_eos_penalty); null: none",
                                             min=0.0)
+    beta_schedule: list[float] = opt([], "dpokit online: β by step, [b0, ..., b(n-1)]: step s of T uses b(min(n-1, "
+                                     "s*n // T)), so each value holds for an n-th of the run (TRL's per-epoch beta "
+                                     "list, over steps); empty: objective.beta throughout")
 
 
 @dataclass

@@ -110,6 +110,7 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(self.method.train_set) / t.batch_size)
         total = t.epochs * self.steps_per_epoch
         self.total_steps = min(total, t.max_steps) if t.max_steps else total
+        self.method.total_steps = self.total_steps  # a schedule of the method's own (online DPO's β) reads it
         self.start = self._plan_start(resume)
         if not self.start.fresh:
             self.output.check_method(self.method.name, command=lambda m: METHODS[m].command if m in METHODS else m)

@@ -53,14 +53,16 @@ def test_ties_are_dropped_and_counted_and_a_step_without_pairs_makes_no_update(o
     assert all(r["pairs"] == 0 and "loss" not in r for r in rows)
 
 
-def test_online_dpo_resumes_exactly(online_config, monkeypatch):
-    cfg = online_config("train.max_steps=5", "checkpoint.every=1")
+@pytest.mark.parametrize("schedule", [[], ["online.beta_schedule=[0.1, 0.3, 0.05]"]])
+def test_online_dpo_resumes_exactly(online_config, monkeypatch, schedule):
+    """A crash at step 3 resumed: every step's metrics as the straight run's (β by step a function of the step)."""
+    cfg = online_config("train.max_steps=5", "checkpoint.every=1", *schedule)
     straight = [r for r in read_metrics(train(cfg, method="online_dpo").run_dir) if "reward" in r]
-    resumed_cfg = online_config("train.max_steps=5", "checkpoint.every=1", "output.overwrite=true")
+    resumed_cfg = online_config("train.max_steps=5", "checkpoint.every=1", "output.overwrite=true", *schedule)
     crash_then_resume(resumed_cfg, monkeypatch, at_step=3, method="online_dpo")
     resumed = [r for r in read_metrics(resumed_cfg.output.dir) if "reward" in r]
     for a, b in zip(straight, resumed, strict=True):
-        assert (a["reward"], a["pairs_kept"]) == (b["reward"], b["pairs_kept"])
+        assert (a["reward"], a["pairs_kept"], a["beta"]) == (b["reward"], b["pairs_kept"], b["beta"])
         assert a.get("loss") == pytest.approx(b.get("loss"), abs=1e-6)
 
 
@@ -71,6 +73,9 @@ def test_online_dpo_resumes_exactly(online_config, monkeypatch):
      "online.judge scores each completion: the llm judge compares pairs"),
     (["objective.loss=kto"], "objective.loss=kto trains on single completions"),
     (["reference.strategy=precomputed"], "does not apply to dpokit online"),
+    (["online.beta_schedule=[0.1, 0.5]"], None),
+    (["online.beta_schedule=[0.1, 0]"], "online.beta_schedule: every β must be > 0, not 0"),
+    (["online.beta_schedule=[0.1]", "objective.loss=orpo"], "objective.loss=orpo has no β to schedule"),
 ])
 def test_its_checks_run_before_anything_loads(online_config, overrides, message):
     from dpokit.methods.online_dpo import OnlineDPO
@@ -81,3 +86,39 @@ def test_its_checks_run_before_anything_loads(online_config, overrides, message)
         return
     with pytest.raises(ConfigError, match=message):
         OnlineDPO.check(cfg)
+
+
+def test_the_beta_schedule_gives_each_step_its_share_of_the_run():
+    """[b0, ..., b(n-1)] over T steps: step s uses b(min(n-1, s*n // T)), TRL's per-epoch list over steps."""
+    from dpokit.methods.online_dpo import scheduled_beta
+
+    assert [scheduled_beta([0.5, 0.2], s, 4) for s in range(4)] == [0.5, 0.5, 0.2, 0.2]
+    assert [scheduled_beta([0.3, 0.2, 0.1], s, 7) for s in range(7)] == [0.3, 0.3, 0.3, 0.2, 0.2, 0.1, 0.1]
+    assert [scheduled_beta([0.4], s, 3) for s in range(3)] == [0.4] * 3
+    assert [scheduled_beta([0.1, 0.2, 0.3, 0.4], s, 2) for s in range(2)] == [0.1, 0.3]  # more values than steps
+    assert scheduled_beta([0.5, 0.2], 9, 4) == 0.2  # past the end: the last value
+
+
+def test_a_scheduled_run_trains_and_logs_with_each_steps_beta(online_config, tmp_path):
+    """β by step [0.5, 0.2] over 2 steps, objective.beta 0.1 unused: step 1 is the step of a run at
+    objective.beta=0.5 (same loss and rewards), so both reach step 2 with the same weights, samples and pair;
+    there the rewards are 0.2/0.5 of that run's and the loss is DPO's −log σ(0.2 h) by hand."""
+    import torch
+
+    from dpokit.objectives.losses import sigmoid
+
+    one_pair = ("train.batch_size=1", "train.micro_batch_size=1", "train.max_steps=2")
+    scheduled = train(online_config(*one_pair, "online.beta_schedule=[0.5, 0.2]"), method="online_dpo")
+    constant = train(online_config(*one_pair, "objective.beta=0.5", f"output.dir={tmp_path / 'constant'}"),
+                     method="online_dpo")
+    a, b = ([r for r in read_metrics(res.run_dir) if "reward" in r] for res in (scheduled, constant))
+    assert [r["beta"] for r in a] == [0.5, 0.2] and [r["beta"] for r in b] == [0.5, 0.5]
+    assert all(r["pairs_kept"] == 1 for r in a + b)
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert a[0][key] == pytest.approx(b[0][key], abs=1e-6), key
+    assert (a[1]["reward"], a[1]["logps/chosen"]) == pytest.approx((b[1]["reward"], b[1]["logps/chosen"]), abs=1e-6)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert a[1][key] == pytest.approx(0.4 * b[1][key], rel=1e-4, abs=1e-7), key
+    h = torch.tensor([b[1]["rewards/margins"] / 0.5], dtype=torch.float64)
+    zero = torch.zeros_like(h)
+    assert a[1]["loss"] == pytest.approx(sigmoid(h, zero, zero, zero, beta=0.2).losses.item(), rel=1e-4)

@@ -39,6 +39,7 @@ class Method:
     data: PreparedData  # the tokenized splits, for the default summary and report
     train_set: list
     eval_set: list
+    total_steps: int = 0  # the run's loop steps (train.max_steps, or all epochs), set by the loop before `build`
 
     @classmethod
     def check(cls, cfg: Config) -> None:

@@ -14,14 +14,18 @@ One loop step on `train.batch_size` prompts of `data.train` (a prompt file, as P
 2. One optimizer update over the step's kept pairs with the configured pair objective (`objective.loss`,
    β, every option of the DPO family), against a reference frozen at the start or moved by TR-DPO
    (`reference.sync_every`): `methods.dpo.DPO`'s models, objective and reference, reused. A step that keeps
-   no pair makes no update (its metrics say so).
+   no pair makes no update (its metrics say so). With `online.beta_schedule` [b0, ..., b(n-1)] step s of the
+   run's T steps uses β = b(min(n-1, s*n // T)) (`scheduled_beta`), for the loss and the reward metrics alike:
+   a pure function of the step, so a resumed run replays it.
 
 Metrics: the step's `reward` (the judge's mean over all samples), `kl`, `pairs` kept, `dropped/<reason>`,
-and DPO's loss and reward metrics over the kept pairs. Under several processes every rank samples the whole
+`beta` (the step's β), and DPO's loss and reward metrics over the kept pairs. Under several processes every rank samples the whole
 batch with the same seeds and trains on its share of the pairs; a resumed run replays a step exactly.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -45,6 +49,13 @@ from dpokit.objectives.losses import build_objective
 from dpokit.objectives.registry import OBJECTIVES
 
 
+def scheduled_beta(schedule: list[float], step: int, total_steps: int) -> float:
+    """β of step `step` (0-based) of `total_steps` under `online.beta_schedule` [b0, ..., b(n-1)]: b(min(n-1,
+    step*n // total_steps)), each value for an n-th of the run, the last one kept past the end."""
+    n = len(schedule)
+    return float(schedule[min(n - 1, step * n // max(1, total_steps))])
+
+
 class OnlineDPO(DPO):
     name = "online_dpo"
     unit = "pairs"
@@ -65,6 +76,13 @@ class OnlineDPO(DPO):
         if cfg.reference.strategy not in ("auto", "copy", "adapters", "none"):
             raise ConfigError(f"reference.strategy={cfg.reference.strategy} does not apply to dpokit online: its pairs "
                               "are new at every step; use auto, copy or adapters (LoRA)")
+        if o.beta_schedule:
+            bad = [b for b in o.beta_schedule if not b > 0]
+            if bad:
+                raise ConfigError(f"online.beta_schedule: every β must be > 0, not {bad[0]}")
+            if not any(OBJECTIVES[n].uses_beta for n in cfg.objective.losses):
+                raise ConfigError(f"online.beta_schedule: objective.loss={cfg.objective.name} has no β to schedule; "
+                                  "leave online.beta_schedule empty")
 
     def __init__(self, cfg: Config, runtime: Runtime, tokenizer):
         self.cfg, self.rt, self.tokenizer = cfg, runtime, tokenizer
@@ -74,6 +92,7 @@ class OnlineDPO(DPO):
         self.eval_set = []
         self.data = None  # no fixed pairs: the reference is never precomputed
         self.kto, self.weights, self.labels = False, None, {}
+        self.beta = cfg.objective.beta  # the β self.objective was built with (online.beta_schedule moves it)
         self.objective = build_objective(cfg.objective)
         self.reference: reference.Reference = reference.NoReference()
         self.policy = None
@@ -94,6 +113,7 @@ class OnlineDPO(DPO):
         """K samples of each prompt of `item_ids`, scored and paired; returns the step's sample metrics."""
         metrics = super().prepare(policy, item_ids, step)  # TR-DPO: the reference follows first
         cfg, o = self.cfg, self.cfg.online
+        self._set_beta(scheduled_beta(o.beta_schedule, step, self.total_steps) if o.beta_schedule else cfg.objective.beta)
         items = [self.train_set[i] for i in item_ids]
         rows = [it for it in items for _ in range(o.samples)]
         with self.autocast():
@@ -117,9 +137,15 @@ class OnlineDPO(DPO):
         metrics.update({"reward": sum(raw) / len(raw), "kl": self._kl(rows, samples),
                         "eos_fraction": sum(c.finished for c in samples) / len(samples),
                         "completion_length": sum(len(c.ids) for c in samples) / len(samples),
-                        "pairs_kept": float(counts.pairs),
+                        "pairs_kept": float(counts.pairs), "beta": self.beta,
                         **{f"dropped/{k}": float(v) for k, v in counts.dropped.items()}})
         return metrics
+
+    def _set_beta(self, beta: float) -> None:
+        """The objective of the step's β, rebuilt only when β changes (loss and reward metrics both read it)."""
+        if beta != self.beta:
+            self.beta = beta
+            self.objective = build_objective(dataclasses.replace(self.cfg.objective, beta=beta))
 
     def _kl(self, rows: list[PromptItem], samples) -> float:
         """Mean over the samples of Σ_t (log π − log π_ref) on their tokens (PPO's `kl`); 0 without a reference."""
@@ -147,8 +173,9 @@ class OnlineDPO(DPO):
 
     def describe(self) -> str:
         o, obj = self.cfg.online, self.cfg.objective
+        beta = f"β by step {o.beta_schedule}" if o.beta_schedule else f"β={obj.beta}"
         return (f"online DPO: {o.samples} samples a prompt judged by {self.judge.name}, {o.pairing} pairs, objective "
-                f"{obj.name} β={obj.beta}, reference {self.reference.name}")
+                f"{obj.name} {beta}, reference {self.reference.name}")
 
     def summary(self) -> str:
         return (f"{len(self.train_set)} prompts from {self.cfg.data.train}; {self.cfg.online.samples} samples a prompt "
