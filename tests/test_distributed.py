@@ -131,3 +131,28 @@ def test_cli_under_torchrun_with_precomputed_reference(setup, tmp_path):
     one = train(load_config(None, overrides("cli-1rank", "reference.strategy=precomputed",
                                             f"reference.cache_dir={tmp_path}")))
     assert two == pytest.approx([r["loss"] for r in read_metrics(one.run_dir) if "loss" in r], abs=1e-5)
+
+
+def test_iterate_under_torchrun_matches_one_process(tmp_path, tiny_model_dir):
+    """`torchrun -m dpokit iterate`: rank 0 alone samples, judges and writes each round's files, every rank trains
+    the round's DPO; 2 rounds on 2 ranks give 1 process's pairs files, byte for byte, and its final weights."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p, _, _ in PAIRS * 2])
+
+    def overrides(name):
+        return [f"model.name={tiny_model_dir}", f"data.train={prompts}", f"output.dir={tmp_path / name}",
+                "online.judge=length", "online.samples=4", "online.max_new_tokens=8", "online.template=none",
+                "iterate.rounds=2", "iterate.reference=previous", "train.batch_size=4", "train.micro_batch_size=2",
+                "train.lr=1e-3", "train.epochs=2", "checkpoint.every=0", "output.report_to=[]",
+                "train.precision=fp32", f"reference.cache_dir={tmp_path / 'refcache'}"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    one = subprocess.run([sys.executable, "-m", "dpokit", "iterate", *overrides("one")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stdout[-4000:] + one.stderr[-4000:]
+    two = torchrun("-m", "dpokit", "iterate", *overrides("two"))
+    assert two.stdout.count("[round 2/2] sample") == 1  # rank 0 alone samples
+    for r in (1, 2):
+        a, b = (tmp_path / name / f"round-{r}" / "pairs.jsonl" for name in ("one", "two"))
+        assert a.read_bytes() == b.read_bytes() and a.read_text().strip(), r
+    w1, w2 = weights(tmp_path / "one" / "round-2"), weights(tmp_path / "two" / "round-2")
+    assert w1.keys() == w2.keys() and all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)

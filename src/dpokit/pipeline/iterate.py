@@ -11,6 +11,10 @@ round a run directory `<output.dir>/round-R` made of the commands' own steps:
 A finished round (its exported model) is never redone: rerunning the command continues with the first
 unfinished round, whose sampling resumes where it stopped and whose training resumes from its last
 checkpoint with `--resume` (or starts over with `output.overwrite=true`).
+
+Under torchrun (`torchrun -m dpokit iterate CONFIG`) the process group starts once, as the trainer starts it:
+rank 0 alone samples, judges and writes a round's files while the others wait for it, then every rank
+trains the round's DPO (DDP or FSDP2, `distributed.*`), so 2 ranks give 1 rank's files and weights.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ def check(cfg: Config) -> None:
 
 def iterate(cfg: Config, *, resume: bool = False, echo=print) -> list[Round]:
     """All `iterate.rounds` rounds; the policy of the last is `<output.dir>/round-R/model`."""
+    from dpokit.distributed import init_runtime
     from dpokit.generation.jsonl import read_jsonl
     from dpokit.generation.judges import configured_judge
     from dpokit.generation.sampling import sample_file
@@ -66,30 +71,56 @@ def iterate(cfg: Config, *, resume: bool = False, echo=print) -> list[Round]:
     check(cfg)
     DPO.check(cfg)
     o, out = cfg.online, Path(cfg.output.dir)
-    judge = configured_judge(o.judge, o.judge_model, o.judge_options, "online.judge")
-    start, policy, rounds = cfg.model.name, cfg.model.name, []
-    for r in range(1, cfg.iterate.rounds + 1):
-        run_dir = out / f"round-{r}"
-        reference = start if cfg.iterate.reference == "start" else policy
-        done = RunDir(run_dir).finished_step() is not None
-        if not done:
-            echo(f"[round {r}/{cfg.iterate.rounds}] sample {o.samples} completions a prompt from {policy}")
-            settings = SamplingSettings(n=o.samples, temperature=o.temperature, top_p=o.top_p,
-                                        max_new_tokens=o.max_new_tokens, seed=cfg.train.seed * 1_000 + r,
-                                        batch_size=max(o.samples, cfg.train.micro_batch_size * o.samples),
-                                        template=o.template)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            sample_file(policy, cfg.data.train, run_dir / SAMPLES, settings)
-            summary = label_file(run_dir / SAMPLES, run_dir / PAIRS, judge, mode=o.pairing, margin=o.margin,
-                                 scored_out=run_dir / SCORED)
-            echo(f"[round {r}/{cfg.iterate.rounds}] {summary.counts.summary()}; train DPO against {reference}")
-            train(round_config(cfg, run_dir, policy=policy, reference=reference, start=start), resume=resume,
-                  method="dpo")
-        scores = [s for row in read_jsonl(run_dir / SCORED) for s in row["scores"]]
-        pairs = len(read_jsonl(run_dir / PAIRS))
-        rounds.append(Round(r, run_dir, policy, reference, sum(scores) / len(scores), pairs, done))
-        policy = str(run_dir / "model")
+    # the trainer's process group, started here once: each round's `train` joins it (and leaves it open)
+    rt = init_runtime(cfg.distributed.strategy, cfg.distributed.backend)
+    try:
+        judge = configured_judge(o.judge, o.judge_model, o.judge_options, "online.judge") if rt.is_main else None
+        start, policy, rounds = cfg.model.name, cfg.model.name, []
+        for r in range(1, cfg.iterate.rounds + 1):
+            run_dir = out / f"round-{r}"
+            reference = start if cfg.iterate.reference == "start" else policy
+            done = rank0_says(rt, rt.is_main and RunDir(run_dir).finished_step() is not None)
+            if not done:
+                failure = None
+                if rt.is_main:  # one process samples and writes the round's files; the others wait for them
+                    try:
+                        echo(f"[round {r}/{cfg.iterate.rounds}] sample {o.samples} completions a prompt from {policy}")
+                        settings = SamplingSettings(n=o.samples, temperature=o.temperature, top_p=o.top_p,
+                                                    max_new_tokens=o.max_new_tokens, seed=cfg.train.seed * 1_000 + r,
+                                                    batch_size=max(o.samples, cfg.train.micro_batch_size * o.samples),
+                                                    template=o.template)
+                        run_dir.mkdir(parents=True, exist_ok=True)
+                        sample_file(policy, cfg.data.train, run_dir / SAMPLES, settings)
+                        summary = label_file(run_dir / SAMPLES, run_dir / PAIRS, judge, mode=o.pairing,
+                                             margin=o.margin, scored_out=run_dir / SCORED)
+                        echo(f"[round {r}/{cfg.iterate.rounds}] {summary.counts.summary()}; train DPO against "
+                             f"{reference}")
+                    except BaseException as e:  # the others are told, not left waiting
+                        failure = e
+                if not rank0_says(rt, failure is None):
+                    if failure is not None:
+                        raise failure
+                    raise RuntimeError(f"dpokit iterate: rank 0 failed to sample or label round {r} (its error "
+                                       "is in its output)")
+                train(round_config(cfg, run_dir, policy=policy, reference=reference, start=start), resume=resume,
+                      method="dpo")
+            scores = [s for row in read_jsonl(run_dir / SCORED) for s in row["scores"]]
+            pairs = len(read_jsonl(run_dir / PAIRS))
+            rounds.append(Round(r, run_dir, policy, reference, sum(scores) / len(scores), pairs, done))
+            policy = str(run_dir / "model")
+        rt.barrier()
+    finally:
+        rt.close()
     return rounds
+
+
+def rank0_says(rt, flag: bool) -> bool:
+    """Rank 0's `flag` on every rank (a collective: every rank calls it); the flag itself in one process."""
+    if not rt.distributed:
+        return flag
+    import torch
+
+    return bool(rt.broadcast(torch.tensor([int(flag)], device=rt.device)).item())
 
 
 def round_config(cfg: Config, run_dir: Path, *, policy: str, reference: str, start: str) -> Config:
