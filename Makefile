@@ -23,11 +23,12 @@ demo: $(STAMP)
 	$(BIN)/python -m dpokit.experiments.demo --config configs/sentiment.yaml \
 		--train-prompts data/sentiment/prompts_train.jsonl --heldout-prompts data/sentiment/prompts_heldout.jsonl
 
-# the DPO paper's comparison: DPO, Preferred-FT, Unlikelihood, reward model + PPO, PPO-GT and Best-of-N on one
-# reward-KL frontier (src/dpokit/experiments/paper.py)
+# the DPO paper's comparison: DPO (offline, online, iterative), Preferred-FT, Unlikelihood, reward model + PPO,
+# PPO-GT and Best-of-N on one reward-KL frontier (src/dpokit/experiments/paper.py); --seeds N to repeat it
 paper: $(STAMP)
 	$(BIN)/python -m dpokit.experiments.paper --configs configs/paper \
-		--train-prompts data/sentiment/prompts_train.jsonl --heldout-prompts data/sentiment/prompts_heldout.jsonl
+		--train-prompts data/sentiment/prompts_train.jsonl --heldout-prompts data/sentiment/prompts_heldout.jsonl \
+		--select-prompts data/sentiment/prompts_select.jsonl
 
 quickstart: $(STAMP)
 	$(BIN)/dpokit train configs/quickstart.yaml

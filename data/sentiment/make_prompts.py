@@ -5,8 +5,11 @@ These openings are written for dpokit instead, from the templates and word lists
 review begins (a verdict about to be given, a viewing, an aspect of the film, the reviewer's situation),
 filled with film types, people, occasions and aspects. Every opening has 2-8 words and is neutral for
 the judge (VADER compound score exactly 0), so the sentiment of a review comes from its completion
-alone. Kept: 320 distinct openings in a seeded random order; the first 256 are the training prompts, the
-last 64 the held-out prompts, and no opening appears in both.
+alone. The first 320 of a seeded random order are the demo's openings: 256 training prompts, 64 held-out
+prompts. Every other neutral opening (1,893) goes to the training side of `make paper`: its first 64 are
+prompts_select.jsonl, the split on which `make paper` chooses each method's settings (never the held-out
+openings), the rest prompts_more.jsonl, for runs with more compute than `make paper`'s budget. No opening
+appears in two files.
 
     python data/sentiment/make_prompts.py      # deterministic: seed 2023
 """
@@ -19,7 +22,7 @@ import random
 from pathlib import Path
 
 SEED = 2023
-TOTAL, HELDOUT = 320, 64
+TOTAL, HELDOUT, SELECT = 320, 64, 64
 
 FILMS = ["this movie", "this film", "the film", "this picture", "the sequel", "this remake", "this documentary",
          "the new thriller", "this comedy", "this western", "the musical", "this horror movie", "this adaptation",
@@ -77,8 +80,11 @@ def main() -> None:
     spread = [t for group in itertools.zip_longest(*by_template.values()) for t in group if t is not None]
     chosen = spread[:TOTAL]
     rng.shuffle(chosen)
+    rest = spread[TOTAL:]
+    rng.shuffle(rest)  # after the demo's shuffle: the demo's files stay as they were
     here = Path(__file__).parent
-    for name, rows in (("prompts_train.jsonl", chosen[:TOTAL - HELDOUT]), ("prompts_heldout.jsonl", chosen[TOTAL - HELDOUT:])):
+    for name, rows in (("prompts_train.jsonl", chosen[:TOTAL - HELDOUT]), ("prompts_heldout.jsonl", chosen[TOTAL - HELDOUT:]),
+                       ("prompts_select.jsonl", rest[:SELECT]), ("prompts_more.jsonl", rest[SELECT:])):
         (here / name).write_text("".join(json.dumps({"prompt": t}) + "\n" for t in rows), encoding="utf-8")
         print(f"{here / name}: {len(rows)} openings")
 

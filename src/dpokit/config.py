@@ -225,6 +225,9 @@ class IterateSection:
                       min=1)
     reference: str = opt("start", "dpokit iterate: each round's reference, the start model (RLHFlow's default) or the "
                          "previous round's policy", choices=("start", "previous"))
+    prompts_per_round: int = opt(0, "dpokit iterate: P, prompts sampled a round: round r takes data.train's prompts "
+                                 "(r-1)·P to r·P-1, wrapping at its end, so the rounds see different prompts "
+                                 "(RLHFlow splits its prompt set by iteration); 0: every prompt every round", min=0)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""`make paper`'s plan: every step is a real `dpokit` command, and compute is charged to the right method."""
+"""`make paper`'s plan: every step is a real `dpokit` command, settings are chosen on the selection openings
+alone, compute is charged to the right method, and seeds are summarised by their mean and range."""
 
 import json
 from pathlib import Path
@@ -11,53 +12,126 @@ from dpokit.experiments import paper
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "paper"
 
 
+def plan(tmp_path, **kw):
+    args = dict(model="m", train_prompts=Path("train.jsonl"), select_prompts=Path("select.jsonl"),
+                heldout_prompts=Path("held.jsonl"), dpo=[(0.05, 1e-4), (0.1, 3e-5)], alphas=[0.1],
+                kl_coefs=[0.05, 0.2], best_of=[4, 16], max_new_tokens=16, eval_samples=2, select_samples=1,
+                batch_size=64, margin=0.3)
+    return paper.plan(tmp_path, CONFIGS, **{**args, **kw})
+
+
 def test_every_step_is_a_dpokit_command_with_the_settings_it_runs_with(tmp_path):
-    steps, planned = paper.plan(tmp_path, CONFIGS, model="m", train_prompts=Path("train.jsonl"),
-                                heldout_prompts=Path("held.jsonl"), betas=[0.1, 1.0], alphas=[0.1],
-                                kl_coefs=[0.05, 0.2], best_of=[4, 16], max_new_tokens=16, eval_samples=2,
-                                batch_size=64, margin=0.3)
-    assert [r.series for r in planned] == ["DPO", "DPO", "Preferred-FT", "Unlikelihood", "PPO", "PPO", "PPO-GT"]
-    commands = [step.command for step in steps]
-    assert [c[0] for c in commands] == ["sample", "sample", "label", "label", "reward", "train", "train", "sft",
-                                        "train", "ppo", "ppo", "ppo", "frontier"]
+    steps, planned = plan(tmp_path)
+    assert [r.series for r in planned] == ["DPO", "DPO", "Preferred-FT", "Unlikelihood", "PPO", "PPO", "PPO-GT",
+                                           "Online DPO", "Iterative DPO", "Online DPO-GT", "Iterative DPO-GT"]
+    commands = {key: step.command() if callable(step.command) else step.command for key, step in steps}
+    assert [c[0] for c in commands.values()] == [
+        "sample", "sample", "sample", "label", "label", "reward", "train", "train", "sft", "train", "ppo", "ppo",
+        "ppo", "online", "iterate", "online", "iterate", "frontier", "frontier"]
     parser = build_parser()
-    for command in commands:
+    for command in commands.values():
         parser.parse_args(command)  # exits on an unknown option
-    dpo, ppo_rm, ppo_gt, frontier = commands[5], commands[9], commands[11], commands[12]
-    assert "objective.beta=0.1" in dpo and f"data.train={tmp_path / 'pairs_train.jsonl'}" in dpo
+    dpo = commands["dpo-beta0.1-lr3e-05"]
+    assert "objective.beta=0.1" in dpo and "train.lr=3e-05" in dpo and "train.seed=42" in dpo
+    assert f"data.train={tmp_path / 'pairs_train.jsonl'}" in dpo
+    ppo_rm, ppo_gt = commands["ppo-kl0.05"], commands["ppo-gt"]
     assert "ppo.kl_coef=0.05" in ppo_rm and "ppo.judge=reward-model" in ppo_rm
     assert "ppo.max_new_tokens=16" in ppo_rm  # rollouts as long as the evaluation's samples
     assert f"ppo.judge_model={tmp_path / 'runs' / 'reward' / 'model'}" in ppo_rm
     assert "ppo.judge=sentiment" in ppo_gt and not any(a.startswith("ppo.judge_model") for a in ppo_gt)
-    assert frontier.count("--best-of") == 2 and "--checkpoints" in frontier
-    assert f"PPO-GT={tmp_path / 'runs' / 'ppo-gt'}" in frontier
-    for config in {c[1] for c in commands[4:12]}:
+    online_rm, iterate_gt = commands["online-rm"], commands["iterate-gt"]
+    assert "online.judge=reward-model" in online_rm and "data.train=train.jsonl" in online_rm
+    assert "online.judge=sentiment" in iterate_gt and "online.max_new_tokens=16" in iterate_gt
+    select, final = commands["select"], commands["frontier"]
+    assert "--reference-samples" in select and str(tmp_path / "samples_select.jsonl") in select
+    assert "--best-of" not in select and "--also-judge" not in select
+    assert final.count("--best-of") == 2 and "--checkpoints" in final and "afinn" in final
+    assert str(tmp_path / "samples_heldout.jsonl") in final
+    for config in {c[1] for key, c in commands.items() if c[0] not in ("sample", "label", "frontier")}:
         assert Path(config).is_file()
+
+
+def test_a_seed_shifts_every_sampling_seed_and_the_training_seed(tmp_path):
+    first = dict(plan(tmp_path)[0])
+    second = dict(plan(tmp_path, seed=2)[0])
+    assert "--seed" in first["sample train"].command
+    seed_of = lambda c: int(c[c.index("--seed") + 1])  # noqa: E731
+    assert seed_of(second["sample train"].command) == seed_of(first["sample train"].command) + 200
+    assert "train.seed=44" in second["ppo-gt"].command and "train.seed=42" in first["ppo-gt"].command
+
+
+def test_the_final_frontier_evaluates_only_the_configurations_chosen_on_the_selection_openings(tmp_path):
+    steps, planned = plan(tmp_path)
+    (tmp_path / "select").mkdir()
+    chosen = {r.series: {"run": r.name} for r in planned if r.name != "dpo-beta0.05-lr0.0001"}
+    (tmp_path / "select" / "selection.json").write_text(json.dumps(chosen))
+    final = dict(steps)["frontier"].command()
+    assert f"DPO={tmp_path / 'runs' / 'dpo-beta0.1-lr3e-05'}" in final
+    assert not any("dpo-beta0.05" in a for a in final)
+    assert f"Iterative DPO={tmp_path / 'runs' / 'iterate-rm' / 'round-1'}" in final
+
+
+def point(series, model, kl, reward, **kw):
+    return {"series": series, "model": model, "label": model, "kl": kl, "reward": reward, **kw}
+
+
+def test_the_configuration_and_its_checkpoints_are_chosen_on_the_selection_points():
+    planned = [paper.Run("DPO", "a", "train", "c", (), setting="β 0.1"),
+               paper.Run("DPO", "b", "train", "c", (), setting="β 0.5"),
+               paper.Run("PPO", "p", "ppo", "c", (), setting="β_KL 0.05")]
+    points = [point("a", "a/1", 1.0, 0.3), point("a", "a/2", 4.0, 0.5), point("a", "a/3", 12.0, 0.9),
+              point("b", "b/1", 0.5, 0.25), point("b", "b/2", 1.5, 0.45), point("b", "b/3", 3.0, 0.55),
+              point("p", "p/1", 6.0, 0.4)]
+    chosen = paper.choose(points, planned, reference_reward=0.1)
+    # a: (0.3 + 0.5 + 0.5) / 3 = 0.433; b: (0.45 + 0.55 + 0.55) / 3 = 0.517 — a's 0.9 lies past every limit
+    assert chosen["DPO"]["run"] == "b" and chosen["DPO"]["tried"] == ["β 0.1", "β 0.5"]
+    assert chosen["DPO"]["scores"]["β 0.1"] == pytest.approx(1.3 / 3)
+    assert chosen["DPO"]["picks"] == {"2": "b/2", "5": "b/3", "10": "b/3"}
+    assert chosen["PPO"]["picks"] == {"2": None, "5": None, "10": "p/1"}  # no point within 2 or 5 nats
+
+
+def test_each_cell_is_the_held_out_point_of_the_checkpoint_chosen_on_the_selection_openings():
+    chosen = {"DPO": {"run": "b", "setting": "β 0.5", "tried": ["β 0.1", "β 0.5"],
+                      "picks": {"2": "b/2", "5": "b/3", "10": "b/3"}}}
+    points = [point("DPO", "b/2", 2.4, 0.40, afinn_reward=1.0), point("DPO", "b/3", 3.1, 0.35, afinn_reward=2.0),
+              point("DPO", "b/final", 3.5, 0.60),  # the best held-out point, never chosen: it was not chosen there
+              point("Best-of-N", "m", 0.82, 0.5, best_of=4), point("Best-of-N", "m", 1.84, 0.7, best_of=16)]
+    rows = {r["series"]: r for r in paper.seed_rows(points, chosen, {"DPO": 100.0})}
+    dpo = rows["DPO"]["at_kl"]
+    assert dpo["2"] == {"reward": 0.40, "kl": 2.4, "label": "b/2", "afinn": 1.0}  # reported with its held-out KL
+    assert dpo["10"]["reward"] == 0.35 and rows["DPO"]["final_kl"] == 3.5 and rows["DPO"]["seconds"] == 100.0
+    best = rows["Best-of-N"]["at_kl"]
+    assert best["2"]["reward"] == 0.7 and best["5"]["reward"] == 0.7  # the largest N whose bound fits
+
+
+def test_seeds_are_summarised_by_their_mean_and_range():
+    def row(reward, kl):
+        return {"series": "DPO", "setting": "β 0.1", "tried": ["β 0.1"], "final_kl": kl, "seconds": 10.0,
+                "at_kl": {"2": None, "5": {"reward": reward, "kl": 4.0, "afinn": 1.0}, "10": None}}
+
+    rows = paper.aggregate([[row(0.3, 5.0)], [row(0.5, 7.0)], [row(0.7, 6.0)]])
+    (dpo,) = rows
+    assert dpo["at_kl"]["5"]["reward"] == pytest.approx({"mean": 0.5, "min": 0.3, "max": 0.7, "n": 3})
+    assert dpo["at_kl"]["2"]["reward"] is None and dpo["final_kl"]["mean"] == pytest.approx(6.0)
+    assert paper.cell(dpo["at_kl"]["5"]["reward"]) == "0.500 [0.300, 0.700]"
 
 
 def test_compute_is_charged_to_each_method():
     planned = [paper.Run("DPO", "dpo-a", "train", "c", ()), paper.Run("DPO", "dpo-b", "train", "c", ()),
-               paper.Run("PPO", "ppo-3", "ppo", "c", (), needs_reward_model=True),
-               paper.Run("PPO-GT", "ppo-gt", "ppo", "c", ())]
+               paper.Run("PPO", "ppo-3", "ppo", "c", (), reward="model"),
+               paper.Run("PPO-GT", "ppo-gt", "ppo", "c", (), reward="judge"),
+               paper.Run("Online DPO-GT", "online-gt", "online", "c", (), reward="judge")]
     timings = {"sample train": 100.0, "label train": 10.0, "reward": 50.0, "dpo-a": 30.0, "dpo-b": 40.0,
-               "ppo-3": 200.0, "ppo-gt": 300.0, "frontier": 999.0}
+               "ppo-3": 200.0, "ppo-gt": 300.0, "online-gt": 250.0, "frontier": 999.0}
     points = [{"series": "Best-of-N", "best_of": 4, "seconds_candidates": 20.0},
               {"series": "Best-of-N", "best_of": 16, "seconds_candidates": 80.0}]
     assert paper.charged_seconds(planned, timings, points) == {
-        "DPO": 110.0 + 30.0 + 40.0,  # the data once, then each run of the sweep
+        "DPO": 110.0 + 30.0 + 40.0,  # the data once, then every configuration tried
         "PPO": 110.0 + 50.0 + 200.0,  # the data the reward model learned from, the reward model, PPO
         "PPO-GT": 300.0,  # the judge is its reward: no data, no reward model
+        "Online DPO-GT": 250.0,
         "Best-of-N": 80.0,  # N = 16's candidates include N = 4's
     }
-
-
-def test_best_reward_at_matched_kl():
-    points = [{"series": "DPO", "kl": 1.0, "reward": 0.2}, {"series": "DPO", "kl": 4.0, "reward": 0.5},
-              {"series": "PPO", "kl": 6.0, "reward": 0.4}]
-    assert paper.best_at_kl(points, "DPO", 2.0) == 0.2
-    assert paper.best_at_kl(points, "DPO", 5.0) == 0.5
-    assert paper.best_at_kl(points, "PPO", 5.0) is None
-    assert paper.best_at_kl(points, "PPO", 10.0) == pytest.approx(0.4)
 
 
 def test_ppo_curves_plot_each_ppo_runs_reward_and_kl(tmp_path):

@@ -78,3 +78,14 @@ def test_its_checks_run_before_anything_loads(iterate_config):
         check(iterate_config("online.judge=null"))
     with pytest.raises(ConfigError, match="leave reference.name unset"):
         check(iterate_config(f"reference.name={iterate_config().model.name}"))
+
+
+def test_each_round_samples_its_own_slice_of_the_prompts_wrapping_at_the_end(iterate_config, tmp_path):
+    from dpokit.generation.prompts import read_prompts
+    from dpokit.pipeline.iterate import round_prompts
+
+    cfg = iterate_config("iterate.prompts_per_round=12")  # 32 prompts: 0-11, 12-23, 24-31 + 0-3
+    seen = [read_prompts(round_prompts(cfg, r, tmp_path / f"round-{r}")) for r in (1, 2, 3)]
+    every = (PROMPTS * 8)
+    assert seen[0] == every[:12] and seen[1] == every[12:24] and seen[2] == every[24:] + every[:4]
+    assert round_prompts(iterate_config(), 1, tmp_path) == str(tmp_path / "prompts.jsonl")  # 0: all of data.train

@@ -55,7 +55,9 @@ JUDGE = "sentiment"
 @dataclass(frozen=True)
 class Step:
     title: str
-    command: list[str]  # the `dpokit` command that does the same, printed before the step runs
+    # the `dpokit` command that does the same, printed before the step runs (a function of nothing where the
+    # command depends on the steps before it)
+    command: list[str] | Callable[[], list[str]]
     run: Callable[[], int]  # returns the command's exit status
 
 
@@ -160,7 +162,8 @@ def run_steps(plan: list[Step], name: str) -> tuple[int, list[float]]:
 
     seconds = []
     for k, step in enumerate(plan, 1):
-        print(f"\n[{k}/{len(plan)}] {step.title}\n$ dpokit {shlex.join(step.command)}", flush=True)
+        command = step.command() if callable(step.command) else step.command
+        print(f"\n[{k}/{len(plan)}] {step.title}\n$ dpokit {shlex.join(command)}", flush=True)
         t0 = time.perf_counter()
         code = exit_status(step.run)
         seconds.append(time.perf_counter() - t0)

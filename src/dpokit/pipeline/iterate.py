@@ -1,8 +1,9 @@
 """`dpokit iterate`: iterative DPO in rounds (Xiong et al. 2024; Dong et al. 2024, "RLHF Workflow"), each
 round a run directory `<output.dir>/round-R` made of the commands' own steps:
 
-    sample   `online.samples` = K completions of every prompt of `data.train` from the latest policy (the
-             start model in round 1), `online.temperature`, `online.top_p`, `online.max_new_tokens`
+    sample   `online.samples` = K completions of every prompt of `data.train` (or of the round's
+             `iterate.prompts_per_round` of them) from the latest policy (the start model in round 1),
+             `online.temperature`, `online.top_p`, `online.max_new_tokens`
     label    the judge (`online.judge`, ...) scores them; best-vs-worst pairs, or all pairs over
              `online.margin` (`online.pairing`); ties and near-ties dropped and counted
     train    DPO (every `objective` and `train` setting) on those pairs for `train.epochs`, from the latest
@@ -31,7 +32,7 @@ from dpokit.generation.settings import SamplingSettings
 from dpokit.rundir import RunDir
 
 # a round's files in its run directory, beside the DPO run's own
-SAMPLES, SCORED, PAIRS = "samples.jsonl", "scored.jsonl", "pairs.jsonl"
+PROMPTS, SAMPLES, SCORED, PAIRS = "prompts.jsonl", "samples.jsonl", "scored.jsonl", "pairs.jsonl"
 
 
 @dataclass
@@ -90,7 +91,7 @@ def iterate(cfg: Config, *, resume: bool = False, echo=print) -> list[Round]:
                                                     batch_size=max(o.samples, cfg.train.micro_batch_size * o.samples),
                                                     template=o.template)
                         run_dir.mkdir(parents=True, exist_ok=True)
-                        sample_file(policy, cfg.data.train, run_dir / SAMPLES, settings)
+                        sample_file(policy, round_prompts(cfg, r, run_dir), run_dir / SAMPLES, settings)
                         summary = label_file(run_dir / SAMPLES, run_dir / PAIRS, judge, mode=o.pairing,
                                              margin=o.margin, scored_out=run_dir / SCORED)
                         echo(f"[round {r}/{cfg.iterate.rounds}] {summary.counts.summary()}; train DPO against "
@@ -112,6 +113,21 @@ def iterate(cfg: Config, *, resume: bool = False, echo=print) -> list[Round]:
     finally:
         rt.close()
     return rounds
+
+
+def round_prompts(cfg: Config, r: int, run_dir: Path) -> str | Path:
+    """The prompt file round `r` samples: data.train, or its r-th slice of `iterate.prompts_per_round`
+    prompts (wrapping at its end), written to the round's directory."""
+    per_round = cfg.iterate.prompts_per_round
+    if per_round == 0:
+        return cfg.data.train
+    from dpokit.generation.jsonl import write_jsonl
+    from dpokit.generation.prompts import read_prompts
+
+    prompts = read_prompts(cfg.data.train)
+    chosen = [prompts[i % len(prompts)] for i in range((r - 1) * per_round, r * per_round)]
+    write_jsonl(run_dir / PROMPTS, [{"prompt": p} for p in chosen])
+    return run_dir / PROMPTS
 
 
 def rank0_says(rt, flag: bool) -> bool:
