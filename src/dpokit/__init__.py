@@ -4,6 +4,7 @@
     cfg = dpokit.load_config("configs/quickstart.yaml", ["train.max_steps=10"])
     result = dpokit.train(cfg)                 # DPO (or its family: objective.loss)
     result = dpokit.train(cfg, method="sft")   # any method the CLI runs: dpo, sft, reward, ppo, online_dpo
+    rounds = dpokit.iterate(cfg)               # iterative DPO: rounds of sample → judge → DPO
 """
 
 from dpokit.config import Config
@@ -14,7 +15,7 @@ from dpokit.methods.registry import METHODS
 __version__ = "0.1.0"
 
 __all__ = ["METHODS", "Config", "ConfigError", "DataError", "DpokitError", "ModelError", "TrainingError",
-           "load_config", "train"]
+           "iterate", "load_config", "train"]
 
 
 def train(config: Config, *, method: str | type = "dpo", resume: bool = False):
@@ -23,3 +24,11 @@ def train(config: Config, *, method: str | type = "dpo", resume: bool = False):
     from dpokit.trainer import train as _train  # torch loads with the loop, not with `import dpokit`
 
     return _train(config, resume=resume, method=method)
+
+
+def iterate(config: Config, *, resume: bool = False):
+    """Iterative DPO, `iterate.rounds` rounds of sample → judge → pairs → DPO (`dpokit iterate`); returns the
+    rounds (`pipeline.iterate.Round`), the last one's policy in `<output.dir>/round-R/model`."""
+    from dpokit.pipeline.iterate import iterate as _iterate
+
+    return _iterate(config, resume=resume)

@@ -194,7 +194,8 @@ class PPOSection:
 @dataclass
 class OnlineSection:
     judge: str | None = opt(None, "dpokit online: the judge that ranks each prompt's samples, any judge (sentiment, length, "
-                            "keywords, module:function, llm with mode=score) or a trained reward model (reward-model "
+                            "keywords, module:function, llm with mode=score; llm comparing pairs ranks each sample by its "
+                            "mean win probability over the prompt's others) or a trained reward model (reward-model "
                             "with judge_model DIR)")
     judge_model: str | None = opt(None, "dpokit online: the judge's model (a reward model's directory or hub id)")
     judge_options: list[str] = opt([], "dpokit online: the judge's key=value options (as --judge-option)")

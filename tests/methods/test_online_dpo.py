@@ -69,8 +69,8 @@ def test_online_dpo_resumes_exactly(online_config, monkeypatch, schedule):
 @pytest.mark.parametrize("overrides, message", [
     ([], None),
     (["online.judge=null"], "dpokit online needs a judge"),
-    (["online.judge=llm", "online.judge_options=[url=http://127.0.0.1:9/v1, model=m]"],
-     "online.judge scores each completion: the llm judge compares pairs"),
+    (["online.judge=llm", "online.judge_options=[url=http://127.0.0.1:9/v1, model=m]"], None),  # pairwise ranks
+    (["online.judge=llm", "online.judge_options=[url=http://127.0.0.1:9/v1, modle=score]"], "unknown option"),
     (["objective.loss=kto"], "objective.loss=kto trains on single completions"),
     (["reference.strategy=precomputed"], "does not apply to dpokit online"),
     (["online.beta_schedule=[0.1, 0.5]"], None),
@@ -122,3 +122,53 @@ def test_a_scheduled_run_trains_and_logs_with_each_steps_beta(online_config, tmp
     h = torch.tensor([b[1]["rewards/margins"] / 0.5], dtype=torch.float64)
     zero = torch.zeros_like(h)
     assert a[1]["loss"] == pytest.approx(sigmoid(h, zero, zero, zero, beta=0.2).losses.item(), rel=1e-4)
+
+
+class LongerWins:
+    """A pairwise judge (the llm judge's interface): the longer completion is better, equal lengths tie."""
+
+    name, pairwise = "longer-wins", True
+
+    def __init__(self):
+        self.compared = 0
+
+    def compare(self, prompts, firsts, seconds):
+        self.compared += len(firsts)
+        return [1.0 if len(a) > len(b) else 0.0 if len(a) < len(b) else 0.5 for a, b in zip(firsts, seconds)]
+
+
+def test_a_pairwise_judge_ranks_each_prompts_samples_by_their_comparisons(online_config, monkeypatch):
+    """The llm judge in its pairwise mode: each prompt's K samples compared pair by pair (K(K−1)/2), each
+    ranked by its mean win probability; best against worst trains, and a step logs no mean reward (½ by
+    construction)."""
+    from dpokit.methods import online_dpo
+
+    judge = LongerWins()
+    monkeypatch.setattr(online_dpo, "configured_judge", lambda *a, **k: judge)
+    seen = []
+    real = online_dpo.preference_pairs
+
+    def spy(scores, **kw):
+        pairs, counts = real(scores, **kw)
+        seen.append((scores, kw["texts"], pairs))
+        return pairs, counts
+
+    monkeypatch.setattr(online_dpo, "preference_pairs", spy)
+    result = train(online_config("train.max_steps=1"), method="online_dpo")
+    rows = [r for r in read_metrics(result.run_dir) if "kl" in r]
+    assert judge.compared == 8 * 6  # 8 prompts × C(4, 2)
+    assert len(seen) == 8 and "reward" not in rows[0]
+    for scores, texts, pairs in seen:
+        assert sum(scores) == pytest.approx(4 * 0.5)  # each comparison's win shared between its two samples
+        for chosen, rejected in pairs:
+            assert len(texts[chosen]) > len(texts[rejected])
+    assert rows[0]["pairs_kept"] == sum(len(p) for _, _, p in seen) > 0
+
+
+def test_round_robin_scores_are_mean_win_probabilities():
+    from dpokit.generation.llm_judge import round_robin_scores
+
+    judge = LongerWins()
+    scores = round_robin_scores(judge, ["p", "q", "r"], [["a", "bbb", "cc"], ["x", "y"], ["only"]])
+    assert scores == [[0.0, 1.0, 0.5], [0.5, 0.5], [0.0]]  # a single sample has no comparison
+    assert judge.compared == 3 + 1

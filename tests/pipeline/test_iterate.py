@@ -32,7 +32,9 @@ def iterate_config(tmp_path, peaked_model_dir):
 
 @pytest.mark.slow  # four rounds of sampling and training
 def test_rounds_raise_the_judges_reward_each_from_the_latest_policy(iterate_config, tmp_path):
-    rounds = iterate(iterate_config(), echo=lambda _: None)
+    import dpokit
+
+    rounds = dpokit.iterate(iterate_config())  # from Python, as `dpokit iterate` runs it
     assert [r.index for r in rounds] == [1, 2, 3, 4] and all(r.pairs > 0 for r in rounds)
     assert rounds[0].policy_from == rounds[0].reference  # round 1: the start model, against itself
     for before, after in zip(rounds, rounds[1:]):  # each round samples, and is judged against, the last policy

@@ -288,13 +288,20 @@ def configured_judge(spec: str, model: str | None, options: Sequence[str], where
     return build_judge(spec, model=model, options=parse_options(options, f"{where}_options"))
 
 
-def check_scoring_judge(spec: str | None, options: Sequence[str], where: str) -> None:
+def check_scoring_judge(spec: str | None, options: Sequence[str], where: str, *, pairwise_ok: bool = False) -> None:
     """A judge named in a config that must score each completion (PPO's reward, the samples during
-    training): its options parse, and it is not the llm judge comparing pairs (its default)."""
+    training): its options parse, and it is not the llm judge comparing pairs (its default) unless
+    `pairwise_ok` (online DPO ranks a prompt's samples by their comparisons)."""
     if spec is None:
         return
     parsed = parse_options(options, f"{where}_options")
-    if spec == "llm" and parsed.get("mode", "pairwise") != "score":
+    if spec == "llm":  # its options do not depend on a model: named wrong, say so before anything loads
+        valid = _options_of(spec, None)
+        unknown = sorted(set(parsed) - set(valid))
+        if unknown:
+            raise ConfigError(f"{where}_options: judge llm: unknown option {unknown[0]!r}"
+                              f"{did_you_mean(unknown[0], valid)}; its options: {', '.join(valid)}")
+    if spec == "llm" and parsed.get("mode", "pairwise") != "score" and not pairwise_ok:
         raise ConfigError(f"{where} scores each completion: the llm judge compares pairs unless {where}_options "
                           "has mode=score")
 

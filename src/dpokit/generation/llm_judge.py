@@ -24,6 +24,7 @@ Backends, both OpenAI-style chat: a local transformers model (`--judge-model NAM
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -298,3 +299,20 @@ def pairwise_win_rate(judge: LLMJudge, prompts: Sequence[Prompt], samples: Seque
     for (i, _, _, _), w in zip(flat, wins):
         out[i].append(w)
     return out
+
+
+def round_robin_scores(judge: LLMJudge, prompts: Sequence[Prompt],
+                       groups: Sequence[Sequence[str]]) -> list[list[float]]:
+    """Per prompt, each of its completions' mean win probability against the prompt's other completions:
+    every pair judged once (both orders, `compare`), K(K−1)/2 pairs for K completions. The ranking a
+    pairwise judge gives where pairs are picked by score (online DPO): with K = 2 the winner scores the
+    judge's P(better) and the loser its complement; a tie ½ each."""
+    flat = [(g, i, j) for g, texts in enumerate(groups) for i, j in itertools.combinations(range(len(texts)), 2)]
+    wins = judge.compare([prompts[g] for g, _, _ in flat], [groups[g][i] for g, i, _ in flat],
+                         [groups[g][j] for g, _, j in flat]) if flat else []
+    totals = [[0.0] * len(texts) for texts in groups]
+    for (g, i, j), w in zip(flat, wins):
+        totals[g][i] += w
+        totals[g][j] += 1.0 - w
+    return [[t / max(1, len(texts) - 1) for t in row] for row, texts in zip(totals, groups)]
+

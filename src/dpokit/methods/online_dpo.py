@@ -6,7 +6,9 @@ One loop step on `train.batch_size` prompts of `data.train` (a prompt file, as P
 1. `prepare` (no gradients): `online.samples` = K completions per prompt sampled from the policy itself
    (`online.temperature`, `online.top_p`, `online.max_new_tokens`, seeded by the step, through the
    generation backend); the judge scores each (`online.judge`: any judge, a reward model, or the llm
-   judge in score mode), less `online.missing_eos_penalty` for a sample cut without EOS; each prompt's
+   judge in score mode; the llm judge comparing pairs, its default mode, ranks each prompt's samples by
+   their mean win probability over its other samples, every pair asked in both orders), less
+   `online.missing_eos_penalty` for a sample cut without EOS; each prompt's
    samples become pairs (`online.pairing`: best-vs-worst, or all pairs) by `generation.pairs`, which
    drops, and counts, ties, pairs under `online.margin`, empty and identical samples (TRL keeps ties).
    The samples' KL to the reference, Σ_t (log π − log π_ref) on the sampled tokens as PPO logs it, is
@@ -41,6 +43,7 @@ from dpokit.generation.judges import (
     checked_scores,
     configured_judge,
 )
+from dpokit.generation.llm_judge import round_robin_scores
 from dpokit.generation.pairs import PairCounts, preference_pairs
 from dpokit.generation.prompts import PromptItem, prompt_items
 from dpokit.methods.dpo import DPO
@@ -69,7 +72,7 @@ class OnlineDPO(DPO):
         if o.judge is None:
             raise ConfigError("dpokit online needs a judge to rank its samples: online.judge=sentiment|length|"
                               "keywords|module:function, or online.judge=reward-model with online.judge_model=DIR")
-        check_scoring_judge(o.judge, o.judge_options, "online.judge")
+        check_scoring_judge(o.judge, o.judge_options, "online.judge", pairwise_ok=True)
         single = [n for n in cfg.objective.losses if OBJECTIVES[n].single_completions]
         if single:
             raise ConfigError(f"objective.loss={single[0]} trains on single completions; dpokit online makes pairs")
@@ -123,7 +126,13 @@ class OnlineDPO(DPO):
         stops = set(self.stop_ids)
         texts = [self.tokenizer.decode([t for t in c.ids if t not in stops], skip_special_tokens=True)
                  for c in samples]
-        raw = checked_scores(self.judge, [it.prompt for it in rows], texts)
+        pairwise = getattr(self.judge, "pairwise", False)
+        if pairwise:  # the llm judge comparing: each sample's mean win probability over its prompt's others
+            ranked = round_robin_scores(self.judge, [it.prompt for it in items],
+                                        [texts[k * o.samples:(k + 1) * o.samples] for k in range(len(items))])
+            raw = [s for group in ranked for s in group]
+        else:
+            raw = checked_scores(self.judge, [it.prompt for it in rows], texts)
         penalty = o.missing_eos_penalty or 0.0
         scores = [s - (penalty if not c.finished else 0.0) for s, c in zip(raw, samples)]
         self.pairs, counts = [], PairCounts()
@@ -134,7 +143,9 @@ class OnlineDPO(DPO):
             counts.add(c)
             for a, b in chosen_rejected:
                 self.pairs.append(TokenizedPair(it.ids, samples[span[a]].ids, samples[span[b]].ids, it.source))
-        metrics.update({"reward": sum(raw) / len(raw), "kl": self._kl(rows, samples),
+        if not pairwise:  # a pairwise judge's win probabilities average ½ by construction: no reward to log
+            metrics["reward"] = sum(raw) / len(raw)
+        metrics.update({"kl": self._kl(rows, samples),
                         "eos_fraction": sum(c.finished for c in samples) / len(samples),
                         "completion_length": sum(len(c.ids) for c in samples) / len(samples),
                         "pairs_kept": float(counts.pairs), "beta": self.beta,
