@@ -10,7 +10,8 @@ repeated to fill the batch):
 - `dpokit generate`: the transformers backend of `dpokit.generation.backends` (what PPO's rollouts and the
   samples during training call), generation alone;
 - `dpokit sample`: `Sampler.sample`, what `dpokit sample` runs per batch: generation, the log-prob of each
-  completion under the model (a second forward pass), decoding;
+  completion under the model (recorded from the generation's own logits since 2026-12-06, before that a
+  second forward pass), decoding;
 - llama.cpp on the same GGUF, where `llama_cpp` is installed (else the row says why it is skipped).
 
 It prints completions/s and generated tokens/s of each, the matmul floor (2 × parameters FLOPs per

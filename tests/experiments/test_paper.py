@@ -143,3 +143,33 @@ def test_ppo_curves_plot_each_ppo_runs_reward_and_kl(tmp_path):
     path = paper.ppo_curves(tmp_path, planned)
     assert path == tmp_path / "ppo_curves.png" and path.stat().st_size > 1000
     assert paper.ppo_curves(tmp_path, planned[:1]) is None  # no PPO run: no plot
+
+
+def test_resume_reads_the_seeds_that_finished_with_the_same_settings(tmp_path, capsys):
+    """`--seeds 2 --resume` after both seeds finished runs nothing: it reads their comparison.json (seed 0 is
+    OUT itself, the one-seed run) and summarises them; a seed whose settings differ is not read."""
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "dpo.yaml").write_text("objective: {beta: 0.1}\n")
+    argv = ["--configs", str(configs), "--train-prompts", "t.jsonl", "--heldout-prompts", "h.jsonl",
+            "--select-prompts", "s.jsonl", "--out", str(tmp_path / "out"), "--seeds", "2", "--resume"]
+    args = paper.build_parser().parse_args(argv)
+
+    def finish(where, seed, reward, settings=None):
+        where.mkdir(parents=True, exist_ok=True)
+        row = {"series": "DPO", "setting": "β 0.1", "tried": ["β 0.1"], "final_kl": 5.0, "seconds": 10.0,
+               "at_kl": {"2": None, "5": {"reward": reward, "kl": 4.0, "afinn": 1.0}, "10": None}}
+        (where / "comparison.json").write_text(json.dumps({
+            "rows": [row], "reference": {"sentiment": 0.1, "afinn": 0.5}, "total_seconds": 60.0,
+            "settings": settings or paper.seed_settings(args, seed)}))
+
+    finish(tmp_path / "out", 0, 0.3)
+    finish(tmp_path / "out" / "seed-1", 1, 0.5)
+    assert paper.main(argv) == 0
+    summary = json.loads((tmp_path / "out" / "seeds.json").read_text())
+    assert summary["total_seconds"] == 120.0 and summary["rows"][0]["at_kl"]["5"]["reward"]["mean"] == 0.4
+    assert "seed 1: finished" in capsys.readouterr().out
+
+    assert paper.finished_seed(tmp_path / "out" / "seed-1", paper.seed_settings(args, 0)) is None  # not seed 0's
+    (configs / "dpo.yaml").write_text("objective: {beta: 0.5}\n")  # a config changed: seed 0 no longer matches
+    assert paper.finished_seed(tmp_path / "out", paper.seed_settings(args, 0)) is None

@@ -25,7 +25,7 @@ chosen on the selection openings, the second judge's reward, the configurations 
 seconds charged: the sampling and labelling its data needed, the reward model where it learns from one, the
 training of every configuration tried; for Best-of-N the sampling and judging of its candidates. `--seeds N`
 repeats everything (data sampling, training, evaluation) with N seeds and reports each figure's mean and
-min–max. Every step prints the `dpokit` command that does the same. The policies start from the reference
+min–max; `--resume` reads the seeds already finished with the same settings (the one-seed run is seed 0). Every step prints the `dpokit` command that does the same. The policies start from the reference
 itself (the instruction-tuned model); no SFT step comes first.
 """
 
@@ -435,10 +435,34 @@ def ppo_curves(out: Path, planned: list[Run]) -> Path | None:
     return out / "ppo_curves.png"
 
 
+def seed_settings(args: argparse.Namespace, seed: int) -> dict:
+    """What one seed's results depend on besides the code: the command's settings, the seed and the text of
+    every config it trains with. A finished seed that recorded the same is reused by `--resume`."""
+    import hashlib
+
+    from dpokit import __version__
+
+    keep = {k: v for k, v in sorted(vars(args).items()) if k not in ("out", "seeds", "resume")}
+    configs = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+               for p in sorted(Path(args.configs).glob("*.yaml"))}
+    return json.loads(json_text({**keep, "seed": seed, "config_files": configs, "dpokit": __version__}))
+
+
+def finished_seed(where: Path, settings: dict) -> tuple[list[dict], dict, float] | None:
+    """A seed's rows, reference and seconds from its comparison.json, if it finished with `settings`."""
+    path = where / "comparison.json"
+    if not path.is_file():
+        return None
+    done = json.loads(path.read_text())
+    if done.get("settings") != settings:
+        return None
+    return done["rows"], done["reference"], done["total_seconds"]
+
+
 def seed_report(out: Path, planned: list[Run], timings: dict[str, float], total: float,
-                also: tuple[str, ...] = (SECOND_JUDGE,)) -> tuple[list[dict], dict]:
-    """One seed's rows (`seed_rows`), written with its timings to comparison.json; returns them and the
-    reference's mean rewards (the judge's and the second judges')."""
+                also: tuple[str, ...] = (SECOND_JUDGE,), settings: dict | None = None) -> tuple[list[dict], dict]:
+    """One seed's rows (`seed_rows`), written with its timings and settings to comparison.json; returns them
+    and the reference's mean rewards (the judge's and the second judges')."""
     result = json.loads((out / "frontier" / "frontier.json").read_text())
     evaluations = [json.loads(f.read_text()) for f in sorted((out / "frontier" / "points").glob("*.json"))]
     chosen = read_selection(out / "select")
@@ -447,7 +471,8 @@ def seed_report(out: Path, planned: list[Run], timings: dict[str, float], total:
     reference = {JUDGE: ref.get("reward"), **{j: ref.get(f"{j}_reward") for j in also}}
     ppo_curves(out, planned)
     (out / "comparison.json").write_text(json_text({"rows": rows, "reference": reference, "selection": chosen,
-                                                    "timings": timings, "total_seconds": total}, indent=2) + "\n")
+                                                    "timings": timings, "total_seconds": total,
+                                                    "settings": settings}, indent=2) + "\n")
     return rows, reference
 
 
@@ -468,7 +493,7 @@ def parse_dpo(text: str) -> tuple[float, float]:
 DEFAULT_DPO = [(0.05, 1e-4), (0.1, 1e-4), (0.5, 1e-4), (0.1, 3e-5)]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dpokit.experiments.paper", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", required=True, help="the methods' training configs (configs/paper)")
@@ -491,8 +516,16 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"a judge reported beside {JUDGE} on the held-out openings, repeatable "
                              f"(default {SECOND_JUDGE})")
     parser.add_argument("--seeds", type=int, default=1,
-                        help="repeat everything with N seeds (runs in OUT/seed-K) and report the mean and min–max "
-                             "(default 1: OUT itself)")
+                        help="repeat everything with N seeds and report the mean and min–max (default 1); seed 0 "
+                             "runs in OUT itself (the one-seed run), seed K in OUT/seed-K")
+    parser.add_argument("--resume", action="store_true",
+                        help="read the seeds that already finished in OUT with the same settings and configs instead "
+                             "of running them again (e.g. `make paper`'s run becomes seed 0 of --seeds 3)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
@@ -500,10 +533,18 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     also = tuple(args.also_judge or [SECOND_JUDGE])
-    start, per_seed, references = time.perf_counter(), [], []
+    per_seed, references, total = [], [], 0.0
     for seed in range(args.seeds):
-        where = out if args.seeds == 1 else out / f"seed-{seed}"
+        where = out if seed == 0 else out / f"seed-{seed}"
         where.mkdir(parents=True, exist_ok=True)
+        settings = seed_settings(args, seed)
+        if args.resume and (done := finished_seed(where, settings)) is not None:
+            rows, reference, seconds = done
+            print(f"seed {seed}: finished in {where} ({seconds / 60:.1f} min), read from its comparison.json")
+            per_seed.append(rows)
+            references.append(reference)
+            total += seconds
+            continue
         steps, planned = plan(where, Path(args.configs), model=args.model, train_prompts=Path(args.train_prompts),
                               select_prompts=Path(args.select_prompts), heldout_prompts=Path(args.heldout_prompts),
                               dpo=args.dpo or DEFAULT_DPO, alphas=args.alpha or [0.1],
@@ -515,11 +556,12 @@ def main(argv: list[str] | None = None) -> int:
         code, seconds = demo.run_steps([s for _, s in steps], f"paper comparison (seed {seed})")
         if code != 0:
             return code
-        rows, reference = seed_report(where, planned, dict(zip((k for k, _ in steps), seconds)),
-                                      time.perf_counter() - t0, also)
+        elapsed = time.perf_counter() - t0
+        rows, reference = seed_report(where, planned, dict(zip((k for k, _ in steps), seconds)), elapsed, also,
+                                      settings)
         per_seed.append(rows)
         references.append(reference)
-    total = time.perf_counter() - start
+        total += elapsed
     rows = aggregate(per_seed, also)
     reference = {j: spread([r[j] for r in references]) for j in references[0]}
     title = (f"the paper's comparison over {args.seeds} seed{'s' if args.seeds > 1 else ''}: held-out mean reward "
@@ -529,8 +571,8 @@ def main(argv: list[str] | None = None) -> int:
     plot = plot_spread(rows, reference, out / "spread.png")
     (out / "seeds.json").write_text(json_text({"seeds": args.seeds, "rows": rows, "reference": reference,
                                                "total_seconds": total}, indent=2) + "\n")
-    print(f"plots: {plot}, {out / ('frontier' if args.seeds == 1 else 'seed-0/frontier') / 'frontier.png'}; "
-          f"total {total / 60:.1f} min")
+    print(f"plots: {plot}, {out / 'frontier' / 'frontier.png'}; total {total / 60:.1f} min "
+          f"(the seeds' own wall times summed)")
     return 0
 
 

