@@ -48,6 +48,7 @@ from dpokit.generation.settings import PairingSettings, SamplingSettings
 from dpokit.pipeline import commands
 from dpokit.pipeline.evaluate import EvalResult, Evaluator, result_table
 from dpokit.pipeline.frontier import expand_targets
+from dpokit.storage import json_text
 
 JUDGE = "sentiment"
 
@@ -156,13 +157,30 @@ def run(plan: list[Step], out: Path) -> int:
     return code
 
 
-def run_steps(plan: list[Step], name: str) -> tuple[int, list[float]]:
+def run_steps(plan: list[Step], name: str, *, records: Path | None = None, reuse: bool = False,
+              settings: dict | None = None) -> tuple[int, list[float]]:
     """Each step after the command it equals, timed; stops at the first that fails (its error as `dpokit`
-    prints it). Returns the exit status and the seconds of each step that ran."""
+    prints it). Returns the exit status and the seconds of each step.
 
-    seconds = []
+    `records`: a folder where each step that succeeds leaves its command, `settings` and seconds. With
+    `reuse`, a step whose record matches is not run again and counts its recorded seconds, as long as every
+    step before it was reused too; the first step that runs removes its own record and the later steps'."""
+
+    seconds, reusing = [], reuse and records is not None
     for k, step in enumerate(plan, 1):
         command = step.command() if callable(step.command) else step.command
+        record = None if records is None else records / f"step-{k:02d}.json"
+        mark = json.loads(json_text({"command": command, "settings": settings}))
+        done = json.loads(record.read_text()) if reusing and record.is_file() else {}
+        if reusing and {key: done.get(key) for key in mark} == mark:
+            print(f"\n[{k}/{len(plan)}] {step.title}: finished before ({done['seconds']:.0f} s), not run again",
+                  flush=True)
+            seconds.append(done["seconds"])
+            continue
+        if records is not None and (reusing or k == 1):  # what a step rewrites, the later steps read
+            for later in range(k, len(plan) + 1):
+                (records / f"step-{later:02d}.json").unlink(missing_ok=True)
+        reusing = False
         print(f"\n[{k}/{len(plan)}] {step.title}\n$ dpokit {shlex.join(command)}", flush=True)
         t0 = time.perf_counter()
         code = exit_status(step.run)
@@ -170,6 +188,9 @@ def run_steps(plan: list[Step], name: str) -> tuple[int, list[float]]:
         if code != 0:
             print(f"{name} stopped: step {k} exited with {code}", file=sys.stderr)
             return code, seconds
+        if record is not None:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json_text({**mark, "seconds": seconds[-1]}) + "\n")
     return 0, seconds
 
 

@@ -25,8 +25,10 @@ chosen on the selection openings, the second judge's reward, the configurations 
 seconds charged: the sampling and labelling its data needed, the reward model where it learns from one, the
 training of every configuration tried; for Best-of-N the sampling and judging of its candidates. `--seeds N`
 repeats everything (data sampling, training, evaluation) with N seeds and reports each figure's mean and
-min–max; `--resume` reads the seeds already finished with the same settings (the one-seed run is seed 0). Every step prints the `dpokit` command that does the same. The policies start from the reference
-itself (the instruction-tuned model); no SFT step comes first.
+min–max. `--resume` reads the seeds already finished with the same settings (the one-seed run is seed 0)
+and, in a seed cut short, skips the steps that finished (their records in OUT/[seed-K/]steps/). Every step
+prints the `dpokit` command that does the same. The policies start from the reference itself (the
+instruction-tuned model); no SFT step comes first.
 """
 
 from __future__ import annotations
@@ -520,7 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "runs in OUT itself (the one-seed run), seed K in OUT/seed-K")
     parser.add_argument("--resume", action="store_true",
                         help="read the seeds that already finished in OUT with the same settings and configs instead "
-                             "of running them again (e.g. `make paper`'s run becomes seed 0 of --seeds 3)")
+                             "of running them again (e.g. `make paper`'s run becomes seed 0 of --seeds 3), and skip "
+                             "the steps that finished in a seed cut short")
     return parser
 
 
@@ -553,7 +556,8 @@ def main(argv: list[str] | None = None) -> int:
                               select_samples=args.select_samples, batch_size=args.batch_size, margin=args.margin,
                               seed=seed, also=also)
         t0 = time.perf_counter()
-        code, seconds = demo.run_steps([s for _, s in steps], f"paper comparison (seed {seed})")
+        code, seconds = demo.run_steps([s for _, s in steps], f"paper comparison (seed {seed})",
+                                       records=where / "steps", reuse=args.resume, settings=settings)
         if code != 0:
             return code
         elapsed = time.perf_counter() - t0
