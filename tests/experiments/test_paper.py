@@ -173,3 +173,25 @@ def test_resume_reads_the_seeds_that_finished_with_the_same_settings(tmp_path, c
     assert paper.finished_seed(tmp_path / "out" / "seed-1", paper.seed_settings(args, 0)) is None  # not seed 0's
     (configs / "dpo.yaml").write_text("objective: {beta: 0.5}\n")  # a config changed: seed 0 no longer matches
     assert paper.finished_seed(tmp_path / "out", paper.seed_settings(args, 0)) is None
+
+
+def test_a_finished_seed_keeps_its_results_and_drops_its_weights(tmp_path):
+    run = tmp_path / "runs" / "dpo"
+    for name, size in [("model/model.safetensors", 300), ("checkpoints/checkpoint-0000012/model/model.safetensors", 300),
+                       ("checkpoints/checkpoint-0000012/optimizer.pt", 600), ("model/config.json", 10),
+                       ("metrics.jsonl", 10), ("run.json", 10)]:
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_bytes(b"x" * size)
+    assert paper.drop_weights(tmp_path) == 1200
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()) == [
+        "metrics.jsonl", "model/config.json", "run.json"]
+    assert paper.drop_weights(tmp_path / "nothing-here") == 0
+
+
+def test_keeping_the_weights_does_not_change_what_a_seed_is():
+    argv = ["--configs", str(CONFIGS), "--train-prompts", "t.jsonl", "--heldout-prompts", "h.jsonl",
+            "--select-prompts", "s.jsonl"]
+    parser = paper.build_parser()
+    assert paper.seed_settings(parser.parse_args(argv), 0) == paper.seed_settings(
+        parser.parse_args([*argv, "--keep-weights", "--resume", "--seeds", "3"]), 0)
+    assert paper.seed_settings(parser.parse_args(argv), 0) != paper.seed_settings(parser.parse_args(argv), 1)
