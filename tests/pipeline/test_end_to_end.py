@@ -77,7 +77,8 @@ def test_evaluating_the_reference_itself_gives_zero_kl(pipeline, tiny_model_dir,
     assert main(["evaluate", tiny_model_dir, "--reference", tiny_model_dir, "--prompts",
                  str(pipeline / "heldout_prompts.jsonl"), "--n", "2", *GEN, *JUDGE]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["kl"]["mean"] == 0.0
+    # the policy's log-probs are recorded while sampling, the reference's recomputed: equal up to fp32 rounding
+    assert abs(result["kl"]["mean"]) < 1e-5
 
 
 def test_user_errors_are_one_line(pipeline, capsys):

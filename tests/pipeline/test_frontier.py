@@ -47,7 +47,7 @@ def test_frontier_adds_a_best_of_n_series(prompts, tiny_model_dir, tmp_path):
     assert [r["series"] for r in rows] == ["reference", "self", "Best-of-N", "Best-of-N"]
     assert [r["best_of"] for r in rows] == ["", "", "2", "4"]
     assert [r["kl_kind"] for r in rows] == ["", "estimate", "bound", "bound"]
-    assert float(rows[1]["kl"]) == 0.0  # the reference against itself
+    assert abs(float(rows[1]["kl"])) < 1e-5  # the reference against itself, up to fp32 rounding
     assert float(rows[2]["kl"]) == pytest.approx(math.log(2) - 0.5)
     assert float(rows[3]["kl"]) == pytest.approx(math.log(4) - 0.75)
     assert float(rows[3]["reward"]) >= float(rows[2]["reward"])  # best-of-4's candidates include best-of-2's
