@@ -61,9 +61,8 @@ class TrainingSamples:
         sampler = Sampler(model, self.tokenizer, self.settings, backend=build_backend(self.backend_name, model))
         ids = [p.ids for p in self.prompts]
         with torch.no_grad():
-            per_prompt = sampler.sample_ids(ids)
-            completions = [cs[0] for cs in per_prompt]
-            logps = sampler.completion_logps(ids, per_prompt)
+            completions = [cs[0] for cs in sampler.sample_ids(ids)]
+            logps = sampler.completion_logps(ids, [[c] for c in completions])
         texts = [sampler.decode(c.ids) for c in completions]
         scores = (checked_scores(self.judge, [p.prompt for p in self.prompts], texts) if self.judge is not None
                   else None)
