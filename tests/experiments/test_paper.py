@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dpokit.cli import build_parser
 from dpokit.experiments import paper
@@ -15,33 +16,45 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "paper"
 def plan(tmp_path, **kw):
     args = dict(model="m", train_prompts=Path("train.jsonl"), select_prompts=Path("select.jsonl"),
                 heldout_prompts=Path("held.jsonl"), dpo=[(0.05, 1e-4), (0.1, 3e-5)], alphas=[0.1],
-                kl_coefs=[0.05, 0.2], best_of=[4, 16], max_new_tokens=16, eval_samples=2, select_samples=1,
-                batch_size=64, margin=0.3)
+                kl_coefs=[0.05, 0.2], online_betas=[0.1, 0.5], best_of=[4, 16], max_new_tokens=16, eval_samples=2,
+                select_samples=1, batch_size=64, margin=0.3)
     return paper.plan(tmp_path, CONFIGS, **{**args, **kw})
 
 
 def test_every_step_is_a_dpokit_command_with_the_settings_it_runs_with(tmp_path):
     steps, planned = plan(tmp_path)
     assert [r.series for r in planned] == ["DPO", "DPO", "Preferred-FT", "Unlikelihood", "PPO", "PPO", "PPO-GT",
-                                           "Online DPO", "Iterative DPO", "Online DPO-GT", "Iterative DPO-GT"]
+                                           "Online DPO", "Online DPO", "Iterative DPO", "Iterative DPO",
+                                           "Online DPO-GT", "Iterative DPO-GT"]
     commands = {key: step.command() if callable(step.command) else step.command for key, step in steps}
     assert [c[0] for c in commands.values()] == [
         "sample", "sample", "sample", "label", "label", "reward", "train", "train", "sft", "train", "ppo", "ppo",
-        "ppo", "online", "iterate", "online", "iterate", "frontier", "frontier"]
+        "ppo", "online", "online", "iterate", "iterate", "online", "iterate", "frontier", "frontier"]
     parser = build_parser()
     for command in commands.values():
         parser.parse_args(command)  # exits on an unknown option
     dpo = commands["dpo-beta0.1-lr3e-05"]
     assert "objective.beta=0.1" in dpo and "train.lr=3e-05" in dpo and "train.seed=42" in dpo
     assert f"data.train={tmp_path / 'pairs_train.jsonl'}" in dpo
+    # the sweep's runs read one cache of reference log-probs, a seed's own
+    assert all(f"reference.cache_dir={tmp_path / 'reference-logps'}" in commands[r.name]
+               for r in planned if r.series == "DPO")
+    assert yaml.safe_load(Path(dpo[1]).read_text())["reference"]["strategy"] == "precomputed"
     ppo_rm, ppo_gt = commands["ppo-kl0.05"], commands["ppo-gt"]
     assert "ppo.kl_coef=0.05" in ppo_rm and "ppo.judge=reward-model" in ppo_rm
     assert "ppo.max_new_tokens=16" in ppo_rm  # rollouts as long as the evaluation's samples
     assert f"ppo.judge_model={tmp_path / 'runs' / 'reward' / 'model'}" in ppo_rm
     assert "ppo.judge=sentiment" in ppo_gt and not any(a.startswith("ppo.judge_model") for a in ppo_gt)
-    online_rm, iterate_gt = commands["online-rm"], commands["iterate-gt"]
+    assert "ppo.kl_coef=0.05" in ppo_gt  # the first of the sweep, as the online methods' GT runs
+    online_rm, iterate_gt = commands["online-rm-beta0.5"], commands["iterate-gt-beta0.1"]
     assert "online.judge=reward-model" in online_rm and "data.train=train.jsonl" in online_rm
+    assert "objective.beta=0.5" in online_rm and "objective.beta=0.5" in commands["iterate-rm-beta0.5"]
     assert "online.judge=sentiment" in iterate_gt and "online.max_new_tokens=16" in iterate_gt
+    assert "objective.beta=0.1" in iterate_gt and "online-gt-beta0.5" not in commands
+    tried = {s: sum(r.series == s for r in planned) for s in ("PPO", "Online DPO", "Iterative DPO", "PPO-GT",
+                                                               "Online DPO-GT", "Iterative DPO-GT")}
+    assert tried == {"PPO": 2, "Online DPO": 2, "Iterative DPO": 2, "PPO-GT": 1, "Online DPO-GT": 1,
+                     "Iterative DPO-GT": 1}
     select, final = commands["select"], commands["frontier"]
     assert "--reference-samples" in select and str(tmp_path / "samples_select.jsonl") in select
     assert "--best-of" not in select and "--also-judge" not in select
@@ -63,12 +76,12 @@ def test_a_seed_shifts_every_sampling_seed_and_the_training_seed(tmp_path):
 def test_the_final_frontier_evaluates_only_the_configurations_chosen_on_the_selection_openings(tmp_path):
     steps, planned = plan(tmp_path)
     (tmp_path / "select").mkdir()
-    chosen = {r.series: {"run": r.name} for r in planned if r.name != "dpo-beta0.05-lr0.0001"}
+    chosen = {r.series: {"run": r.name} for r in reversed(planned) if r.name != "dpo-beta0.05-lr0.0001"}
     (tmp_path / "select" / "selection.json").write_text(json.dumps(chosen))
     final = dict(steps)["frontier"].command()
     assert f"DPO={tmp_path / 'runs' / 'dpo-beta0.1-lr3e-05'}" in final
     assert not any("dpo-beta0.05" in a for a in final)
-    assert f"Iterative DPO={tmp_path / 'runs' / 'iterate-rm' / 'round-1'}" in final
+    assert f"Iterative DPO={tmp_path / 'runs' / 'iterate-rm-beta0.1' / 'round-1'}" in final
 
 
 def point(series, model, kl, reward, **kw):

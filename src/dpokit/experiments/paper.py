@@ -6,14 +6,17 @@ DPO, offline and on-policy, beside the RLHF pipeline it replaces, on one reward-
                        `make demo`); the reference's samples of the selection and evaluation openings are
                        drawn once, for every point
     reward             a Bradley–Terry reward model on the training pairs
-    DPO                one epoch over the pairs, one run per (β, lr) of the sweep
+    DPO                one epoch over the pairs, one run per (β, lr) of the sweep; the reference's log-probs
+                       of the pairs are computed once and shared by the sweep
     Preferred-FT       SFT on the chosen side of the pairs
     Unlikelihood       the paper's Unlikelihood baseline
     PPO                against the learned reward model, one run per KL coefficient β_KL
     PPO-GT             against the judge itself (the ground truth)
     online DPO         pairs sampled from the policy at every step, ranked by the learned reward model, and
                        (online DPO-GT) by the judge itself
-    iterative DPO      rounds of sample → rank best against worst → DPO (RLHFlow's recipe), with either reward
+    iterative DPO      rounds of sample → rank best against worst → DPO (RLHFlow's recipe), with either reward;
+                       with the learned reward, online and iterative DPO sweep β as PPO sweeps β_KL (as many
+                       values); against the judge, PPO, online and iterative DPO each run their first value
     select             every checkpoint of every run on the selection openings (a split of the training side,
                        never evaluated against): each method's configuration, and its checkpoint at KL ≤ 2 / 5
                        / 10, are chosen there
@@ -76,9 +79,12 @@ class Run:
         return self.reward == "model"
 
 
-def runs(configs: Path, *, dpo: list[tuple[float, float]], alphas: list[float], kl_coefs: list[float]) -> list[Run]:
+def runs(configs: Path, *, dpo: list[tuple[float, float]], alphas: list[float], kl_coefs: list[float],
+         online_betas: list[float]) -> list[Run]:
     """Every configuration tried, grouped by series: DPO's (β, lr) sweep, the baselines, PPO's β_KL sweep and
-    PPO-GT, and online and iterative DPO with each reward."""
+    PPO-GT, and online and iterative DPO with each reward. The on-policy methods are tuned alike: with the
+    learned reward, PPO sweeps β_KL and online and iterative DPO sweep β, as many values each; against the
+    judge itself each runs the first value of its sweep."""
     out = [Run("DPO", f"dpo-beta{b:g}-lr{lr:g}", "train", str(configs / "dpo.yaml"),
                (f"objective.beta={b}", f"train.lr={lr}"), setting=f"β {b:g}, lr {lr:g}") for b, lr in dpo]
     out.append(Run("Preferred-FT", "preferred-ft", "sft", str(configs / "preferred_ft.yaml"), (), setting="lr 1e-4"))
@@ -86,19 +92,24 @@ def runs(configs: Path, *, dpo: list[tuple[float, float]], alphas: list[float], 
                 (f"objective.unlikelihood_alpha={a}",), setting=f"α {a:g}") for a in alphas]
     out += [Run("PPO", f"ppo-kl{k:g}", "ppo", str(configs / "ppo.yaml"), (f"ppo.kl_coef={k}",), reward="model",
                 setting=f"β_KL {k:g}") for k in kl_coefs]
-    out.append(Run("PPO-GT", "ppo-gt", "ppo", str(configs / "ppo.yaml"), (), reward="judge", setting="β_KL 0.05"))
-    for reward, suffix in (("model", ""), ("judge", "-GT")):
+    out.append(Run("PPO-GT", "ppo-gt", "ppo", str(configs / "ppo.yaml"), (f"ppo.kl_coef={kl_coefs[0]}",),
+                   reward="judge", setting=f"β_KL {kl_coefs[0]:g}"))
+    for reward, suffix, betas in (("model", "", online_betas), ("judge", "-GT", online_betas[:1])):
         tag = "rm" if reward == "model" else "gt"
-        out.append(Run(f"Online DPO{suffix}", f"online-{tag}", "online", str(configs / "online_dpo.yaml"), (),
-                       reward=reward, setting="β 0.1, lr 1e-4, K 4"))
-        out.append(Run(f"Iterative DPO{suffix}", f"iterate-{tag}", "iterate", str(configs / "iterate.yaml"), (),
-                       reward=reward, setting="3 rounds of 85 openings, β 0.1, lr 1e-4, K 4"))
+        for b in betas:
+            out.append(Run(f"Online DPO{suffix}", f"online-{tag}-beta{b:g}", "online",
+                           str(configs / "online_dpo.yaml"), (f"objective.beta={b}",), reward=reward,
+                           setting=f"β {b:g}, lr 1e-4, K 4"))
+        for b in betas:
+            out.append(Run(f"Iterative DPO{suffix}", f"iterate-{tag}-beta{b:g}", "iterate",
+                           str(configs / "iterate.yaml"), (f"objective.beta={b}",), reward=reward,
+                           setting=f"3 rounds of 85 openings, β {b:g}, lr 1e-4, K 4"))
     return out
 
 
 def plan(out: Path, configs: Path, *, model: str, train_prompts: Path, select_prompts: Path, heldout_prompts: Path,
-         dpo: list[tuple[float, float]], alphas: list[float], kl_coefs: list[float], best_of: list[int],
-         max_new_tokens: int, eval_samples: int, select_samples: int, batch_size: int, margin: float,
+         dpo: list[tuple[float, float]], alphas: list[float], kl_coefs: list[float], online_betas: list[float],
+         best_of: list[int], max_new_tokens: int, eval_samples: int, select_samples: int, batch_size: int, margin: float,
          seed: int = 0, also: tuple[str, ...] = (SECOND_JUDGE,)) -> tuple[list[tuple[str, demo.Step]], list[Run]]:
     """The steps of one seed, each with the name its time is charged under, and the runs they train."""
     shift = SEED_STRIDE * seed
@@ -127,7 +138,7 @@ def plan(out: Path, configs: Path, *, model: str, train_prompts: Path, select_pr
         ("reward", train_step("train the reward model", "reward", str(configs / "reward.yaml"),
                               [*data, *seeded, f"output.dir={reward_dir}"])),
     ]
-    planned = runs(configs, dpo=dpo, alphas=alphas, kl_coefs=kl_coefs)
+    planned = runs(configs, dpo=dpo, alphas=alphas, kl_coefs=kl_coefs, online_betas=online_betas)
     for run in planned:
         steps.append((run.name, train_step(f"train {run.series} ({run.setting})", run.trainer, run.config,
                                            run_overrides(run, out, model=model, train_prompts=train_prompts,
@@ -163,8 +174,10 @@ def run_overrides(run: Run, out: Path, *, model: str, train_prompts: Path, max_n
     """A run's command-line settings: its data, its reward, its seed and its directory."""
     where = [*run.overrides, f"train.seed={42 + seed}", f"output.dir={out / 'runs' / run.name}"]
     if run.reward == "pairs":
+        # the DPO sweep's runs share one set of pairs and one reference: its log-probs are computed once a seed
+        shared = [f"reference.cache_dir={out / 'reference-logps'}"] if run.trainer == "train" else []
         return [f"model.name={model}", f"data.train={out / 'pairs_train.jsonl'}",
-                f"data.eval={out / 'pairs_heldout.jsonl'}", *where]
+                f"data.eval={out / 'pairs_heldout.jsonl'}", *shared, *where]
     # PPO, online and iterative DPO learn on the training openings; their rollouts as long as the evaluation's
     section = "ppo" if run.trainer == "ppo" else "online"
     judge = ([f"{section}.judge=reward-model", f"{section}.judge_model={out / 'runs' / 'reward' / 'model'}"]
@@ -529,6 +542,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kl-coef", type=float, action="append",
                         help="β_KL of PPO with the learned reward, repeatable (default 0.05 as the N+ details, "
                              "0.2 as TRL's sentiment example)")
+    parser.add_argument("--online-beta", type=float, action="append",
+                        help="β of online and iterative DPO with the learned reward, repeatable (default 0.1, 0.5: "
+                             "as many values as PPO's β_KL); with the judge itself they run the first, as PPO-GT "
+                             "runs the first β_KL")
     parser.add_argument("--best-of", type=int, action="append", help="Best-of-N, repeatable (default 4, 16)")
     parser.add_argument("--also-judge", action="append",
                         help=f"a judge reported beside {JUDGE} on the held-out openings, repeatable "
@@ -572,7 +589,8 @@ def main(argv: list[str] | None = None) -> int:
         steps, planned = plan(where, Path(args.configs), model=args.model, train_prompts=Path(args.train_prompts),
                               select_prompts=Path(args.select_prompts), heldout_prompts=Path(args.heldout_prompts),
                               dpo=args.dpo or DEFAULT_DPO, alphas=args.alpha or [0.1],
-                              kl_coefs=args.kl_coef or [0.05, 0.2], best_of=args.best_of or [4, 16],
+                              kl_coefs=args.kl_coef or [0.05, 0.2], online_betas=args.online_beta or [0.1, 0.5],
+                              best_of=args.best_of or [4, 16],
                               max_new_tokens=args.max_new_tokens, eval_samples=args.eval_samples,
                               select_samples=args.select_samples, batch_size=args.batch_size, margin=args.margin,
                               seed=seed, also=also)
