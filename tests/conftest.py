@@ -76,7 +76,7 @@ def pairs_file(tmp_path) -> Path:
 @pytest.fixture
 def tiny_config(tmp_path, tiny_model_dir, pairs_file):
     """A fast config: the tiny model, 16 pairs, 4 steps of 4, in fp32 (precision=auto picks bf16 on CPUs
-    with AMX, which the tests' tolerances are not set for; tests of other precisions set it)."""
+    with AMX or AVX512-BF16, which the tests' tolerances are not set for; tests of other precisions set it)."""
     from dpokit.config import Config
     from dpokit.config_loader import load_config
 

@@ -159,7 +159,7 @@ def test_cli_config_file_errors(data_file, no_model_loads, capsys):
 
 
 def test_the_quickstart_config_pins_the_precision_the_docs_measured():
-    """precision=auto is bf16 autocast on CPUs with AMX: the quickstart's figures hold on any CPU in fp32."""
+    """precision=auto is bf16 autocast on CPUs with AMX or AVX512-BF16: the quickstart's figures hold on any CPU in fp32."""
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs/quickstart.yaml", [f"data.train={root / 'data/quickstart/train.jsonl'}",
                                                          f"data.eval={root / 'data/quickstart/eval.jsonl'}"])

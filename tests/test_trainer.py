@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from dpokit.errors import ConfigError
 from dpokit.metrics import read_metrics
-from dpokit.trainer import Trainer, train
+from dpokit.trainer import Trainer, resolve_precision, train
 
 KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
         "logps/rejected", "step", "epoch", "lr", "grad_norm", "pairs_per_s", "tokens_per_s"}
@@ -158,3 +158,13 @@ def test_precisions_and_optimizers_train(tiny_config, tmp_path, overrides):
     saved = weights(tmp_path / "run" / "model")
     expected = torch.bfloat16 if "train.precision=bf16" in overrides else torch.float32
     assert next(iter(saved.values())).dtype == expected
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [(True, False, "bf16-mixed"), (False, True, "bf16-mixed"),
+                                                         (False, False, "fp32")])
+def test_auto_precision_is_bf16_autocast_only_on_cpus_with_fast_bf16_matmul(monkeypatch, amx, avx512_bf16,
+                                                                             expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert resolve_precision("auto", torch.device("cpu")) == expected
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"  # a pinned precision is kept
