@@ -94,16 +94,13 @@ def runs(configs: Path, *, dpo: list[tuple[float, float]], alphas: list[float], 
                 setting=f"β_KL {k:g}") for k in kl_coefs]
     out.append(Run("PPO-GT", "ppo-gt", "ppo", str(configs / "ppo.yaml"), (f"ppo.kl_coef={kl_coefs[0]}",),
                    reward="judge", setting=f"β_KL {kl_coefs[0]:g}"))
+    on_policy = (("Online DPO", "online", "online_dpo.yaml", ""),
+                 ("Iterative DPO", "iterate", "iterate.yaml", "3 rounds of 85 openings, "))
     for reward, suffix, betas in (("model", "", online_betas), ("judge", "-GT", online_betas[:1])):
         tag = "rm" if reward == "model" else "gt"
-        for b in betas:
-            out.append(Run(f"Online DPO{suffix}", f"online-{tag}-beta{b:g}", "online",
-                           str(configs / "online_dpo.yaml"), (f"objective.beta={b}",), reward=reward,
-                           setting=f"β {b:g}, lr 1e-4, K 4"))
-        for b in betas:
-            out.append(Run(f"Iterative DPO{suffix}", f"iterate-{tag}-beta{b:g}", "iterate",
-                           str(configs / "iterate.yaml"), (f"objective.beta={b}",), reward=reward,
-                           setting=f"3 rounds of 85 openings, β {b:g}, lr 1e-4, K 4"))
+        out += [Run(f"{method}{suffix}", f"{trainer}-{tag}-beta{b:g}", trainer, str(configs / config),
+                    (f"objective.beta={b}",), reward=reward, setting=f"{rounds}β {b:g}, lr 1e-4, K 4")
+                for method, trainer, config, rounds in on_policy for b in betas]
     return out
 
 
@@ -175,7 +172,7 @@ def run_overrides(run: Run, out: Path, *, model: str, train_prompts: Path, max_n
     where = [*run.overrides, f"train.seed={42 + seed}", f"output.dir={out / 'runs' / run.name}"]
     if run.reward == "pairs":
         # the DPO sweep's runs share one set of pairs and one reference: its log-probs are computed once a seed
-        shared = [f"reference.cache_dir={out / 'reference-logps'}"] if run.trainer == "train" else []
+        shared = [f"reference.cache_dir={out / 'reference-logps'}"] if run.series == "DPO" else []
         return [f"model.name={model}", f"data.train={out / 'pairs_train.jsonl'}",
                 f"data.eval={out / 'pairs_heldout.jsonl'}", *shared, *where]
     # PPO, online and iterative DPO learn on the training openings; their rollouts as long as the evaluation's
