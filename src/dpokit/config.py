@@ -234,7 +234,7 @@ class IterateSection:
 @dataclass
 class GenerationSection:
     backend: str = opt("transformers", "what samples completions during training (PPO's rollouts, train.sample_every): "
-                       "transformers (model.generate on the live policy); the seam a vLLM backend plugs into, "
+                       "transformers (dpokit's decode loop on the live policy); the seam a vLLM backend plugs into, "
                        "dpokit.generation.backends", choices=("transformers",))
 
 

@@ -107,7 +107,7 @@ def shard_module(module: nn.Module, layer_classes: tuple[type, ...], *, cpu_offl
         if layer_classes and isinstance(sub, layer_classes):
             fully_shard(sub, offload_policy=policy)
     fully_shard(module, offload_policy=policy)
-    for name in ("generate", "token_logps"):  # entry points besides forward (PPO's rollouts and their scoring):
+    for name in ("lm_forward", "token_logps"):  # entry points besides forward (generation and PPO's scoring):
         if hasattr(module, name):  # each gathers the root's parameters as forward does
             register_fsdp_forward_method(module, name)
     return module

@@ -62,11 +62,11 @@ class CompletionLogProbs(nn.Module):
         self.wpo = wpo  # also WPO's per-sequence log-weights
         self._scale, self._softcap = _logit_transform(causal_lm(model).config)
 
-    def generate(self, **kwargs):
-        """The causal LM's `generate` (transformers), called on this module so that FSDP2, which shards it as
-        the root, gathers the root's parameters around it (`distributed.shard_module` registers it, and
-        `token_logps`, as forward methods)."""
-        return self.model.generate(**kwargs)
+    def lm_forward(self, **kwargs):
+        """One plain forward of the causal LM (a step of `generation.backends.generate`), called on this
+        module so that FSDP2, which shards it as the root, gathers the root's parameters around it
+        (`distributed.shard_module` registers it, and `token_logps`, as forward methods)."""
+        return self.model(**kwargs)
 
     def forward(self, batch: Batch) -> SequenceLogps:
         token_logps, log_sum_sq = self._token_outputs(batch)

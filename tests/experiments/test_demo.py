@@ -1,6 +1,9 @@
-"""The experiments' step runner: a step that failed or ran after a changed one is never reused."""
+"""The experiments' step runner: a step that failed or ran after a changed one is never reused; the demo's
+seeds."""
 
-from dpokit.experiments.demo import Step, run_steps
+from pathlib import Path
+
+from dpokit.experiments.demo import Step, run_steps, steps
 
 
 def counted_steps(ran: list[str], commands: dict[str, list[str]], fail: str | None = None) -> list[Step]:
@@ -40,3 +43,18 @@ def test_a_run_that_starts_over_drops_the_records_it_does_not_reach(tmp_path):
     ran.clear()
     run_steps(counted_steps(ran, commands), "t", records=tmp_path, reuse=True)
     assert ran == ["sample", "train", "evaluate"]  # the first run's records of train and evaluate are gone
+
+
+def test_a_demo_seed_shifts_every_sampling_seed_and_the_training_seed(tmp_path):
+    def plan(seed):
+        kw = dict(model="m", train_prompts=Path("t.jsonl"), heldout_prompts=Path("h.jsonl"), max_new_tokens=16,
+                  eval_samples=2, batch_size=128, margin=0.3)
+        return [s.command for s in steps(tmp_path, "c.yaml", seed=seed, **kw)]
+
+    def flag(command, name):
+        return command[command.index(name) + 1]
+
+    published, other = plan(0), plan(1)
+    assert [flag(c, "--seed") for c in (published[0], published[1], published[5])] == ["0", "1", "2"]
+    assert [flag(c, "--seed") for c in (other[0], other[1], other[5])] == ["100", "101", "102"]
+    assert not any(a.startswith("train.seed") for a in published[4]) and "train.seed=43" in other[4]

@@ -39,32 +39,73 @@ def test_the_sampler_draws_through_its_backend(tokenizer):
     assert backend.calls == [4, 2] and rows == plain
 
 
-def generate_plainly(model, prompt_ids, *, temperature, top_p, max_new_tokens, pad_id, seed):
-    """transformers' own temperature and top-p (its GenerationConfig), as `generate` asked for them before it
-    recorded log-probs: the samples must not change."""
+def test_greedy_decoding_is_transformers_generate_s_rows_finishing_early_included(tokenizer):
+    """Prefill, positions under left padding, a prompt shared by two rows and a row leaving the batch when
+    it stops: greedy, the loop writes exactly what transformers' `generate` writes."""
     import torch
     from transformers import GenerationConfig
 
-    width = max(len(p) for p in prompt_ids)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompt_ids])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
-    greedy = temperature == 0
-    config = GenerationConfig(do_sample=not greedy, temperature=None if greedy else temperature,
-                              top_p=None if greedy else top_p, top_k=0 if not greedy else None,
-                              max_new_tokens=max_new_tokens, eos_token_id=[pad_id], pad_token_id=pad_id)
-    torch.manual_seed(seed)
-    return model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, width:].tolist()
-
-
-@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9), (1.3, 0.5), (0.0, 1.0)])
-def test_recording_log_probs_leaves_the_samples_as_generate_draws_them(tokenizer, temperature, top_p):
     model = tiny_llama()
     prompts = [tokenizer.encode("The movie was"), tokenizer.encode("I think that the plot"), tokenizer.encode("No")]
-    ours = generate(model, prompts, temperature=temperature, top_p=top_p, max_new_tokens=6, stop_ids=[2], pad_id=2,
-                    seed=11)
-    plain = generate_plainly(model, prompts, temperature=temperature, top_p=top_p, max_new_tokens=6, pad_id=2, seed=11)
+    prompts.append(prompts[0])
+    free = generate(model, prompts, temperature=0.0, top_p=1.0, max_new_tokens=8, stop_ids=[2], pad_id=2, seed=0)
+    stop = free[1].ids[2]  # the second row stops by its third token, another runs on
+    ours = generate(model, prompts, temperature=0.0, top_p=1.0, max_new_tokens=8, stop_ids=[stop], pad_id=2, seed=0)
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[2] * (width - len(p)) + list(p) for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    config = GenerationConfig(do_sample=False, max_new_tokens=8, eos_token_id=[stop], pad_token_id=2)
+    plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, width:].tolist()
     assert [list(c.ids) for c in ours] == [row[:len(c.ids)] for row, c in zip(plain, ours)]
-    assert all(len(c.ids) == 6 or c.finished for c in ours)
+    assert ours[1].finished and ours[1].ids == free[1].ids[:free[1].ids.index(stop) + 1]
+    assert any(len(c.ids) == 8 and not c.finished for c in ours)
+    assert ours[0].ids == ours[3].ids and ours[0].logp == pytest.approx(ours[3].logp, abs=1e-4)
+
+
+def test_inverse_cdf_draws_each_token_with_its_probability():
+    """Block by block, then within the block: the frequencies of 60,000 draws are the probabilities within
+    5 standard errors, over a vocabulary that is not a multiple of the block; tokens without mass are
+    never drawn, at the uniform's extremes included."""
+    import torch
+
+    from dpokit.generation.backends import inverse_cdf
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(300, generator=g) ** 4
+    probs[[0, 5, 255, 256, 299]] = 0.0  # around the block edge and at both ends
+    probs /= probs.sum()
+    n = 60_000
+    drawn = inverse_cdf(probs.expand(n, -1), torch.rand((n, 1), generator=g, dtype=torch.float64), block=256)
+    freq = torch.bincount(drawn, minlength=300).double() / n
+    se = (probs.double() * (1 - probs.double()) / n).sqrt()
+    assert ((freq - probs.double()).abs() <= 5 * se + 1e-12).all()
+    assert freq[[0, 5, 255, 256, 299]].sum() == 0
+    edges = inverse_cdf(probs.expand(2, -1), torch.tensor([[0.0], [1.0 - 1e-16]], dtype=torch.float64), block=256)
+    assert edges.tolist() == [1, 298]
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.5), (1.3, 0.7)])
+def test_sampling_draws_from_the_model_s_warped_distribution(tokenizer, temperature, top_p):
+    """The first tokens of 6,000 samples of one prompt: frequencies within 5 standard errors of transformers'
+    temperature and top-p warpers applied to the model's logits, nothing outside top-p; the same seed, the
+    same samples."""
+    import torch
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    model = tiny_llama(vocab_size=64, initializer_range=0.3)
+    prompt = [5, 9, 17]
+    kwargs = dict(temperature=temperature, top_p=top_p, max_new_tokens=1, stop_ids=[2], pad_id=2, seed=4)
+    drawn = generate(model, [prompt] * 6000, **kwargs)
+    with torch.no_grad():
+        scores = model(torch.tensor([prompt])).logits[:, -1]
+    scores = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, scores))
+    probs = torch.softmax(scores, dim=-1)[0].double()
+    freq = torch.bincount(torch.tensor([c.ids[0] for c in drawn]), minlength=64).double() / len(drawn)
+    se = (probs * (1 - probs) / len(drawn)).sqrt()
+    assert ((freq - probs).abs() <= 5 * se + 1e-12).all()
+    assert freq[probs == 0].sum() == 0 and (top_p == 1.0 or (probs == 0).any())
+    assert generate(model, [prompt] * 50, **kwargs) == drawn[:50]
+    assert generate(model, [prompt] * 50, **{**kwargs, "seed": 5}) != drawn[:50]
 
 
 def test_recorded_log_probs_equal_the_trainers_own(tokenizer):

@@ -10,7 +10,7 @@ from dpokit.data.tokenize import TokenizeSettings, tokenize_records
 from dpokit.errors import DataError
 from dpokit.generation.jsonl import read_jsonl
 from dpokit.generation.prompts import as_model_input, read_prompts
-from dpokit.generation.sampling import Sampler, SamplingSettings, completion_logps, sample_file
+from dpokit.generation.sampling import Sampler, SamplingSettings, completion_logps, length_order, sample_file
 from tests.helpers import write_jsonl
 
 PROMPTS = ["This movie was", "I rented the sequel because", "The plot", "Honestly, I", "The acting in this film",
@@ -25,9 +25,9 @@ class CountingSampler(Sampler):
         super().__init__(*args, **kwargs)
         self.asked: list = []
 
-    def draw(self, prompts, *, first_index=0):
+    def draw(self, prompts, **kwargs):
         self.asked += list(prompts)
-        return super().draw(prompts, first_index=first_index)
+        return super().draw(prompts, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -50,25 +50,30 @@ def test_rows_hold_completions_and_their_log_probs(tiny, prompts_file, tmp_path)
     for r in rows:
         assert len(r["completions"]) == len(r["logps"]) == len(r["num_tokens"]) == len(r["finished"]) == 3
         assert all(1 <= n <= 5 for n in r["num_tokens"]) and all(lp < 0 for lp in r["logps"])
-    # a stored log-prob is the completion's log-prob under the model, recomputed on the same ids
-    drawn = sampler.draw(PROMPTS[:2], first_index=0)[0]  # the file's first batch again
+    # the file's first batch is its two shortest prompts: drawn again, the same samples, and a stored
+    # log-prob is the completion's log-prob under the model, recomputed on the same ids
+    order = length_order([sampler.encode(p)[1] for p in PROMPTS])
+    assert [len(sampler.encode(PROMPTS[i])[1]) for i in order] == sorted(len(sampler.encode(p)[1]) for p in PROMPTS)
+    drawn = sampler.draw([PROMPTS[i] for i in order[:2]], first_index=0)[0]
     again = completion_logps(model, [drawn.prompt_ids], [drawn.completions[0].ids], pad_id=tok.pad_token_id)
-    assert rows[0]["logps"][0] == pytest.approx(again[0], abs=1e-4)
-    assert rows[0]["completions"] == drawn.texts  # same seed, same samples
+    assert rows[order[0]]["logps"][0] == pytest.approx(again[0], abs=1e-4)
+    assert rows[order[0]]["completions"] == drawn.texts
 
 
 def test_an_interrupted_run_resumes_without_redoing_finished_prompts(tiny, prompts_file, tmp_path):
     model, tok = tiny
     full = tmp_path / "full.jsonl"
     sample_file("tiny", prompts_file, full, SETTINGS, sampler=Sampler(model, tok, SETTINGS), progress=False)
-    # a run killed after two batches (4 prompts), in the middle of writing the fifth row
+    # a run killed after two batches (its 4 shortest prompts, as it draws by length), in the middle of
+    # writing the fifth row
+    sampler = CountingSampler(model, tok, SETTINGS)
+    order = length_order([sampler.encode(p)[1] for p in PROMPTS])
     cut = tmp_path / "cut.jsonl"
     lines = full.read_text().splitlines()
-    cut.write_text("\n".join(lines[:4]) + "\n" + lines[4][:25])
+    cut.write_text("\n".join(lines[i] for i in order[:4]) + "\n" + lines[order[4]][:25])
     (tmp_path / "cut.jsonl.meta.json").write_text((tmp_path / "full.jsonl.meta.json").read_text())
-    sampler = CountingSampler(model, tok, SETTINGS)
     summary = sample_file("tiny", prompts_file, cut, SETTINGS, sampler=sampler, progress=False)
-    assert sampler.asked == PROMPTS[4:]
+    assert sampler.asked == [PROMPTS[i] for i in order[4:]] and order != list(range(len(PROMPTS)))
     assert summary.resumed == 4
     assert read_jsonl(cut) == read_jsonl(full)  # the same seeds per batch: identical to the uninterrupted run
 

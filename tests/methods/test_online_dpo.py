@@ -28,18 +28,20 @@ def online_config(tmp_path, peaked_model_dir):
     return make
 
 
-@pytest.mark.slow  # 25 steps of sampling and training
+@pytest.mark.slow  # 40 steps of sampling and training
 def test_online_dpo_raises_the_judges_reward(online_config):
-    """The `length` judge (words, at most 8 here): over 25 steps of 8 prompts × 4 samples the mean reward of
+    """The `length` judge (words, at most 8 here): over 40 steps of 8 prompts × 4 samples the mean reward of
     the last five steps is clearly above that of the first five (PPO's test asks the same of PPO), with every
     step's metrics logged."""
-    result = train(online_config("train.max_steps=25", "train.lr=3e-3"), method="online_dpo")
+    result = train(online_config("train.max_steps=40", "train.lr=3e-3"), method="online_dpo")
     rows = [r for r in read_metrics(result.run_dir) if "reward" in r]
-    assert [r["step"] for r in rows] == list(range(1, 26))
+    assert [r["step"] for r in rows] == list(range(1, 41))
     for key in ("reward", "kl", "pairs_kept", "dropped/tie", "dropped/below_margin", "eos_fraction", "lr"):
         assert key in rows[0], key
     first, last = (sum(r["reward"] for r in rs) / 5 for rs in (rows[:5], rows[-5:]))
-    assert last > first + 0.4, (first, last)  # measured 5.48 → 6.30 (AMD EPYC, fp32)
+    # measured 5.59 → 6.58 (AMD EPYC, fp32; with train.seed 0 and 3: +0.90, +0.95); the difference of two
+    # 5-step means has a standard error near 0.17
+    assert last > first + 0.5, (first, last)
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the first samples come from the reference itself
     assert rows[-1]["kl"] > 0.1
 

@@ -2,16 +2,17 @@
 frontier, Best-of-N, PPO's rollouts, `train.sample_every`) asks a `GenerationBackend`, chosen by
 `generation.backend`.
 
-    transformers  `model.generate` on the model being trained or evaluated, in the same process and memory
-                  (`generate` below: temperature and top-p only, seeded per call, cut after the first stop
-                  token). The default, and the only backend built so far.
+    transformers  the model being trained or evaluated, in the same process and memory, through dpokit's
+                  own decode loop over transformers' KV cache (`generate` below: temperature and top-p only,
+                  seeded per call, cut after the first stop token). The default, and the only backend built
+                  so far.
 
 A backend for GPU users (vLLM, colocated in-process as TRL's `use_vllm` colocate mode runs it) plugs in by
 implementing the two methods below and registering in `BACKENDS`: `generate` returns one `Completion` per
 prompt row, seeded, cut after the first stop token as `generate` cuts it, and `sync_weights`
 receives the policy after each optimizer update (a colocated vLLM engine loads its state dict there; the
 transformers backend samples from the live module and needs nothing). A `Completion` may carry its
-log-prob under the sampling model (the transformers backend records it from the logits it computed anyway,
+log-prob under the sampling model (the transformers backend records it from the logits it computes anyway,
 equal to the trainer's own within 1e-4 in fp32): `dpokit sample`, evaluate and the frontier use it instead of
 a second forward pass, and recompute it with the trainer's own `CompletionLogProbs` where a backend gives
 none. Losses (PPO's old log-probs, the DPO family's) are always computed by the trainer's own code, so a
@@ -37,31 +38,6 @@ class Completion:
     logp: float | None = None  # log π(ids|prompt) at temperature 1, without top-p, where the backend has it
 
 
-class SampledLogProbs:
-    """Records log π of every sampled token from the raw logits the generation computed anyway, so that
-    the samples' log-probs need no second forward pass. It runs first, before temperature and top-p,
-    and sees the token sampled at step t only at step t + 1: it keeps one step's log-softmax
-    (batch × vocab) and gathers it then; `finish` gathers the last step's. A transformers logits processor."""
-
-    def __init__(self):
-        self.previous: torch.Tensor | None = None
-        self.steps: list[torch.Tensor] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.previous is not None:
-            self.steps.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
-        self.previous = torch.log_softmax(scores.float(), dim=-1)
-        return scores
-
-    def finish(self, sampled: torch.Tensor) -> torch.Tensor | None:
-        """(batch, steps) log-probs of `sampled` (the generated columns), or None if the steps don't line up
-        (generation ran extra passes, as a synced sharded model can)."""
-        if self.previous is None or len(self.steps) + 1 != sampled.shape[1]:
-            return None
-        last = self.previous.gather(1, sampled[:, -1:].to(self.previous.device)).squeeze(1)
-        return torch.stack([*self.steps, last], dim=1)
-
-
 def stop_token_ids(model, tokenizer) -> list[int]:
     """EOS of the tokenizer and of the model's generation config (chat models often list end-of-turn too)."""
     ids = [tokenizer.eos_token_id]
@@ -79,51 +55,128 @@ def pad_id_for(tokenizer, stop_ids: Sequence[int]) -> int:
 @torch.no_grad()
 def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, top_p: float, max_new_tokens: int,
              stop_ids: Sequence[int], pad_id: int, seed: int, streamer=None, synced: bool = False) -> list[Completion]:
-    """One sampled completion per row of `prompt_ids` (repeat a prompt to get several). Every logits
-    processor but temperature and top-p is switched off, so temperature 1 / top-p 1 samples from π itself.
-    A transformers streamer (one prompt) receives the tokens as they are generated (`dpokit chat`).
-    `synced`: every process of a sharded model runs forward passes until all have finished (FSDP2 gathers
-    each layer's parameters collectively); otherwise transformers decides (DeepSpeed ZeRO-3, FSDP1)."""
-    from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+    """One sampled completion per row of `prompt_ids` (repeat a prompt to get several), seeded by `seed`
+    alone, with its log-prob under the model (temperature 1, no top-p) from the logits the loop computes.
+
+    transformers' `generate` loop (left-padded prefill, then one cached forward a token), less what costs
+    here without changing the distribution drawn from:
+      - a prompt repeated in the batch is prefilled once and its KV cache copied to its rows;
+      - a row leaves the batch, and its cache, once it samples a stop token;
+      - a token is drawn by inverse CDF, one uniform number a row (`inverse_cdf`), where `torch.multinomial`
+        draws one exponential per vocabulary entry: measured 168 ms a step of 128 rows × 49k tokens on a
+        2-core CPU, a fifth of `generate`'s whole loop. The draws are therefore not `generate`'s for a seed.
+    Temperature 0 is greedy; temperature and top-p are transformers' own warpers, applied in generate's order.
+    A transformers streamer (one prompt) receives the prompt, then each token. `synced`: every process of a
+    sharded (FSDP2) model runs a forward pass each step until all have finished, since the layers'
+    parameters are gathered collectively."""
+    from transformers import DynamicCache, TopPLogitsWarper
 
     device = next(model.parameters()).device
-    width = max(len(p) for p in prompt_ids)
-    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for i, ids in enumerate(prompt_ids):  # left padding: every row's next token is at the same column
-        input_ids[i, width - len(ids):] = torch.tensor(list(ids))
-        attention_mask[i, width - len(ids):] = 1
-    greedy = temperature == 0
-    # temperature and top-p are passed as processors after the log-prob recorder, which must see the raw
-    # logits (transformers puts the processors it builds itself before any passed in); the same warpers
-    # in the same order as generate's own, so the samples are those it would draw
-    recorder = SampledLogProbs()
-    processors = [recorder]
-    if not greedy and temperature != 1.0:
-        processors.append(TemperatureLogitsWarper(temperature))
-    if not greedy and top_p < 1.0:
-        processors.append(TopPLogitsWarper(top_p))
-    config = GenerationConfig(
-        do_sample=not greedy, temperature=None, top_p=None, top_k=0 if not greedy else None, typical_p=1.0,
-        min_p=None, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, max_new_tokens=max_new_tokens,
-        eos_token_id=list(stop_ids), pad_token_id=pad_id, num_return_sequences=1, use_cache=True,
-    )
+    forward = getattr(model, "lm_forward", model)  # a `CompletionLogProbs` wrapper's causal LM, or the LM itself
+    cache = DynamicCache()
+    cached = {cache_argument(model): cache}
+    unique = list(dict.fromkeys(tuple(p) for p in prompt_ids))
+    row_of = {p: k for k, p in enumerate(unique)}
+    width = max(len(p) for p in unique)
+    input_ids = torch.full((len(unique), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(unique), width), dtype=torch.long)
+    for i, ids in enumerate(unique):  # left padding: every row's next token is at the same column
+        input_ids[i, width - len(ids):] = torch.tensor(ids)
+        mask[i, width - len(ids):] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    top_p_warper = TopPLogitsWarper(top_p) if temperature > 0 and top_p < 1.0 else None
+    rng = torch.Generator(device=device).manual_seed(seed)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+
     model.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                             generation_config=config, logits_processor=LogitsProcessorList(processors),
-                             streamer=streamer, synced_gpus=synced or None)
-    sampled = out[:, width:]
-    token_logps = recorder.finish(sampled)
-    stops = set(stop_ids)
-    completions = []
-    for i, row in enumerate(sampled.tolist()):
-        end = next((j for j, t in enumerate(row) if t in stops), None)
-        n = len(row) if end is None else end + 1
-        logp = None if token_logps is None else token_logps[i, :n].double().sum().item()
-        completions.append(Completion(tuple(row[:n]), end is not None, logp))
-    return completions
+    logits = forward(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                     logits_to_keep=1, **cached).logits[:, -1].float()
+    rows = torch.tensor([row_of[tuple(p)] for p in prompt_ids], device=device)  # each sequence's prompt row
+    cache.batch_select_indices(rows)
+    logits, mask, last = logits[rows], mask[rows], positions[rows, -1]
+    active = torch.arange(len(prompt_ids), device=device)  # the sequences still running, in the batch's order
+    tokens = [[] for _ in prompt_ids]
+    logps = [0.0] * len(prompt_ids)
+    stops = torch.tensor(sorted(set(stop_ids)), device=device)
+    for step in range(max_new_tokens):
+        log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+        if temperature == 0:
+            sampled = logits.argmax(dim=-1)
+        else:
+            scores = logits / temperature if temperature != 1.0 else logits
+            if top_p_warper is not None:
+                scores = top_p_warper(None, scores)
+            probs = torch.softmax(scores, dim=-1) if scores is not logits else (logits - log_norm).exp()
+            sampled = inverse_cdf(probs, torch.rand((len(active), 1), generator=rng, device=device,
+                                                    dtype=torch.float64))
+        picked = (logits.gather(1, sampled[:, None]) - log_norm).squeeze(1).double()
+        for k, token, lp in zip(active.tolist(), sampled.tolist(), picked.tolist()):
+            tokens[k].append(token)
+            logps[k] += lp
+        if streamer is not None:
+            streamer.put(sampled.cpu())
+        running = ~torch.isin(sampled, stops)
+        if step + 1 == max_new_tokens:
+            break
+        if not running.all():  # finished rows leave the batch and its cache
+            keep = running.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            active, sampled, mask, last = active[keep], sampled[keep], mask[keep], last[keep]
+        if not (_any_running(len(active), device) if synced else len(active)):
+            break
+        if len(active) == 0:  # this process is done, another is not: step with it (its parameters are gathered)
+            forward(input_ids=torch.full((1, 1), pad_id, device=device))
+            continue
+        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+        last = last + 1
+        logits = forward(input_ids=sampled[:, None], attention_mask=mask, position_ids=last[:, None],
+                         use_cache=True, **cached).logits[:, -1].float()
+    if streamer is not None:
+        streamer.end()
+    stop_set = set(stop_ids)
+    return [Completion(tuple(t), bool(t) and t[-1] in stop_set, lp) for t, lp in zip(tokens, logps)]
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """The token of each row whose cumulative probability first exceeds `u` (rows × 1, uniform in [0, 1))
+    times the row's total: an exact draw from `probs` (rows × vocab, unnormalised is fine), never a
+    zero-probability token. In two levels, blocks of `block` tokens then tokens within the chosen block,
+    since a cumulative sum over the whole vocabulary costs as much as a forward step's sampling."""
+    rows, vocab = probs.shape
+    if vocab % block:
+        probs = torch.nn.functional.pad(probs, (0, block - vocab % block))
+    blocks = probs.view(rows, -1, block)
+    mass = blocks.sum(dim=-1, dtype=torch.float64)  # rows × blocks
+    upto = mass.cumsum(dim=-1)
+    target = u * upto[:, -1:]
+    b = torch.searchsorted(upto, target, right=True).clamp_(max=mass.shape[1] - 1)  # rows × 1
+    inside = blocks[torch.arange(rows, device=probs.device), b.squeeze(1)]  # rows × block
+    within = torch.searchsorted(inside.double().cumsum(dim=-1), target - (upto.gather(1, b) - mass.gather(1, b)),
+                                right=True)
+    # rounding may put the target past the block's own sum: its last token with mass, then
+    last = (torch.arange(block, device=probs.device) * (inside > 0)).argmax(dim=-1, keepdim=True)
+    return (b * block + torch.minimum(within, last)).squeeze(1)
+
+
+def cache_argument(model) -> str:
+    """The name the causal LM's forward takes its KV cache by: `cache` in recent transformers releases,
+    `past_key_values` before (a name it does not know would go into its **kwargs, unused and silently)."""
+    import inspect
+
+    lm = model.model if hasattr(model, "lm_forward") else model
+    lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+
+
+def _any_running(count: int, device) -> bool:
+    """Whether any process of the group still has sequences running."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([float(count > 0)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 @runtime_checkable
@@ -141,7 +194,7 @@ class GenerationBackend(Protocol):
 
 
 class TransformersBackend:
-    """`model.generate` of the live model (`generate`). `synced`: every process of a sharded
+    """`generate` on the live model. `synced`: every process of a sharded
     (FSDP2) model steps until all have finished."""
 
     name = "transformers"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from dpokit import models
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.distributed import pick_device
 from dpokit.generation.backends import Completion, TransformersBackend, pad_id_for, stop_token_ids
-from dpokit.generation.jsonl import ResumableJsonl
+from dpokit.generation.jsonl import ResumableJsonl, write_jsonl
 from dpokit.generation.prompts import Prompt, as_model_input, read_prompts
 from dpokit.generation.settings import SamplingSettings
 from dpokit.logps import CompletionLogProbs, logps_table
@@ -59,11 +59,17 @@ def completion_logps(model, prompt_ids: Sequence[Sequence[int]], completions: Se
     return out
 
 
+def length_order(prompt_ids: Sequence[Sequence[int]]) -> list[int]:
+    """Indices of `prompt_ids` from the shortest prompt to the longest, ties in their order: batches drawn
+    in this order pad little."""
+    return sorted(range(len(prompt_ids)), key=lambda k: len(prompt_ids[k]))
+
+
 class Sampler:
     """A loaded model and tokenizer that turn prompts into sample rows."""
 
     def __init__(self, model, tokenizer, settings: SamplingSettings, *, backend=None):
-        """`backend`: a `backends.GenerationBackend` (default: `model.generate`, the transformers backend)."""
+        """`backend`: a `backends.GenerationBackend` (default: the transformers backend)."""
         self.model, self.tokenizer, self.settings = model, tokenizer, settings.check()
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.pad_id = pad_id_for(tokenizer, self.stop_ids)
@@ -80,19 +86,26 @@ class Sampler:
     def encode(self, prompt: Prompt) -> tuple[Prompt, list[int]]:
         return as_model_input(prompt, self.tokenizer, self.settings.template)
 
-    def sample_ids(self, prompt_ids: Sequence[Sequence[int]], *, first_index: int = 0) -> list[list[Completion]]:
-        """`n` completions for each prompt (token ids), in generate calls of at most `batch_size` sequences;
-        a call is seeded with `seed * 1_000_003` plus the file-wide index of its first sequence (prompt
-        `first_index + k`, sample j is sequence `(first_index + k) * n + j`)."""
+    def sample_ids(self, prompt_ids: Sequence[Sequence[int]], *, first_index: int = 0,
+                   on_batch: Callable[[int], None] | None = None) -> list[list[Completion]]:
+        """`n` completions for each prompt (token ids), in generate calls of at most `batch_size` sequences
+        (`on_batch` gets each call's count), the prompts ordered by length so that a call pads little; a
+        call is seeded with `seed * 1_000_003` plus the index of its first sequence in that order, counted
+        from prompt `first_index` (the prompts of earlier calls)."""
         s = self.settings
-        rows = [(k, ids) for k, ids in enumerate(prompt_ids) for _ in range(s.n)]
+        rows = [(k, prompt_ids[k]) for k in length_order(prompt_ids) for _ in range(s.n)]
         done: list[Completion] = []
         for start in range(0, len(rows), s.batch_size):
             batch = rows[start:start + s.batch_size]
             done += self.backend.generate([ids for _, ids in batch], temperature=s.temperature, top_p=s.top_p,
                                           max_new_tokens=s.max_new_tokens, stop_ids=self.stop_ids, pad_id=self.pad_id,
                                           seed=s.seed * 1_000_003 + first_index * s.n + start)
-        return [done[k * s.n:(k + 1) * s.n] for k in range(len(prompt_ids))]
+            if on_batch is not None:
+                on_batch(len(batch))
+        per_prompt: list[list[Completion]] = [[] for _ in prompt_ids]
+        for (k, _), completion in zip(rows, done):
+            per_prompt[k].append(completion)
+        return per_prompt
 
     def logps(self, prompt_ids: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]) -> list[float]:
         return completion_logps(self.scorer, prompt_ids, completions, pad_id=self.pad_id,
@@ -111,10 +124,11 @@ class Sampler:
         stops = set(self.stop_ids)
         return self.tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True)
 
-    def draw(self, prompts: Sequence[Prompt], *, first_index: int = 0) -> list[PromptSamples]:
+    def draw(self, prompts: Sequence[Prompt], *, first_index: int = 0,
+             on_batch: Callable[[int], None] | None = None) -> list[PromptSamples]:
         """`n` completions of each prompt with their token ids and log-probs under this model."""
         encoded = [self.encode(p) for p in prompts]
-        per_prompt = self.sample_ids([ids for _, ids in encoded], first_index=first_index)
+        per_prompt = self.sample_ids([ids for _, ids in encoded], first_index=first_index, on_batch=on_batch)
         logps = iter(self.completion_logps([ids for _, ids in encoded], per_prompt))
         return [PromptSamples(stored, tuple(ids), cs, [next(logps) for _ in cs], [self.decode(c.ids) for c in cs])
                 for (stored, ids), cs in zip(encoded, per_prompt)]
@@ -169,22 +183,27 @@ def sample_file(model: str, prompts_path: str | Path, out: str | Path, settings:
     prompts = read_prompts(prompts_path)
     with ResumableJsonl(out, sample_meta(model, prompts, settings), overwrite=overwrite) as sink:
         done = {row["index"]: row for row in sink.done}
-        todo = [i for i in range(len(prompts)) if i not in done]
-        if todo and sampler is None:
+        if len(done) < len(prompts) and sampler is None:
             sampler = Sampler.load(model, settings, device=device, dtype=dtype)
+        # the whole file's prompts by length, so that each batch pads little; a batch's seed counts from its
+        # first prompt's place in this order, so the batches after an interruption draw as uninterrupted
+        order = length_order([sampler.encode(p)[1] for p in prompts]) if sampler is not None else []
+        place = {i: k for k, i in enumerate(order)}
+        todo = [i for i in order if i not in done]
         per_call = max(1, settings.batch_size // settings.n)
         with tqdm(total=len(prompts), initial=len(done), desc="sample", unit="prompt", disable=not progress,
                   dynamic_ncols=True) as bar:
             for start in range(0, len(todo), per_call):
                 chunk = todo[start:start + per_call]
-                # contiguous runs keep the per-batch seeds of an uninterrupted run
-                rows = sampler.sample([prompts[i] for i in chunk], first_index=chunk[0])
+                rows = sampler.sample([prompts[i] for i in chunk], first_index=place[chunk[0]])
                 for i, row in zip(chunk, rows):
                     row["index"] = i
                     sink.append(row)
                     done[i] = row
                 bar.update(len(chunk))
     rows = [done[i] for i in range(len(prompts))]
+    if todo:  # written as drawn, by length: finished, the file is in the prompts' order
+        write_jsonl(out, rows)
     finished = [f for r in rows for f in r["finished"]]
     logps = [lp for r in rows for lp in r["logps"]]
     return SampleSummary(Path(out), len(prompts), len(prompts) - len(todo), len(logps),

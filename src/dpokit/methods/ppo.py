@@ -6,7 +6,7 @@ One loop step is one PPO iteration on `train.batch_size` prompts of `data.train`
 file with a `prompt` field):
 
 1. `prepare` (no gradients): one completion per prompt sampled from the policy itself (temperature 1,
-   top-p 1, `generation.sampling.generate`), cut after its first EOS (tokens after it are never trained on
+   top-p 1, `generation.backends.generate`), cut after its first EOS (tokens after it are never trained on
    or penalised) or at `ppo.max_new_tokens`; the judge scores each completion (`ppo.judge`: any judge is
    PPO with the ground-truth reward, `reward-model` with `ppo.judge_model` PPO with a learned reward);
    a completion with no EOS loses `ppo.missing_eos_penalty` (the N+ details' EOS trick). The policy's
@@ -33,7 +33,7 @@ sampled tokens (k1, Ziegler et al., TRL), whose mean is the sequence KL that `dp
 Rewards are used as the judge gives them (no reward-model normalisation); advantages are whitened.
 
 Under several processes each rank samples the whole batch (the same seeds) and trains on its share; under
-FSDP2 the rollouts are sampled through the sharded module (its `generate`), every rank stepping until all finish.
+FSDP2 the rollouts are sampled through the sharded module (its `lm_forward`), every rank stepping until all finish.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 `dpokit generate`: completions for a prompt file, without a judge.
 
 chat keeps the conversation, renders it with the model's chat template and streams the reply as it is
-generated (transformers' `TextStreamer` on `generation.sampling.generate`, the sampling code of `dpokit
+generated (transformers' `TextStreamer` on `generation.backends.generate`, the sampling code of `dpokit
 sample`). Each line read is one user turn; `/reset` starts a new conversation, `/exit` or end of input
 leaves. A reply ends at the model's end-of-turn token or after `max_new_tokens`.
 """

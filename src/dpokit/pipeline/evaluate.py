@@ -315,14 +315,9 @@ class Evaluator:
     def _draw(self, sampler: Sampler) -> list[PromptSamples]:
         from tqdm.auto import tqdm
 
-        per_call = max(1, self.settings.batch_size // self.settings.n)
-        drawn: list[PromptSamples] = []
-        with tqdm(total=len(self.prompts), desc="evaluate", unit="prompt", disable=not self.progress,
-                  dynamic_ncols=True, leave=False) as bar:
-            for start in range(0, len(self.prompts), per_call):
-                drawn += sampler.draw(self.prompts[start:start + per_call], first_index=start)
-                bar.update(min(per_call, len(self.prompts) - start))
-        return drawn
+        with tqdm(total=len(self.prompts) * self.settings.n, desc="evaluate", unit="sample",
+                  disable=not self.progress, dynamic_ncols=True, leave=False) as bar:
+            return sampler.draw(self.prompts, on_batch=bar.update)
 
 
     def evaluate_best_of(self, n: int, *, samples_out: str | Path | None = None) -> EvalResult:
@@ -374,17 +369,13 @@ class Evaluator:
             return self.rounds[:rounds]
         s = self.settings
         prompt_ids = [self.reference.encode(p)[1] for p in self.prompts]
-        per_call = max(1, s.batch_size // s.n)
         self.echo(f"sampling {len(todo)} rounds of best-of-N candidates from the reference ({s.n} per prompt each)")
-        with tqdm(total=len(todo) * len(prompt_ids), desc="best-of-N", unit="prompt", disable=not self.progress,
-                  dynamic_ncols=True, leave=False) as bar:
+        with tqdm(total=len(todo) * len(prompt_ids) * s.n, desc="best-of-N", unit="sample",
+                  disable=not self.progress, dynamic_ncols=True, leave=False) as bar:
             for j in todo:
                 started = time.perf_counter()
                 sampler = Sampler(self.reference.model, self.tokenizer, replace(s, seed=s.seed + BEST_OF_SEED + j))
-                drawn: list[list[Completion]] = []
-                for start in range(0, len(prompt_ids), per_call):
-                    drawn += sampler.sample_ids(prompt_ids[start:start + per_call], first_index=start)
-                    bar.update(min(per_call, len(prompt_ids) - start))
+                drawn = sampler.sample_ids(prompt_ids, on_batch=bar.update)
                 texts = [[sampler.decode(c.ids) for c in cs] for cs in drawn]
                 scores = score_rows(self.judge, [{"prompt": p, "completions": t} for p, t in zip(self.prompts, texts)])
                 self.rounds.append(CandidateRound(drawn, texts, scores, time.perf_counter() - started))
