@@ -1,5 +1,5 @@
 """`make paper`'s plan: every step is a real `dpokit` command, settings are chosen on the selection openings
-alone, compute is charged to the right method, and seeds are summarised by their mean and range."""
+alone, seeds shift every seed and finished seeds are reused (the report: test_paper_report.py)."""
 
 import json
 from pathlib import Path
@@ -9,6 +9,7 @@ import yaml
 
 from dpokit.cli import build_parser
 from dpokit.experiments import paper
+from dpokit.experiments.paper_runs import Run
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "paper"
 
@@ -89,9 +90,9 @@ def point(series, model, kl, reward, **kw):
 
 
 def test_the_configuration_and_its_checkpoints_are_chosen_on_the_selection_points():
-    planned = [paper.Run("DPO", "a", "train", "c", (), setting="β 0.1"),
-               paper.Run("DPO", "b", "train", "c", (), setting="β 0.5"),
-               paper.Run("PPO", "p", "ppo", "c", (), setting="β_KL 0.05")]
+    planned = [Run("DPO", "a", "train", "c", (), setting="β 0.1"),
+               Run("DPO", "b", "train", "c", (), setting="β 0.5"),
+               Run("PPO", "p", "ppo", "c", (), setting="β_KL 0.05")]
     points = [point("a", "a/1", 1.0, 0.3), point("a", "a/2", 4.0, 0.5), point("a", "a/3", 12.0, 0.9),
               point("b", "b/1", 0.5, 0.25), point("b", "b/2", 1.5, 0.45), point("b", "b/3", 3.0, 0.55),
               point("p", "p/1", 6.0, 0.4)]
@@ -101,61 +102,6 @@ def test_the_configuration_and_its_checkpoints_are_chosen_on_the_selection_point
     assert chosen["DPO"]["scores"]["β 0.1"] == pytest.approx(1.3 / 3)
     assert chosen["DPO"]["picks"] == {"2": "b/2", "5": "b/3", "10": "b/3"}
     assert chosen["PPO"]["picks"] == {"2": None, "5": None, "10": "p/1"}  # no point within 2 or 5 nats
-
-
-def test_each_cell_is_the_held_out_point_of_the_checkpoint_chosen_on_the_selection_openings():
-    chosen = {"DPO": {"run": "b", "setting": "β 0.5", "tried": ["β 0.1", "β 0.5"],
-                      "picks": {"2": "b/2", "5": "b/3", "10": "b/3"}}}
-    points = [point("DPO", "b/2", 2.4, 0.40, afinn_reward=1.0), point("DPO", "b/3", 3.1, 0.35, afinn_reward=2.0),
-              point("DPO", "b/final", 3.5, 0.60),  # the best held-out point, never chosen: it was not chosen there
-              point("Best-of-N", "m", 0.82, 0.5, best_of=4), point("Best-of-N", "m", 1.84, 0.7, best_of=16)]
-    rows = {r["series"]: r for r in paper.seed_rows(points, chosen, {"DPO": 100.0})}
-    dpo = rows["DPO"]["at_kl"]
-    assert dpo["2"] == {"reward": 0.40, "kl": 2.4, "label": "b/2", "afinn": 1.0}  # reported with its held-out KL
-    assert dpo["10"]["reward"] == 0.35 and rows["DPO"]["final_kl"] == 3.5 and rows["DPO"]["seconds"] == 100.0
-    best = rows["Best-of-N"]["at_kl"]
-    assert best["2"]["reward"] == 0.7 and best["5"]["reward"] == 0.7  # the largest N whose bound fits
-
-
-def test_seeds_are_summarised_by_their_mean_and_range():
-    def row(reward, kl):
-        return {"series": "DPO", "setting": "β 0.1", "tried": ["β 0.1"], "final_kl": kl, "seconds": 10.0,
-                "at_kl": {"2": None, "5": {"reward": reward, "kl": 4.0, "afinn": 1.0}, "10": None}}
-
-    rows = paper.aggregate([[row(0.3, 5.0)], [row(0.5, 7.0)], [row(0.7, 6.0)]])
-    (dpo,) = rows
-    assert dpo["at_kl"]["5"]["reward"] == pytest.approx({"mean": 0.5, "min": 0.3, "max": 0.7, "n": 3})
-    assert dpo["at_kl"]["2"]["reward"] is None and dpo["final_kl"]["mean"] == pytest.approx(6.0)
-    assert paper.cell(dpo["at_kl"]["5"]["reward"]) == "0.500 [0.300, 0.700]"
-
-
-def test_compute_is_charged_to_each_method():
-    planned = [paper.Run("DPO", "dpo-a", "train", "c", ()), paper.Run("DPO", "dpo-b", "train", "c", ()),
-               paper.Run("PPO", "ppo-3", "ppo", "c", (), reward="model"),
-               paper.Run("PPO-GT", "ppo-gt", "ppo", "c", (), reward="judge"),
-               paper.Run("Online DPO-GT", "online-gt", "online", "c", (), reward="judge")]
-    timings = {"sample train": 100.0, "label train": 10.0, "reward": 50.0, "dpo-a": 30.0, "dpo-b": 40.0,
-               "ppo-3": 200.0, "ppo-gt": 300.0, "online-gt": 250.0, "frontier": 999.0}
-    points = [{"series": "Best-of-N", "best_of": 4, "seconds_candidates": 20.0},
-              {"series": "Best-of-N", "best_of": 16, "seconds_candidates": 80.0}]
-    assert paper.charged_seconds(planned, timings, points) == {
-        "DPO": 110.0 + 30.0 + 40.0,  # the data once, then every configuration tried
-        "PPO": 110.0 + 50.0 + 200.0,  # the data the reward model learned from, the reward model, PPO
-        "PPO-GT": 300.0,  # the judge is its reward: no data, no reward model
-        "Online DPO-GT": 250.0,
-        "Best-of-N": 80.0,  # N = 16's candidates include N = 4's
-    }
-
-
-def test_ppo_curves_plot_each_ppo_runs_reward_and_kl(tmp_path):
-    planned = [paper.Run("DPO", "dpo-a", "train", "c", ()), paper.Run("PPO-GT", "ppo-gt", "ppo", "c", ())]
-    run = tmp_path / "runs" / "ppo-gt"
-    run.mkdir(parents=True)
-    rows = [{"step": 1, "reward": 0.1, "kl": 0.0}, {"eval/loss": 1.0, "step": 1}, {"step": 2, "reward": 0.3, "kl": 1.5}]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    path = paper.ppo_curves(tmp_path, planned)
-    assert path == tmp_path / "ppo_curves.png" and path.stat().st_size > 1000
-    assert paper.ppo_curves(tmp_path, planned[:1]) is None  # no PPO run: no plot
 
 
 def test_resume_reads_the_seeds_that_finished_with_the_same_settings(tmp_path, capsys):

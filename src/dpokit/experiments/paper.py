@@ -32,7 +32,9 @@ min–max. `--resume` reads the seeds already finished with the same settings (t
 and, in a seed cut short, skips the steps that finished (their records in OUT/[seed-K/]steps/). Once a
 seed's results are written, its runs' weights and training states are deleted (≈ 43 GB a seed) unless
 `--keep-weights`. Every step prints the `dpokit` command that does the same. The policies start from the
-reference itself (the instruction-tuned model); no SFT step comes first.
+reference itself (the instruction-tuned model); no SFT step comes first. The runs of the comparison are
+defined in `paper_runs.py`, the table and plots made in `paper_report.py`; this module plans and runs the
+steps, makes the selection and goes over the seeds.
 """
 
 from __future__ import annotations
@@ -42,66 +44,30 @@ import json
 import math
 import shutil
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 from dpokit.config_loader import load_config
 from dpokit.experiments import demo
+from dpokit.experiments.paper_report import aggregate, plot_spread, print_table, seed_report, spread
+from dpokit.experiments.paper_runs import (
+    JUDGE,
+    KL_BINS,
+    SECOND_JUDGE,
+    Run,
+    read_selection,
+    run_overrides,
+    run_paths,
+    runs,
+)
 from dpokit.fields import as_arguments
 from dpokit.generation.judges import build_judge
 from dpokit.generation.settings import PairingSettings, SamplingSettings
 from dpokit.pipeline import commands
 from dpokit.pipeline.evaluate import Evaluator
-from dpokit.pipeline.frontier import BEST_OF_SERIES, Target, best_of_targets, expand_targets
+from dpokit.pipeline.frontier import Target, best_of_targets, expand_targets
 from dpokit.storage import json_text
-
-JUDGE = demo.JUDGE
-SECOND_JUDGE = "afinn"  # reported beside VADER, trained on by nothing: over-optimisation shows as a gap
-KL_BINS = (2.0, 5.0, 10.0)  # best reward at KL ≤ each, nats
-SEED_STRIDE = 100  # seed s offsets every sampling seed by 100·s and train.seed by s: seed 0 is the one-seed run
-
-
-@dataclass(frozen=True)
-class Run:
-    """One training run of the comparison: its series on the frontier and the command that trains it."""
-
-    series: str
-    name: str  # directory under the experiment's runs/
-    trainer: str  # dpokit command: train | sft | reward | ppo | online | iterate
-    config: str
-    overrides: tuple[str, ...]
-    reward: str = "pairs"  # what it learns from: pairs (the labelled samples), model (the learned reward model), judge
-    setting: str = ""  # the configuration, in words, for the table
-
-    @property
-    def needs_reward_model(self) -> bool:
-        return self.reward == "model"
-
-
-def runs(configs: Path, *, dpo: list[tuple[float, float]], alphas: list[float], kl_coefs: list[float],
-         online_betas: list[float]) -> list[Run]:
-    """Every configuration tried, grouped by series: DPO's (β, lr) sweep, the baselines, PPO's β_KL sweep and
-    PPO-GT, and online and iterative DPO with each reward. The on-policy methods are tuned alike: with the
-    learned reward, PPO sweeps β_KL and online and iterative DPO sweep β, as many values each; against the
-    judge itself each runs the first value of its sweep."""
-    out = [Run("DPO", f"dpo-beta{b:g}-lr{lr:g}", "train", str(configs / "dpo.yaml"),
-               (f"objective.beta={b}", f"train.lr={lr}"), setting=f"β {b:g}, lr {lr:g}") for b, lr in dpo]
-    out.append(Run("Preferred-FT", "preferred-ft", "sft", str(configs / "preferred_ft.yaml"), (), setting="lr 1e-4"))
-    out += [Run("Unlikelihood", f"unlikelihood-alpha{a:g}", "train", str(configs / "unlikelihood.yaml"),
-                (f"objective.unlikelihood_alpha={a}",), setting=f"α {a:g}") for a in alphas]
-    out += [Run("PPO", f"ppo-kl{k:g}", "ppo", str(configs / "ppo.yaml"), (f"ppo.kl_coef={k}",), reward="model",
-                setting=f"β_KL {k:g}") for k in kl_coefs]
-    out.append(Run("PPO-GT", "ppo-gt", "ppo", str(configs / "ppo.yaml"), (f"ppo.kl_coef={kl_coefs[0]}",),
-                   reward="judge", setting=f"β_KL {kl_coefs[0]:g}"))
-    on_policy = (("Online DPO", "online", "online_dpo.yaml", ""),
-                 ("Iterative DPO", "iterate", "iterate.yaml", "3 rounds of 85 openings, "))
-    for reward, suffix, betas in (("model", "", online_betas), ("judge", "-GT", online_betas[:1])):
-        tag = "rm" if reward == "model" else "gt"
-        out += [Run(f"{method}{suffix}", f"{trainer}-{tag}-beta{b:g}", trainer, str(configs / config),
-                    (f"objective.beta={b}",), reward=reward, setting=f"{rounds}β {b:g}, lr 1e-4, K 4")
-                for method, trainer, config, rounds in on_policy for b in betas]
-    return out
 
 
 def plan(out: Path, configs: Path, *, model: str, train_prompts: Path, select_prompts: Path, heldout_prompts: Path,
@@ -109,7 +75,7 @@ def plan(out: Path, configs: Path, *, model: str, train_prompts: Path, select_pr
          best_of: list[int], max_new_tokens: int, eval_samples: int, select_samples: int, batch_size: int, margin: float,
          seed: int = 0, also: tuple[str, ...] = (SECOND_JUDGE,)) -> tuple[list[tuple[str, demo.Step]], list[Run]]:
     """The steps of one seed, each with the name its time is charged under, and the runs they train."""
-    shift = SEED_STRIDE * seed
+    shift = demo.SEED_STRIDE * seed
     sampling = SamplingSettings(n=4, max_new_tokens=max_new_tokens, template="none", batch_size=batch_size)
     evaluation = replace(sampling, n=eval_samples, seed=2 + shift)
     selection = replace(sampling, n=select_samples, seed=4 + shift)
@@ -164,31 +130,6 @@ def plan(out: Path, configs: Path, *, model: str, train_prompts: Path, select_pr
         final_command, partial(frontier, planned, out, best_of, model, evaluation, samples_heldout, final_dir,
                                also))))
     return steps, planned
-
-
-def run_overrides(run: Run, out: Path, *, model: str, train_prompts: Path, max_new_tokens: int,
-                  seed: int) -> list[str]:
-    """A run's command-line settings: its data, its reward, its seed and its directory."""
-    where = [*run.overrides, f"train.seed={42 + seed}", f"output.dir={out / 'runs' / run.name}"]
-    if run.reward == "pairs":
-        # the DPO sweep's runs share one set of pairs and one reference: its log-probs are computed once a seed
-        shared = [f"reference.cache_dir={out / 'reference-logps'}"] if run.series == "DPO" else []
-        return [f"model.name={model}", f"data.train={out / 'pairs_train.jsonl'}",
-                f"data.eval={out / 'pairs_heldout.jsonl'}", *shared, *where]
-    # PPO, online and iterative DPO learn on the training openings; their rollouts as long as the evaluation's
-    section = "ppo" if run.trainer == "ppo" else "online"
-    judge = ([f"{section}.judge=reward-model", f"{section}.judge_model={out / 'runs' / 'reward' / 'model'}"]
-             if run.needs_reward_model else [f"{section}.judge={JUDGE}"])
-    return [f"model.name={model}", f"data.train={train_prompts}", f"{section}.max_new_tokens={max_new_tokens}",
-            *judge, *where]
-
-
-def run_paths(run: Run, out: Path) -> list[Path]:
-    """The run directories of a run: one, or an iterative run's rounds."""
-    base = out / "runs" / run.name
-    if run.trainer != "iterate":
-        return [base]
-    return sorted((base.glob("round-*")), key=lambda p: int(p.name.split("-")[1])) or [base / "round-1"]
 
 
 def train_step(title: str, trainer: str, config: str, overrides: list[str]) -> demo.Step:
@@ -258,11 +199,6 @@ def choose(points: list[dict], planned: list[Run], reference_reward: float) -> d
     return chosen
 
 
-def read_selection(select_dir: Path) -> dict[str, dict]:
-    path = select_dir / "selection.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def chosen_specs(planned: list[Run], out: Path, chosen: dict[str, dict]) -> list[str]:
     """`SERIES=PATH` of each series' chosen configuration (every configuration's before the choice is made)."""
     names = {c["run"] for c in chosen.values()}
@@ -278,173 +214,6 @@ def frontier(planned: list[Run], out: Path, best_of: list[int], reference: str, 
     evaluator = Evaluator(reference, build_judge(JUDGE), settings, reference_samples=reference_samples,
                           also=[build_judge(j) for j in also])
     return commands.frontier(targets, evaluator, final_dir)
-
-
-# ------------------------------------------------------------------------------------------ the report
-
-
-def charged_seconds(planned: list[Run], timings: dict[str, float], evaluations: list[dict]) -> dict[str, float]:
-    """Wall-clock seconds per series: its data (sampling and labelling the training openings) where it learns
-    from them directly or through the reward model, the reward model, and every configuration it tried;
-    Best-of-N: sampling and judging its largest N's candidates."""
-    data = sum(timings.get(k, 0.0) for k in ("sample train", "label train"))
-    charged: dict[str, float] = {}
-    for run in planned:
-        if run.series not in charged:
-            charged[run.series] = data if run.reward != "judge" else 0.0
-            if run.needs_reward_model:
-                charged[run.series] += timings.get("reward", 0.0)
-        charged[run.series] += timings.get(run.name, 0.0)
-    best = [e for e in evaluations if e.get("best_of")]  # the largest N's candidates include the smaller N's
-    if best:
-        charged[BEST_OF_SERIES] = max(e.get("seconds_candidates") or 0.0 for e in best)
-    return charged
-
-
-def seed_rows(points: list[dict], chosen: dict[str, dict], charged: dict[str, float],
-              also: tuple[str, ...] = (SECOND_JUDGE,)) -> list[dict]:
-    """One row per series of one seed: at each KL limit, the held-out point of the checkpoint chosen on the
-    selection openings (reward, KL, second judges' rewards); Best-of-N's point is the largest N whose KL bound
-    is within the limit (no choice made on rewards). The final KL is the chosen configuration's last point."""
-    rows = []
-    for series in dict.fromkeys(p["series"] for p in points):
-        mine = [p for p in points if p["series"] == series]
-        at = {}
-        for k in KL_BINS:
-            if series == BEST_OF_SERIES:
-                within = [p for p in mine if p["kl"] <= k]
-                point = max(within, key=lambda p: p["best_of"]) if within else None
-            else:
-                model = chosen.get(series, {}).get("picks", {}).get(f"{k:g}")
-                point = next((p for p in mine if p["model"] == model), None)
-            at[f"{k:g}"] = None if point is None else {
-                "reward": point["reward"], "kl": point["kl"], "label": point["label"],
-                **{j: point.get(f"{j}_reward") for j in also}}
-        c = chosen.get(series, {})
-        rows.append({"series": series, "setting": c.get("setting", ""), "tried": c.get("tried", []),
-                     "at_kl": at, "final_kl": mine[-1]["kl"], "seconds": charged.get(series)})
-    return rows
-
-
-def spread(values: list[float | None]) -> dict | None:
-    """Mean, min and max of the seeds that have a value (`n` of them)."""
-    xs = [v for v in values if v is not None and not math.isnan(v)]
-    if not xs:
-        return None
-    return {"mean": sum(xs) / len(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
-
-
-def aggregate(per_seed: list[list[dict]], also: tuple[str, ...] = (SECOND_JUDGE,)) -> list[dict]:
-    """Each series over the seeds: the mean and min–max of its reward (and second judges') at each KL limit,
-    of its final KL and of its seconds."""
-    out = []
-    for series in dict.fromkeys(r["series"] for rows in per_seed for r in rows):
-        mine = [r for rows in per_seed for r in rows if r["series"] == series]
-        at = {}
-        for k in (f"{b:g}" for b in KL_BINS):
-            cells = [r["at_kl"].get(k) for r in mine]
-            at[k] = {key: spread([c[key] if c else None for c in cells]) for key in ("reward", "kl", *also)}
-        out.append({"series": series, "setting": mine[0]["setting"], "tried": mine[0]["tried"],
-                    "settings_chosen": [r["setting"] for r in mine], "at_kl": at,
-                    "final_kl": spread([r["final_kl"] for r in mine]), "seconds": spread([r["seconds"] for r in mine]),
-                    "seeds": len(mine)})
-    return out
-
-
-def cell(s: dict | None, digits: int = 3) -> str:
-    if s is None:
-        return "—"
-    if s["n"] == 1 or s["min"] == s["max"]:
-        return f"{s['mean']:.{digits}f}"
-    return f"{s['mean']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
-
-
-def print_table(rows: list[dict], title: str, reference: dict, also: tuple[str, ...] = (SECOND_JUDGE,)) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    cols = ("method", "configurations tried (chosen)", *(f"KL ≤ {k:g}" for k in KL_BINS),
-            *(f"{j} at KL ≤ {KL_BINS[-1]:g}" for j in also), "final KL", "seconds")
-    for col in cols:
-        table.add_column(col, justify="left" if col.startswith(("method", "config")) else "right")
-    last = f"{KL_BINS[-1]:g}"
-    for r in rows:
-        tried = f"{len(r['tried'])}: {r['setting']}" if r["tried"] else "—"
-        cells = []
-        for k in (f"{b:g}" for b in KL_BINS):
-            c = r["at_kl"][k]
-            cells.append("—" if c["reward"] is None else f"{cell(c['reward'])} (KL {c['kl']['mean']:.1f})")
-        table.add_row(r["series"], tried, *cells, *(cell(r["at_kl"][last][j]) for j in also),
-                      cell(r["final_kl"], 2), cell(r["seconds"], 0))
-    console = Console(width=220)
-    console.print(table)
-    console.print("reference (π_ref) mean reward: " + ", ".join(f"{name} {cell(s)}" for name, s in reference.items()))
-
-
-def plot_spread(rows: list[dict], reference: dict, path: Path) -> Path:
-    """Each method's held-out reward at each KL limit: the mean over seeds, a bar from the lowest to the
-    highest seed; one panel per limit."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(KL_BINS), figsize=(4.0 * len(KL_BINS), 0.45 * len(rows) + 1.4), dpi=120,
-                             sharey=True)
-    names = [r["series"] for r in rows]
-    for ax, k in zip(axes, (f"{b:g}" for b in KL_BINS)):
-        for y, r in enumerate(rows):
-            s = r["at_kl"][k]["reward"]
-            if s is not None:
-                ax.errorbar([s["mean"]], [y], xerr=[[s["mean"] - s["min"]], [s["max"] - s["mean"]]], fmt="o",
-                            color="C0", capsize=3)
-        if reference.get(JUDGE):
-            ax.axvline(reference[JUDGE]["mean"], color="black", linestyle=":", linewidth=1, label="reference")
-        ax.set_title(f"KL ≤ {k} nats")
-        ax.set_xlabel(f"held-out mean reward ({JUDGE})")
-        ax.grid(alpha=0.3)
-    axes[0].set_yticks(range(len(names)), names)
-    axes[0].invert_yaxis()
-    seeds = max(r["seeds"] for r in rows)
-    fig.suptitle(f"best reward at matched KL, checkpoints chosen on the selection openings "
-                 f"({seeds} seed{'s' if seeds > 1 else ''}: mean, min–max)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def ppo_curves(out: Path, planned: list[Run]) -> Path | None:
-    """The PPO runs' rollout reward and KL per step (their metrics.jsonl), one line per run: ppo_curves.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curves = {}
-    for run in planned:
-        path = out / "runs" / run.name / "metrics.jsonl"
-        if run.trainer in ("ppo", "online") and path.is_file():
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            curves[run.name] = [r for r in rows if "reward" in r and "kl" in r]
-    if not curves:
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.6), dpi=120)
-    for name, rows in curves.items():
-        steps = [r["step"] for r in rows]
-        axes[0].plot(steps, [r["reward"] for r in rows], marker="o", markersize=3, label=name)
-        axes[1].plot(steps, [r["kl"] for r in rows], marker="o", markersize=3, label=name)
-    axes[0].set_ylabel("rollout mean reward (its own judge)")
-    axes[1].set_ylabel("rollout KL(π ‖ π_ref), nats")
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "ppo_curves.png")
-    plt.close(fig)
-    return out / "ppo_curves.png"
 
 
 def seed_settings(args: argparse.Namespace, seed: int) -> dict:
@@ -485,26 +254,6 @@ def finished_seed(where: Path, settings: dict) -> tuple[list[dict], dict, float]
     if done.get("settings") != settings:
         return None
     return done["rows"], done["reference"], done["total_seconds"]
-
-
-def seed_report(out: Path, planned: list[Run], timings: dict[str, float], total: float,
-                also: tuple[str, ...] = (SECOND_JUDGE,), settings: dict | None = None) -> tuple[list[dict], dict]:
-    """One seed's rows (`seed_rows`), written with its timings and settings to comparison.json; returns them
-    and the reference's mean rewards (the judge's and the second judges')."""
-    result = json.loads((out / "frontier" / "frontier.json").read_text())
-    evaluations = [json.loads(f.read_text()) for f in sorted((out / "frontier" / "points").glob("*.json"))]
-    chosen = read_selection(out / "select")
-    rows = seed_rows(result["points"], chosen, charged_seconds(planned, timings, evaluations), also)
-    ref = result.get("reference", {})
-    reference = {JUDGE: ref.get("reward"), **{j: ref.get(f"{j}_reward") for j in also}}
-    ppo_curves(out, planned)
-    (out / "comparison.json").write_text(json_text({"rows": rows, "reference": reference, "selection": chosen,
-                                                    "timings": timings, "total_seconds": total,
-                                                    "settings": settings}, indent=2) + "\n")
-    return rows, reference
-
-
-# ------------------------------------------------------------------------------------------ command
 
 
 def parse_dpo(text: str) -> tuple[float, float]:
@@ -596,8 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         if code != 0:
             return code
         elapsed = sum(seconds)  # the steps reused from an interrupted run count the seconds they took then
-        rows, reference = seed_report(where, planned, dict(zip((k for k, _ in steps), seconds)), elapsed, also,
-                                      settings)
+        rows, reference = seed_report(where, planned, read_selection(where / "select"),
+                                      dict(zip((k for k, _ in steps), seconds)), elapsed, also, settings)
         if not args.keep_weights:
             print(f"seed {seed}: results written; {drop_weights(where) / 1e9:.1f} GB of weights and training "
                   f"states deleted (--keep-weights keeps them)")
