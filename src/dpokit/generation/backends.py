@@ -64,7 +64,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, 
       - a row leaves the batch, and its cache, once it samples a stop token;
       - a token is drawn by inverse CDF, one uniform number a row (`inverse_cdf`), where `torch.multinomial`
         draws one exponential per vocabulary entry: measured 168 ms a step of 128 rows × 49k tokens on a
-        2-core CPU, a fifth of `generate`'s whole loop. The draws are therefore not `generate`'s for a seed.
+        2-core CPU, 23% of `generate`'s whole call. The draws are therefore not `generate`'s for a seed.
     Temperature 0 is greedy; temperature and top-p are transformers' own warpers, applied in generate's order.
     A transformers streamer (one prompt) receives the prompt, then each token. `synced`: every process of a
     sharded (FSDP2) model runs a forward pass each step until all have finished, since the layers'
