@@ -147,7 +147,7 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch
     rows, vocab = probs.shape
     if vocab % block:
         probs = torch.nn.functional.pad(probs, (0, block - vocab % block))
-    blocks = probs.view(rows, -1, block)
+    blocks = probs.reshape(rows, -1, block)
     mass = blocks.sum(dim=-1, dtype=torch.float64)  # rows × blocks
     upto = mass.cumsum(dim=-1)
     target = u * upto[:, -1:]
