@@ -102,15 +102,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, 
     stops = torch.tensor(sorted(set(stop_ids)), device=device)
     for step in range(max_new_tokens):
         log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-        if temperature == 0:
-            sampled = logits.argmax(dim=-1)
-        else:
-            scores = logits / temperature if temperature != 1.0 else logits
-            if top_p_warper is not None:
-                scores = top_p_warper(None, scores)
-            probs = torch.softmax(scores, dim=-1) if scores is not logits else (logits - log_norm).exp()
-            sampled = inverse_cdf(probs, torch.rand((len(active), 1), generator=rng, device=device,
-                                                    dtype=torch.float64))
+        sampled = next_tokens(logits, log_norm, temperature=temperature, top_p_warper=top_p_warper, rng=rng)
         picked = (logits.gather(1, sampled[:, None]) - log_norm).squeeze(1).double()
         for k, token, lp in zip(active.tolist(), sampled.tolist(), picked.tolist()):
             tokens[k].append(token)
@@ -137,6 +129,20 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, 
         streamer.end()
     stop_set = set(stop_ids)
     return [Completion(tuple(t), bool(t) and t[-1] in stop_set, lp) for t, lp in zip(tokens, logps)]
+
+
+def next_tokens(logits: torch.Tensor, log_norm: torch.Tensor, *, temperature: float, top_p_warper,
+                rng: torch.Generator) -> torch.Tensor:
+    """One token a row: greedy at temperature 0, else drawn from the logits warped by temperature and
+    top-p (`log_norm`: their log-sum-exp, so that temperature 1 without top-p needs no second softmax)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    scores = logits / temperature if temperature != 1.0 else logits
+    if top_p_warper is not None:
+        scores = top_p_warper(None, scores)
+    probs = torch.softmax(scores, dim=-1) if scores is not logits else (logits - log_norm).exp()
+    u = torch.rand((len(logits), 1), generator=rng, device=logits.device, dtype=torch.float64)
+    return inverse_cdf(probs, u)
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch.Tensor:

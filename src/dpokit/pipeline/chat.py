@@ -102,15 +102,11 @@ def chat_loop(chat: Chat, lines: TextIO = sys.stdin, out: TextIO = sys.stdout, *
     return 0
 
 
-def generate_rows(sampler, prompts: list[Prompt], *, batch_prompts: int) -> list[dict]:
-    """Completions of every prompt, as `dpokit sample` rows without log-probs."""
-    rows = []
-    for start in range(0, len(prompts), batch_prompts):
-        chunk = prompts[start:start + batch_prompts]
-        encoded = [sampler.encode(p) for p in chunk]
-        drawn = sampler.sample_ids([ids for _, ids in encoded], first_index=start)
-        for k, ((stored, _), completions) in enumerate(zip(encoded, drawn)):
-            rows.append({"index": start + k, "prompt": stored, "completions": [sampler.decode(c.ids) for c in completions],
-                         "num_tokens": [len(c.ids) for c in completions],
-                         "finished": [c.finished for c in completions]})
-    return rows
+def generate_rows(sampler, prompts: list[Prompt]) -> list[dict]:
+    """Completions of every prompt, as `dpokit sample` rows without log-probs (the sampler batches them,
+    shortest prompts first)."""
+    encoded = [sampler.encode(p) for p in prompts]
+    drawn = sampler.sample_ids([ids for _, ids in encoded])
+    return [{"index": k, "prompt": stored, "completions": [sampler.decode(c.ids) for c in completions],
+             "num_tokens": [len(c.ids) for c in completions], "finished": [c.finished for c in completions]}
+            for k, ((stored, _), completions) in enumerate(zip(encoded, drawn))]

@@ -108,7 +108,7 @@ def generate(prompts: str | Path, settings: SamplingSettings, *, model: str = mo
     items = read_prompts(prompts)
     check_model(model)
     sampler = Sampler.load(model, settings, device=placement.device, dtype=placement.dtype)
-    rows = generate_rows(sampler, items, batch_prompts=max(1, settings.batch_size // settings.n))
+    rows = generate_rows(sampler, items)
     if out is not None:
         write_jsonl(out, rows)
         print(f"{sum(len(r['completions']) for r in rows)} completions for {len(rows)} prompts → {out}")
