@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from dpokit.data.layouts import Segments
 
@@ -77,4 +78,15 @@ def _flash_varlen(query, key, value, segments: Segments, dropout: float, scaling
     return out.unsqueeze(0)
 
 
+def segment_mask(*, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
+    """The mask transformers builds for this implementation: none for packed rows, which carry no padding
+    mask (each span's causality is the kernel's own), SDPA's for a padded batch, which the SDPA fallback
+    reads. Without it transformers builds no mask for an implementation it does not know, and the left
+    padding of a generation batch would be attended to."""
+    if attention_mask is None:
+        return None
+    return sdpa_mask(attention_mask=attention_mask, **kwargs)
+
+
 AttentionInterface.register(NAME, segment_attention)
+AttentionMaskInterface.register(NAME, segment_mask)

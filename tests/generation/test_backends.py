@@ -126,3 +126,21 @@ def test_recorded_log_probs_equal_the_trainers_own(tokenizer):
     bare = [[type(c)(c.ids, c.finished) for c in cs] for cs in per_prompt]
     assert sampler.completion_logps(prompts[:2], bare) == pytest.approx(
         sampler.completion_logps(prompts[:2], per_prompt), abs=1e-4)
+
+
+def test_a_policy_set_for_packed_layouts_samples_from_left_padded_prompts_as_the_plain_model(tokenizer):
+    """The training policy's attention is dpokit's segment kernel (packed layouts); generation's left padding
+    must still be masked: greedy tokens and recorded log-probs as the same weights with transformers' SDPA."""
+    import copy
+
+    from dpokit import models
+
+    plain = tiny_llama()
+    policy = copy.deepcopy(plain)
+    models.use_layout(policy, "prefix_shared")
+    prompts = [tokenizer.encode(t) for t in ("The movie was", "I think that the plot of this film", "No")]
+    for temperature in (0.0, 1.0):
+        kwargs = dict(temperature=temperature, top_p=1.0, max_new_tokens=8, stop_ids=[2], pad_id=2, seed=5)
+        ours, theirs = generate(policy, prompts, **kwargs), generate(plain, prompts, **kwargs)
+        assert [c.ids for c in ours] == [c.ids for c in theirs]
+        assert [c.logp for c in ours] == pytest.approx([c.logp for c in theirs], abs=1e-4)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
+import torch
 
 from dpokit.config_loader import load_config
 from dpokit.errors import ConfigError
@@ -26,6 +29,38 @@ def online_config(tmp_path, peaked_model_dir):
         return load_config(None, base + list(overrides))
 
     return make
+
+
+@pytest.mark.parametrize("layout", ["prefix_shared", "padded"])
+def test_one_reference_pass_gives_the_kl_and_the_pairs_reference_sums(online_config, peaked_model_dir, layout):
+    """`prepare` asks the reference once, over the step's samples: the pairs' π_ref sums the update reads are
+    the reference's own on the pair batch, and the KL (log π from the generation) is the policy's forward
+    pass's, after an update has moved the policy away from the reference."""
+    from dpokit import models
+    from dpokit.data.layouts import collate
+    from dpokit.distributed import Runtime
+    from dpokit.methods.online_dpo import OnlineDPO
+
+    cfg = online_config(f"train.layout={layout}")
+    method = OnlineDPO(cfg, Runtime(), models.load_tokenizer(peaked_model_dir))
+    policy = method.build(precision="fp32", autocast=contextlib.nullcontext, resume_from=None, echo=print)
+    with torch.no_grad():  # move the policy off the reference, so that the KL is not 0 by construction
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    drawn, generate = [], method.sampler.generate
+    method.sampler.generate = lambda *a, **k: drawn.extend(generate(*a, **k)) or drawn
+    stats = method.prepare(policy, list(range(4)), step=0)
+    assert method.pairs and method.pair_reference is not None
+    batch = collate(method.pairs, list(range(len(method.pairs))), layout, method.tokenizer.pad_token_id)
+    table, own = method.reference_logps(batch, "train"), method.reference.logps(batch, "train")
+    torch.testing.assert_close(table.chosen, own.chosen, atol=1e-4, rtol=0)
+    torch.testing.assert_close(table.rejected, own.rejected, atol=1e-4, rtol=0)
+    with torch.no_grad():
+        gap = policy(batch).chosen - own.chosen  # the chosen samples' log π − log π_ref
+    assert gap.abs().max() > 0.05
+    rows = [method.train_set[i] for i in range(4) for _ in range(4)]  # online.samples=4 a prompt
+    expected = (method._sample_logps(policy, rows, drawn) - method._sample_reference_logps(rows, drawn)).mean()
+    assert abs(stats["kl"]) > 0.01 and stats["kl"] == pytest.approx(expected.item(), abs=1e-4)
 
 
 @pytest.mark.slow  # 40 steps of sampling and training

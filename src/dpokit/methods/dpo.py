@@ -26,7 +26,7 @@ from dpokit.data.records import Problems, RowReader
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.distributed import Runtime
 from dpokit.errors import ConfigError, DataError
-from dpokit.logps import CompletionLogProbs
+from dpokit.logps import CompletionLogProbs, SequenceLogps
 from dpokit.methods.base import SITE, Method
 from dpokit.metrics import PAIR_SUMS, MeanOver, MicroBatch, pair_sums
 from dpokit.objectives.losses import build_objective, kto, kto_reference_point
@@ -115,10 +115,14 @@ class DPO(Method):
         logps = policy(batch)
         weights = None if self.weights is None else self.weights[split][ids].to(logps.chosen.device)
         if self.kto:
-            return self._kto(logps, self.reference.logps(batch, split), self.labels[split][ids], weights,
+            return self._kto(logps, self.reference_logps(batch, split), self.labels[split][ids], weights,
                              batch.num_tokens)
-        out = self.objective(logps, self.reference.logps(batch, split), weights)
+        out = self.objective(logps, self.reference_logps(batch, split), weights)
         return MicroBatch(out.losses, pair_sums(out, logps), batch.num_tokens)
+
+    def reference_logps(self, batch, split: str) -> SequenceLogps | None:
+        """π_ref's log-probs of the batch's pairs (None for a reference-free objective)."""
+        return self.reference.logps(batch, split)
 
     def _kto(self, logps, ref, labels, weights, tokens: int) -> MicroBatch:
         """KTO on completions (the `chosen` side) with their mismatched pairs (the `rejected` side)."""

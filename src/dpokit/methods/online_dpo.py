@@ -11,8 +11,9 @@ One loop step on `train.batch_size` prompts of `data.train` (a prompt file, as P
    `online.missing_eos_penalty` for a sample cut without EOS; each prompt's
    samples become pairs (`online.pairing`: best-vs-worst, or all pairs) by `generation.pairs`, which
    drops, and counts, ties, pairs under `online.margin`, empty and identical samples (TRL keeps ties).
-   The samples' KL to the reference, Σ_t (log π − log π_ref) on the sampled tokens as PPO logs it, is
-   measured on the way.
+   One reference pass over the samples gives their KL to the reference, Σ_t (log π − log π_ref) on the
+   sampled tokens as PPO logs it (log π from the generation itself), and the π_ref sums of the kept pairs,
+   which the update reads instead of asking the reference again.
 2. One optimizer update over the step's kept pairs with the configured pair objective (`objective.loss`,
    β, every option of the DPO family), against a reference frozen at the start or moved by TR-DPO
    (`reference.sync_every`): `methods.dpo.DPO`'s models, objective and reference, reused. A step that keeps
@@ -100,6 +101,7 @@ class OnlineDPO(DPO):
         self.reference: reference.Reference = reference.NoReference()
         self.policy = None
         self.pairs: list[TokenizedPair] = []
+        self.pair_reference: reference.Precomputed | None = None
 
     def build(self, *, precision: str, autocast, resume_from, echo):
         policy = super().build(precision=precision, autocast=autocast, resume_from=resume_from, echo=echo)
@@ -135,7 +137,7 @@ class OnlineDPO(DPO):
             raw = checked_scores(self.judge, [it.prompt for it in rows], texts)
         penalty = o.missing_eos_penalty or 0.0
         scores = [s - (penalty if not c.finished else 0.0) for s, c in zip(raw, samples)]
-        self.pairs, counts = [], PairCounts()
+        self.pairs, counts, sides = [], PairCounts(), []
         for k, it in enumerate(items):
             span = range(k * o.samples, (k + 1) * o.samples)
             chosen_rejected, c = preference_pairs([scores[i] for i in span], mode=o.pairing, margin=o.margin,
@@ -143,9 +145,15 @@ class OnlineDPO(DPO):
             counts.add(c)
             for a, b in chosen_rejected:
                 self.pairs.append(TokenizedPair(it.ids, samples[span[a]].ids, samples[span[b]].ids, it.source))
+                sides.append((span[a], span[b]))
+        ref = self._sample_reference_logps(rows, samples)
+        # the update reads the pairs' π_ref sums from this pass rather than a second one (LD-DPO's sums
+        # depend on the pair's two lengths, so it asks the reference itself)
+        self.pair_reference = (reference.Precomputed({"train": ref[torch.tensor(sides, dtype=torch.long)]})
+                               if ref is not None and sides and cfg.objective.ld_alpha is None else None)
         if not pairwise:  # a pairwise judge's win probabilities average ½ by construction: no reward to log
             metrics["reward"] = sum(raw) / len(raw)
-        metrics.update({"kl": self._kl(rows, samples),
+        metrics.update({"kl": self._kl(rows, samples, ref),
                         "eos_fraction": sum(c.finished for c in samples) / len(samples),
                         "completion_length": sum(len(c.ids) for c in samples) / len(samples),
                         "pairs_kept": float(counts.pairs), "beta": self.beta,
@@ -158,19 +166,43 @@ class OnlineDPO(DPO):
             self.beta = beta
             self.objective = build_objective(dataclasses.replace(self.cfg.objective, beta=beta))
 
-    def _kl(self, rows: list[PromptItem], samples) -> float:
-        """Mean over the samples of Σ_t (log π − log π_ref) on their tokens (PPO's `kl`); 0 without a reference."""
+    def _sample_reference_logps(self, rows: list[PromptItem], samples) -> torch.Tensor | None:
+        """[n] log π_ref of each sample, Σ over its tokens (one reference pass over the step's samples), or
+        None without a reference."""
         if isinstance(self.reference, reference.NoReference):
-            return 0.0
-        total, mb = 0.0, self.cfg.train.micro_batch_size
-        singles = [TokenizedPair(it.ids, c.ids, (), it.source) for it, c in zip(rows, samples)]
-        for s in range(0, len(singles), mb):
-            chunk = singles[s:s + mb]
-            batch = collate(chunk, list(range(s, s + len(chunk))), self.cfg.train.layout, self.pad_id)
-            batch = batch.to(self.rt.device)
+            return None
+        with reference.disabled_adapters(self.reference.module):
+            return self._sample_logps(self.reference.module, rows, samples)
+
+    @torch.no_grad()
+    def _sample_logps(self, module, rows: list[PromptItem], samples) -> torch.Tensor:
+        """[n] Σ_t log π(y_t | x, y_<t) of each sample under `module` (plain sums, whatever the objective weighs)."""
+        out, mb = [], self.cfg.train.micro_batch_size
+        for s in range(0, len(rows), mb):
+            chunk = [TokenizedPair(it.ids, c.ids, (), it.source) for it, c in zip(rows[s:s + mb], samples[s:s + mb])]
+            batch = collate(chunk, list(range(len(chunk))), self.cfg.train.layout, self.pad_id).to(self.rt.device)
             with self.autocast():
-                total += (self.policy(batch).chosen - self.reference.logps(batch, "train").chosen).double().sum().item()
-        return total / len(singles)
+                tokens = module.token_logps(batch).float()
+            sums = tokens.new_zeros(2 * batch.num_pairs).index_add(0, batch.target_seq, tokens)
+            out.append(sums[:batch.num_pairs].cpu())
+        return torch.cat(out)
+
+    def _kl(self, rows: list[PromptItem], samples, ref: torch.Tensor | None) -> float:
+        """Mean over the samples of Σ_t (log π − log π_ref) on their tokens (PPO's `kl`); 0 without a reference.
+        log π is the generation's own (temperature 1, no top-p) where the backend gives it."""
+        if ref is None:
+            return 0.0
+        if all(c.logp is not None for c in samples):
+            policy = torch.tensor([c.logp for c in samples], dtype=torch.float64)
+        else:
+            policy = self._sample_logps(self.policy, rows, samples).double()
+        return (policy - ref.double()).mean().item()
+
+    def reference_logps(self, batch, split: str):
+        """The step's pairs' π_ref sums from `prepare`'s pass over the samples, where it made them."""
+        if self.pair_reference is not None:
+            return self.pair_reference.logps(batch, split)
+        return super().reference_logps(batch, split)
 
     def updates(self, item_ids: list[int]) -> list[list[int]]:
         """One update over the step's kept pairs (none when every pair was dropped)."""
