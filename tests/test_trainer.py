@@ -129,6 +129,31 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_config, tmp_path, monk
     assert losses_a == pytest.approx(losses_b, abs=0)
 
 
+def test_a_resumed_lora_run_keeps_the_start_model_as_its_copied_reference(tiny_config, tmp_path, monkeypatch):
+    # with LoRA the start is the policy itself; resumed, it holds trained adapters, which π_ref must not
+    common = ("lora.enabled=true", "lora.r=4", "train.lr=5e-3", "reference.strategy=copy", "train.max_steps=4",
+              "checkpoint.every=2")
+    straight = read_metrics(train(tiny_config(*common, f"output.dir={tmp_path / 'straight'}")).run_dir)
+    cfg = tiny_config(*common, f"output.dir={tmp_path / 'interrupted'}")
+    real_step = Trainer.train_step
+
+    def step_then_stop(self, ids):
+        if self.step == 2:  # checkpoint 2 written: the resumed run starts from trained adapters
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, ids)
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_stop)
+    assert train(cfg).stopped_by_signal
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    resumed = read_metrics(train(cfg, resume=True).run_dir)
+    a, b = ([r for r in rows if "loss" in r] for rows in (straight, resumed))
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert abs(a[-1]["rewards/margins"]) > 1e-3  # the adapters moved the policy away from its start
+    for x, y in zip(a, b):
+        for key in METRICS:
+            assert y[key] == pytest.approx(x[key], abs=1e-5), (x["step"], key)
+
+
 def test_resume_refuses_a_changed_config(tiny_config, tmp_path):
     train(tiny_config("checkpoint.every=1", "train.max_steps=1"))
     with pytest.raises(ConfigError, match="objective.beta changed"):

@@ -187,8 +187,9 @@ class PPOSection:
     whiten_rewards: bool = opt(False, "dpokit ppo: whiten the KL-shaped per-token rewards of each batch before "
                                "GAE (TRL's whiten_rewards)")
     normalize_scores: bool = opt(True, "dpokit ppo: shift and scale the judge's scores to mean 0, std 1 on the "
-                                 "first batch, sampled from the start policy, for the whole run (the N+ details "
-                                 "normalise the reward model so on reference samples); false: scores as given")
+                                 "first batch, sampled from the start policy, for the whole run, so that β_KL and "
+                                 "ppo.missing_eos_penalty are in its std's units (the N+ details only shift the "
+                                 "reward model, to mean 0 on reference samples); false: scores as given")
 
 
 @dataclass
@@ -211,9 +212,9 @@ class OnlineSection:
     temperature: float = opt(1.0, "dpokit online: sampling temperature", min=0.0, min_exclusive=True)
     top_p: float = opt(1.0, "dpokit online: nucleus mass, 1 for off", min=0.0, min_exclusive=True, max=1.0)
     max_new_tokens: int = opt(53, "dpokit online: most tokens a sample", min=1)
-    missing_eos_penalty: float | None = opt(None, "dpokit online: subtracted from the score of a sample cut at "
-                                            "max_new_tokens without EOS (as ppo.missing_eos_penalty); null: none",
-                                            min=0.0)
+    missing_eos_penalty: float | None = opt(None, "dpokit online, iterate: subtracted from the score of a sample "
+                                            "cut at max_new_tokens without EOS before ranking (as "
+                                            "ppo.missing_eos_penalty); null: none", min=0.0)
     beta_schedule: list[float] = opt([], "dpokit online: β by step, [b0, ..., b(n-1)]: step s of T uses b(min(n-1, "
                                      "s*n // T)), so each value holds for an n-th of the run (TRL's per-epoch beta "
                                      "list, over steps); empty: objective.beta throughout")
@@ -224,8 +225,9 @@ class IterateSection:
     rounds: int = opt(3, "dpokit iterate: R, rounds of sample → judge → pairs → DPO, each from the latest policy "
                       "(RLHFlow's recipe: 3); the samples, the judge and the pairing are the online section's",
                       min=1)
-    reference: str = opt("start", "dpokit iterate: each round's reference, the start model (RLHFlow's default) or the "
-                         "previous round's policy", choices=("start", "previous"))
+    reference: str = opt("start", "dpokit iterate: each round's reference, the start model (Xiong et al.'s KL to the "
+                         "initial policy) or the previous round's policy (RLHFlow's run_loop.sh since 2024-10)",
+                         choices=("start", "previous"))
     prompts_per_round: int = opt(0, "dpokit iterate: P, prompts sampled a round: round r takes data.train's prompts "
                                  "(r-1)·P to r·P-1, wrapping at its end, so the rounds see different prompts "
                                  "(RLHFlow splits its prompt set by iteration); 0: every prompt every round", min=0)

@@ -58,6 +58,10 @@ class FrozenCopy(Reference):
 
     def __init__(self, start: CompletionLogProbs, dtype: torch.dtype | None = None, runtime: Runtime | None = None):
         self.module = copy.deepcopy(start)
+        if hasattr(self.module.model, "unload"):
+            # a LoRA start is the policy itself: π_ref is its base model, not its adapters (a resumed run's are
+            # trained)
+            self.module.model = self.module.model.unload()
         if dtype is not None:
             self.module.to(dtype)
         self.module.eval().requires_grad_(False)
@@ -86,9 +90,7 @@ class FollowingCopy(FrozenCopy):
     which no adapter of the policy's rank could hold, at the price of a full model beside the policy."""
 
     def __init__(self, start: CompletionLogProbs, dtype: torch.dtype | None, *, every: int, alpha: float):
-        super().__init__(start, dtype)
-        if hasattr(self.module.model, "merge_and_unload"):  # a LoRA start: its adapters merged into the copy
-            self.module.model = self.module.model.merge_and_unload()
+        super().__init__(start, dtype)  # a LoRA start's copy is its base model, which `follow` mixes toward the policy
         self.alpha = alpha
         self.name = f"copy following the policy (TR-DPO: α={alpha} every {every} steps)"
 

@@ -38,6 +38,19 @@ def test_seeds_are_summarised_by_their_mean_and_range():
     assert report.cell(dpo["at_kl"]["5"]["reward"]) == "0.500 [0.300, 0.700]"
 
 
+def test_a_limit_only_some_seeds_reach_and_seeds_that_chose_differently_are_shown():
+    def row(setting, reward):
+        return {"series": "PPO", "setting": setting, "tried": ["β_KL 0.05", "β_KL 0.2"], "final_kl": 3.0,
+                "seconds": 10.0, "at_kl": {"2": None if reward is None else {"reward": reward, "kl": 1.5, "afinn": 1.0},
+                                           "5": None, "10": None}}
+
+    (ppo,) = report.aggregate([[row("β_KL 0.2", 0.3)], [row("β_KL 0.05", None)], [row("β_KL 0.2", 0.5)]])
+    assert report.cell(ppo["at_kl"]["2"]["reward"], seeds=ppo["seeds"]) == "0.400 [0.300, 0.500] (2 of 3 seeds)"
+    assert report.cell(ppo["final_kl"], 2, seeds=ppo["seeds"]) == "3.00"  # every seed has one
+    assert report.chosen_cell(ppo) == "2: β_KL 0.2 (seeds 0, 2); β_KL 0.05 (seed 1)"
+    assert report.chosen_cell(report.aggregate([[row("β_KL 0.2", 0.3)]])[0]) == "2: β_KL 0.2"
+
+
 def test_compute_is_charged_to_each_method():
     planned = [Run("DPO", "dpo-a", "train", "c", ()), Run("DPO", "dpo-b", "train", "c", ()),
                Run("PPO", "ppo-3", "ppo", "c", (), reward="model"),

@@ -117,3 +117,26 @@ def test_label_with_every_candidate_dropped_is_an_error_and_keeps_the_scores(tmp
         "tie: 1); a pair needs two different, non-empty completions of one prompt with different scores\n")
     assert not out.exists() and not (tmp_path / "pairs.jsonl.meta.json").exists()
     assert [json.loads(line)["scores"] for line in scored.read_text().splitlines()] == [[1.0, 1.0], [1.0, 2.0]]
+
+
+def test_a_missing_eos_penalty_ranks_a_cut_completion_below_a_finished_one(tmp_path, capsys):
+    import json
+
+    from dpokit.cli import main
+    from dpokit.errors import DataError
+
+    rows = [{"prompt": "x", "completions": ["cut off", "ended.", "low"], "scores": [0.9, 0.6, 0.1],
+             "finished": [False, True, True]}]
+    samples = write_jsonl(tmp_path / "s.jsonl", rows)
+    out, scored = tmp_path / "pairs.jsonl", tmp_path / "scored.jsonl"
+    assert main(["label", str(samples), "--out", str(out), "--mode", "best-vs-worst", "--scored-out", str(scored),
+                 "--missing-eos-penalty", "1.0"]) == 0
+    (pair,) = [json.loads(line) for line in out.read_text().splitlines()]
+    # 0.9 - 1.0 ranks the cut completion worst; without the penalty it would be the chosen one
+    assert (pair["chosen"], pair["rejected"]) == ("ended.", "cut off")
+    assert pair["score_rejected"] == pytest.approx(-0.1)
+    assert json.loads(scored.read_text())["scores"] == [0.9, 0.6, 0.1]  # the judge's own scores kept
+    capsys.readouterr()
+    unflagged = write_jsonl(tmp_path / "u.jsonl", [{k: v for k, v in rows[0].items() if k != "finished"}])
+    with pytest.raises(DataError, match="u.jsonl:1: a missing-EOS penalty needs the row's 'finished' flags"):
+        label_file(unflagged, tmp_path / "q.jsonl", None, missing_eos_penalty=1.0)

@@ -127,6 +127,8 @@ def test_dpokit_ppo_command_and_its_checks(ppo_config, tmp_path, capsys):
     assert "dpokit ppo needs a reward" in capsys.readouterr().err
     assert main(["ppo", str(path), "ppo.minibatch_size=5", "output.overwrite=true"]) == 2
     assert "ppo.minibatch_size (5) must divide train.batch_size (16)" in capsys.readouterr().err
+    assert main(["ppo", str(path), "lora.enabled=true", "lora.dropout=0.1", "output.overwrite=true"]) == 2
+    assert "lora.dropout=0.1: PPO's ratio" in capsys.readouterr().err
 
 
 def test_a_judge_that_fails_at_start_leaves_nothing_behind(ppo_config, tmp_path):

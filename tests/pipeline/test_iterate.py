@@ -91,3 +91,21 @@ def test_each_round_samples_its_own_slice_of_the_prompts_wrapping_at_the_end(ite
     every = (PROMPTS * 8)
     assert seen[0] == every[:12] and seen[1] == every[12:24] and seen[2] == every[24:] + every[:4]
     assert round_prompts(iterate_config(), 1, tmp_path) == str(tmp_path / "prompts.jsonl")  # 0: all of data.train
+
+
+def test_a_missing_eos_penalty_lowers_the_cut_samples_scores_before_pairing(iterate_config, monkeypatch):
+    import dpokit.trainer
+    from dpokit.generation.jsonl import read_jsonl
+
+    monkeypatch.setattr(dpokit.trainer, "train", lambda *a, **k: None)  # the round's labelling is what is tested
+    cfg = iterate_config("iterate.rounds=1", "online.missing_eos_penalty=100", "online.pairing=all-pairs")
+    (r,) = iterate(cfg)
+    scored = {(row["prompt"], text): (score, done) for row in read_jsonl(r.run_dir / "scored.jsonl")
+              for text, score, done in zip(row["completions"], row["scores"], row["finished"])}
+    assert not all(done for _, done in scored.values())  # 8 tokens: samples are cut
+    pairs = read_jsonl(r.run_dir / "pairs.jsonl")
+    assert pairs
+    for p in pairs:
+        for side in ("chosen", "rejected"):
+            score, done = scored[(p["prompt"], p[side])]
+            assert p[f"score_{side}"] == pytest.approx(score if done else score - 100)

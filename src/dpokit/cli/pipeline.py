@@ -94,12 +94,18 @@ def add_label(sub) -> argparse.ArgumentParser:
     _add_judge(p, required=False)
     add_arguments(p, PairingSettings)
     p.add_argument("--scored-out", default=None, help="also write the samples with their scores to this JSONL")
+    p.add_argument("--missing-eos-penalty", type=float, default=0.0,
+                   help="subtracted from the score of a completion cut at the sampler's token budget (no EOS) "
+                        "before pairing, as online.missing_eos_penalty (default 0: none)")
     return p
 
 
 def label_command(args: argparse.Namespace) -> int:
     pairing = from_arguments(PairingSettings, args).check()  # before a judge loads
-    return commands.label(args.samples, args.out, _judge(args), pairing, scored_out=args.scored_out)
+    if args.missing_eos_penalty < 0:
+        raise ConfigError(f"--missing-eos-penalty must be >= 0, got {args.missing_eos_penalty}")
+    return commands.label(args.samples, args.out, _judge(args), pairing, scored_out=args.scored_out,
+                          missing_eos_penalty=args.missing_eos_penalty)
 
 
 # ------------------------------------------------------------------------------------------ evaluate

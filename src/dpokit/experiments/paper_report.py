@@ -81,12 +81,28 @@ def aggregate(per_seed: list[list[dict]], also: tuple[str, ...] = (SECOND_JUDGE,
     return out
 
 
-def cell(s: dict | None, digits: int = 3) -> str:
+def cell(s: dict | None, digits: int = 3, seeds: int | None = None) -> str:
+    """A spread as `mean [min, max]`, with `(n of N seeds)` where only n of the row's N seeds have a value."""
     if s is None:
         return "—"
     if s["n"] == 1 or s["min"] == s["max"]:
-        return f"{s['mean']:.{digits}f}"
-    return f"{s['mean']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
+        text = f"{s['mean']:.{digits}f}"
+    else:
+        text = f"{s['mean']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
+    return text if seeds is None or s["n"] == seeds else f"{text} ({s['n']} of {seeds} seeds)"
+
+
+def chosen_cell(row: dict) -> str:
+    """How many configurations were tried and the one chosen, with the seeds that chose each where they differ."""
+    if not row["tried"]:
+        return "—"
+    seeds_of: dict[str, list[str]] = {}
+    for seed, setting in enumerate(row.get("settings_chosen") or [row["setting"]]):
+        seeds_of.setdefault(setting, []).append(str(seed))
+    if len(seeds_of) == 1:
+        return f"{len(row['tried'])}: {next(iter(seeds_of))}"
+    return f"{len(row['tried'])}: " + "; ".join(f"{s} (seed{'s' if len(k) > 1 else ''} {', '.join(k)})"
+                                                for s, k in seeds_of.items())
 
 
 def print_table(rows: list[dict], title: str, reference: dict, also: tuple[str, ...] = (SECOND_JUDGE,)) -> None:
@@ -100,12 +116,11 @@ def print_table(rows: list[dict], title: str, reference: dict, also: tuple[str, 
         table.add_column(col, justify="left" if col.startswith(("method", "config")) else "right")
     last = f"{KL_BINS[-1]:g}"
     for r in rows:
-        tried = f"{len(r['tried'])}: {r['setting']}" if r["tried"] else "—"
-        cells = []
+        n, cells = r["seeds"], []
         for k in (f"{b:g}" for b in KL_BINS):
             c = r["at_kl"][k]
-            cells.append("—" if c["reward"] is None else f"{cell(c['reward'])} (KL {c['kl']['mean']:.1f})")
-        table.add_row(r["series"], tried, *cells, *(cell(r["at_kl"][last][j]) for j in also),
+            cells.append("—" if c["reward"] is None else f"{cell(c['reward'], seeds=n)} (KL {c['kl']['mean']:.1f})")
+        table.add_row(r["series"], chosen_cell(r), *cells, *(cell(r["at_kl"][last][j], seeds=n) for j in also),
                       cell(r["final_kl"], 2), cell(r["seconds"], 0))
     console = Console(width=220)
     console.print(table)

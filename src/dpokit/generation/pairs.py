@@ -114,9 +114,12 @@ class LabelSummary:
 
 
 def label_file(samples: str | Path, out: str | Path, judge=None, *, mode: str = "all-pairs", margin: float = 0.0,
-               scored_out: str | Path | None = None, batch_size: int = 256) -> LabelSummary:
+               scored_out: str | Path | None = None, batch_size: int = 256,
+               missing_eos_penalty: float = 0.0) -> LabelSummary:
     """Score the completions of a `dpokit sample` file with `judge` (or use the `scores` its rows already
-    hold when `judge` is None) and write the preference pairs to `out`."""
+    hold when `judge` is None) and write the preference pairs to `out`. A completion the sampler cut at its
+    token budget (`finished` false) ranks by its score less `missing_eos_penalty` (online DPO's and PPO's EOS
+    trick); `scored_out` keeps the judge's own scores."""
     from dpokit.generation.judges import score_rows
 
     rows = read_jsonl(samples)
@@ -138,6 +141,9 @@ def label_file(samples: str | Path, out: str | Path, judge=None, *, mode: str = 
     if scored_out is not None:  # first: the judge's work is kept even when no pair comes of it
         write_jsonl(scored_out, [{**r, "scores": s, "judge": getattr(judge, "name", r.get("judge"))}
                                  for r, s in zip(rows, scores)])
+    if missing_eos_penalty:
+        scores = [penalize_unfinished(r, s, missing_eos_penalty, f"{samples}:{i}") for i, (r, s) in
+                  enumerate(zip(rows, scores), 1)]
     pairs, counts = label_rows(rows, scores, mode=mode, margin=margin)
     if not pairs:
         hint = f" (--margin {margin:g} or less)" if counts.dropped["below_margin"] else ""
@@ -149,3 +155,12 @@ def label_file(samples: str | Path, out: str | Path, judge=None, *, mode: str = 
     write_meta(out, meta)
     flat = [s for row in scores for s in row]
     return LabelSummary(Path(out), counts, sum(flat) / max(1, len(flat)))
+
+
+def penalize_unfinished(row: dict, scores: list[float], penalty: float, where: str) -> list[float]:
+    """`scores` less `penalty` for each completion of the sample row that did not finish (no stop token)."""
+    finished = row.get("finished")
+    if not isinstance(finished, list) or len(finished) != len(scores):
+        raise DataError(f"{where}: a missing-EOS penalty needs the row's 'finished' flags (one a completion, "
+                        "as `dpokit sample` writes them)")
+    return [s if done else s - penalty for s, done in zip(scores, finished)]

@@ -144,8 +144,9 @@ class DPO(Method):
     # ------------------------------------------------------------------- TR-DPO: the reference follows
 
     def prepare(self, policy, item_ids: list[int], step: int) -> dict:
-        """Before step `step` (0-based, `step` updates done): every τ = reference.sync_every updates the
-        reference moves toward the policy (TRL does it at the end of the τ-th step: the same weights)."""
+        """Before step `step` (0-based, `step` steps done): every τ = reference.sync_every steps the reference
+        moves toward the policy (TRL does it at the end of the τ-th step: the same weights). A step is the
+        loop's, so one that made no update (online DPO keeping no pair, a skipped non-finite update) counts."""
         every = self.cfg.reference.sync_every
         if every and step and step % every == 0:
             self.reference.follow(self.policy)

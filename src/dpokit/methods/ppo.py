@@ -127,6 +127,11 @@ class PPO(Method):
         if cfg.reference.strategy not in ("auto", "copy", "adapters"):
             raise ConfigError(f"reference.strategy={cfg.reference.strategy} does not apply to PPO: its rollouts are "
                               "new every step; use auto, copy or adapters (LoRA)")
+        if cfg.lora.enabled and cfg.lora.dropout:
+            # the rollouts' log-probs come from the eval-mode policy, the updates' from the train-mode one: the
+            # ratio would not start at 1 (dropout elsewhere is off; TRL turns LoRA's off too)
+            raise ConfigError(f"lora.dropout={cfg.lora.dropout}: PPO's ratio compares the rollouts' log-probs "
+                              "(no dropout) with the updates'; set lora.dropout=0")
         if p.minibatch_size and t.batch_size % p.minibatch_size:
             raise ConfigError(f"ppo.minibatch_size ({p.minibatch_size}) must divide train.batch_size "
                               f"({t.batch_size})")

@@ -67,8 +67,9 @@ def sample(prompts: str | Path, out: str | Path, settings: SamplingSettings, *, 
 
 
 def label(samples: str | Path, out: str | Path, judge, pairing: PairingSettings, *,
-          scored_out: str | Path | None = None) -> int:
-    s = pairs.label_file(samples, out, judge, mode=pairing.mode, margin=pairing.margin, scored_out=scored_out)
+          scored_out: str | Path | None = None, missing_eos_penalty: float = 0.0) -> int:
+    s = pairs.label_file(samples, out, judge, mode=pairing.mode, margin=pairing.margin, scored_out=scored_out,
+                         missing_eos_penalty=missing_eos_penalty)
     print(f"{s.counts.summary()} → {s.pairs_path}; mean score {s.mean_score:.3f}")
     return 0
 

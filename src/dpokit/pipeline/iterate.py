@@ -4,8 +4,9 @@ round a run directory `<output.dir>/round-R` made of the commands' own steps:
     sample   `online.samples` = K completions of every prompt of `data.train` (or of the round's
              `iterate.prompts_per_round` of them) from the latest policy (the start model in round 1),
              `online.temperature`, `online.top_p`, `online.max_new_tokens`
-    label    the judge (`online.judge`, ...) scores them; best-vs-worst pairs, or all pairs over
-             `online.margin` (`online.pairing`); ties and near-ties dropped and counted
+    label    the judge (`online.judge`, ...) scores them, less `online.missing_eos_penalty` for a sample cut
+             without EOS; best-vs-worst pairs, or all pairs over `online.margin` (`online.pairing`); ties and
+             near-ties dropped and counted
     train    DPO (every `objective` and `train` setting) on those pairs for `train.epochs`, from the latest
              policy, against the start model or the previous round's policy (`iterate.reference`)
 
@@ -93,7 +94,8 @@ def iterate(cfg: Config, *, resume: bool = False, echo=print) -> list[Round]:
                         run_dir.mkdir(parents=True, exist_ok=True)
                         sample_file(policy, round_prompts(cfg, r, run_dir), run_dir / SAMPLES, settings)
                         summary = label_file(run_dir / SAMPLES, run_dir / PAIRS, judge, mode=o.pairing,
-                                             margin=o.margin, scored_out=run_dir / SCORED)
+                                             margin=o.margin, scored_out=run_dir / SCORED,
+                                             missing_eos_penalty=o.missing_eos_penalty or 0.0)
                         echo(f"[round {r}/{cfg.iterate.rounds}] {summary.counts.summary()}; train DPO against "
                              f"{reference}")
                     except BaseException as e:  # the others are told, not left waiting
