@@ -70,6 +70,10 @@ def unsafe_calls(source: str, filename: str = "<src>") -> list[str]:
             where(call, "np.load(allow_pickle=True)")
         if _is_true(_kw(call, "trust_remote_code")):
             where(call, "trust_remote_code=True")
+        # transformers falls back to a pickled pytorch_model.bin unless told not to (a GGUF file is no pickle)
+        if (name.endswith(".from_pretrained") and name.split(".")[-2].startswith("AutoModel")
+                and not _is_true(_kw(call, "use_safetensors")) and _kw(call, "gguf_file") is None):
+            where(call, f"{name} without use_safetensors=True")
     return found
 
 
@@ -77,11 +81,13 @@ def test_the_checker_finds_what_it_looks_for():
     bad = ("import pickle\nimport torch, yaml\nfrom torch import load\n"
            "torch.load(f)\ntorch.load(f, weights_only=False)\neval(text)\nexec(text)\n"
            "yaml.load(text)\nyaml.load(text, Loader=yaml.Loader)\nyaml.unsafe_load(text)\n"
-           "AutoModel.from_pretrained(p, trust_remote_code=True)\nnp.load(f, allow_pickle=True)\n")
-    assert [int(f.split(":")[1]) for f in unsafe_calls(bad)] == [1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]  # not line 2
+           "AutoModel.from_pretrained(p, trust_remote_code=True, use_safetensors=True)\nnp.load(f, allow_pickle=True)\n"
+           "AutoModelForSequenceClassification.from_pretrained(p)\n")
+    assert [int(f.split(":")[1]) for f in unsafe_calls(bad)] == [1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]  # not 2
     good = ("import torch, yaml\ntorch.load(f, map_location='cpu', weights_only=True)\nmodel.eval()\n"
             "yaml.safe_load(text)\nyaml.load(text, Loader=yaml.SafeLoader)\n"
-            "AutoModel.from_pretrained(p, trust_remote_code=cfg.model.trust_remote_code)\n"
+            "AutoModel.from_pretrained(p, trust_remote_code=cfg.model.trust_remote_code, use_safetensors=True)\n"
+            "AutoModelForCausalLM.from_pretrained(d, gguf_file=name)\n"
             "__import__('dpokit.validate', fromlist=['x'])\n")
     assert unsafe_calls(good) == []
 

@@ -154,6 +154,32 @@ def test_a_resumed_lora_run_keeps_the_start_model_as_its_copied_reference(tiny_c
             assert y[key] == pytest.approx(x[key], abs=1e-5), (x["step"], key)
 
 
+def test_a_signal_during_the_final_evaluation_keeps_the_steps_and_resume_exports(tiny_config, pairs_file,
+                                                                                  monkeypatch):
+    from dpokit.rundir import RunDir
+
+    cfg = tiny_config("train.max_steps=3", "checkpoint.every=0", f"data.eval={pairs_file}")
+    real_evaluate = Trainer.evaluate
+
+    def evaluate_then_signal(self):
+        out = real_evaluate(self)
+        if self.step == self.total_steps:  # the final evaluation: the run's handler, not the default, gets it
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate_then_signal)
+    stopped = train(cfg)
+    assert stopped.stopped_by_signal and stopped.steps == 3 and stopped.model_dir is None
+    monkeypatch.setattr(Trainer, "evaluate", real_evaluate)
+    resumed = train(cfg, resume=True)  # from the checkpoint written at the stop (checkpoint.every=0 writes none)
+    assert resumed.steps == 3 and resumed.model_dir is not None
+    assert RunDir(resumed.run_dir).finished_step() == 3  # the export records its step, though no step ran
+    rows = read_metrics(resumed.run_dir)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in rows if "eval/loss" in r] == [0, 3]  # the interrupted evaluation is not logged
+    assert train(cfg, resume=True).already_finished
+
+
 def test_resume_refuses_a_changed_config(tiny_config, tmp_path):
     train(tiny_config("checkpoint.every=1", "train.max_steps=1"))
     with pytest.raises(ConfigError, match="objective.beta changed"):

@@ -15,7 +15,7 @@ import torch
 
 from dpokit.logps import SequenceLogps
 from dpokit.objectives.losses import ObjectiveOutput
-from dpokit.storage import disk_errors, json_text
+from dpokit.storage import disk_errors, json_text, text_lines
 
 # DPO's metrics: summed per pair, then divided by the pair count
 PAIR_SUMS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -161,14 +161,26 @@ def _short(row: dict) -> str:
 
 
 def _truncate_after(path: Path, step: int) -> None:
-    """On resume, drop rows logged after the checkpoint: they will be logged again."""
+    """On resume, drop rows logged after the checkpoint: they will be logged again. A last row cut short by
+    the kill is dropped too; the file is replaced whole, so a second kill leaves the old one or the new."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    lines = [line for line in text_lines(path.read_text(encoding="utf-8")) if line.strip()]
+    kept = []
+    for i, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines):  # the write the kill interrupted
+                break
+            raise
+        if row.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in text_lines(path.read_text(encoding="utf-8")) if line.strip()]

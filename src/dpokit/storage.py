@@ -26,6 +26,16 @@ def json_text(value, **kwargs) -> str:
     return json.dumps(_finite(value), allow_nan=False, **kwargs)
 
 
+def text_lines(text: str) -> list[str]:
+    """The lines of a JSONL or text file, split at newlines only (a trailing \r dropped): `str.splitlines`
+    also splits at U+2028, U+2029 and U+0085, which the JSON dpokit writes with `ensure_ascii=False` (samples,
+    pairs) holds raw inside its strings, and a row cut there is not JSON."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def _finite(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None

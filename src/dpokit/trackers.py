@@ -89,7 +89,8 @@ class TensorBoard:
     def __init__(self, run_dir: Path, *, resume_step: int = 0, **_):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None)
+        # hides the events of the steps after the checkpoint, logged again; the checkpoint's own step stays
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
 
     def start(self, config: dict, files: list[Path]) -> None:
         self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)

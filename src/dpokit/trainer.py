@@ -177,7 +177,7 @@ class Trainer:
         t = self.cfg.train
         if self.start.finished_step is not None:
             self._echo(f"{self.run_dir} finished at step {self.start.finished_step} of {self.total_steps}: nothing "
-                       "left to do (raise train.max_steps or train.epochs to continue it)")
+                       "left to do (raise train.max_steps to continue it)")
             return TrainResult(self.run_dir, self.run_dir / "model", self.start.finished_step, already_finished=True)
         self.writer.echo(self._banner())
         result = TrainResult(self.run_dir, None, self.step)
@@ -187,8 +187,10 @@ class Trainer:
             self.writer.log({"step": 0, "epoch": 0.0, **result.eval_before}, prefix="eval/")
         if self.step == 0:
             self.log_samples()
-        row: dict = {}
-        with StopSignals() as stop:
+        # a resumed run whose steps were all done (stopped during its final evaluation) exports at its step
+        row: dict = {"step": self.step, "epoch": self.step / self.steps_per_epoch}
+        every = self.cfg.checkpoint.every
+        with StopSignals() as stop:  # to the end: a signal during the final evaluation or export kills nothing
             while self.step < self.total_steps and not result.stopped_by_signal:
                 row = self.train_step(self._step_items(self.step))
                 self.step += 1
@@ -200,18 +202,24 @@ class Trainer:
                 if t.sample_every and (self.step % t.sample_every == 0 or self.step == self.total_steps):
                     self.log_samples()
                 result.stopped_by_signal = self._agree(stop.requested)
-                if result.stopped_by_signal or (self.cfg.checkpoint.every and self.step % self.cfg.checkpoint.every == 0):
+                if result.stopped_by_signal or (every and self.step % every == 0):
                     self.save_checkpoint()
-        result.steps, result.last_train, result.nonfinite_steps = self.step, row, self.nonfinite
+            result.steps, result.last_train, result.nonfinite_steps = self.step, row, self.nonfinite
+            if not result.stopped_by_signal and has_eval:
+                result.eval_after = self.evaluate()
+                # stopped during it: the steps are kept in a checkpoint, and --resume evaluates and exports
+                result.stopped_by_signal = self._agree(stop.requested)
+                if result.stopped_by_signal and not (every and self.step % every == 0):
+                    self.save_checkpoint()
+                if not result.stopped_by_signal:
+                    self.writer.log({"step": self.step, "epoch": self.step / self.steps_per_epoch,
+                                     **result.eval_after}, prefix="eval/")
+            if not result.stopped_by_signal:  # a signal during the export lets it finish: the run is then done
+                result.model_dir = self._export({**row, **{f"eval/{k}": v for k, v in result.eval_after.items()}})
         if result.stopped_by_signal:
             self.writer.echo(f"stopped by {stop.signal_name} at step {self.step}; checkpoint written, continue with "
                              "--resume")
             return result
-        if has_eval:
-            result.eval_after = self.evaluate()
-            self.writer.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, **result.eval_after},
-                            prefix="eval/")
-        result.model_dir = self._export({**row, **{f"eval/{k}": v for k, v in result.eval_after.items()}})
         self.writer.finish(result.model_dir)
         return result
 

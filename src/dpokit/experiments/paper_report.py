@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dpokit.experiments.paper_runs import JUDGE, KL_BINS, SECOND_JUDGE, Run
 from dpokit.pipeline.frontier import BEST_OF_SERIES
-from dpokit.storage import json_text
+from dpokit.storage import json_text, text_lines
 
 
 def charged_seconds(planned: list[Run], timings: dict[str, float], evaluations: list[dict]) -> dict[str, float]:
@@ -171,7 +171,7 @@ def ppo_curves(out: Path, planned: list[Run]) -> Path | None:
     for run in planned:
         path = out / "runs" / run.name / "metrics.jsonl"
         if run.trainer in ("ppo", "online") and path.is_file():
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            rows = [json.loads(line) for line in text_lines(path.read_text(encoding="utf-8")) if line.strip()]
             curves[run.name] = [r for r in rows if "reward" in r and "kl" in r]
     if not curves:
         return None

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dpokit.errors import DataError
-from dpokit.storage import json_text
+from dpokit.storage import json_text, text_lines
 
 
 def read_utf8(path: Path) -> str:
@@ -27,7 +27,7 @@ def read_jsonl(path: str | Path, *, allow_partial_tail: bool = False) -> list[di
     """All rows of a JSONL file. With `allow_partial_tail`, an unparsable last line (a write cut short by a
     kill) is ignored; anywhere else a bad line is an error naming the file and line."""
     path = Path(path)
-    lines = read_utf8(path).splitlines()
+    lines = text_lines(read_utf8(path))
     rows = []
     for i, line in enumerate(lines, 1):
         if not line.strip():

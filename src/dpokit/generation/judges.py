@@ -127,8 +127,10 @@ class SequenceClassifier:
         local = local_files_only(src, revision)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(src.path, revision=revision, local_files_only=local)
+            # safetensors only, as every model dpokit loads: a .bin checkpoint is a pickle
             self.model = AutoModelForSequenceClassification.from_pretrained(src.path, revision=revision,
-                                                                            local_files_only=local)
+                                                                            local_files_only=local,
+                                                                            use_safetensors=True)
         except (OSError, ValueError) as e:
             raise DpokitError(f"cannot load judge model {model!r}: {str(e).splitlines()[0]}") from None
         if self.tokenizer.pad_token is None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from dpokit.data.records import ROLES
 from dpokit.errors import DataError
 from dpokit.generation.jsonl import read_utf8
+from dpokit.storage import text_lines
 
 Prompt = str | list[dict[str, str]]
 TEMPLATES = ("auto", "chat", "none")
@@ -31,7 +32,7 @@ def read_prompts(path: str | Path) -> list[Prompt]:
         raise DataError(f"prompt file not found: {path}")
     text = read_utf8(path)
     if path.suffix == ".txt":
-        prompts: list[Prompt] = [line for line in text.splitlines() if line.strip()]
+        prompts: list[Prompt] = [line for line in text_lines(text) if line.strip()]
     elif path.suffix in (".jsonl", ".json"):
         if path.suffix == ".json":
             try:
@@ -43,7 +44,7 @@ def read_prompts(path: str | Path) -> list[Prompt]:
             where = [f"{path}[{i}]" for i in range(len(rows))]
         else:
             rows, where = [], []
-            for i, line in enumerate(text.splitlines(), 1):
+            for i, line in enumerate(text_lines(text), 1):
                 if line.strip():
                     try:
                         rows.append(json.loads(line))
