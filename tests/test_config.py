@@ -86,6 +86,12 @@ OVERRIDE_ERRORS = [
      "reference.sync_every (TR-DPO) is not implemented for sharded weights; use distributed.strategy=ddp"),
     (["reference.sync_every=4", "reference.name=./other-model"],
      "reference.sync_every (TR-DPO) moves the policy's starting weights toward it; it does not take a reference.name"),
+    (["objective.ld_alpha=0.5", "objective.nll_weight=1"],
+     "objective.ld_alpha (LD-DPO) weighs the log-ratios of DPO's family; objective.nll_weight reads plain token "
+     "means, which it would reweigh: drop one of them"),
+    (["objective.loss=simpo", "reference.strategy=none", "objective.ld_alpha=0.5"],
+     "objective.ld_alpha (LD-DPO) weighs the log-ratios of DPO's family; objective.loss=simpo reads plain token "
+     "means, which it would reweigh: drop one of them"),
     (["objective.loss=kto", "objective.loss_weights=[2]"],
      "objective.loss=kto takes no ld_alpha, wpo, nll_weight or loss_weights (they are defined on pairs); "
      "kto_desirable_weight and kto_undesirable_weight weigh its completions"),

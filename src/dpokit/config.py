@@ -104,7 +104,8 @@ class ObjectiveSection:
     f_divergence: str = opt("reverse_kl", "f-DPO (Wang et al. 2023): the divergence to the reference, reverse_kl being "
                             "DPO's; for the losses of the log-ratio difference (" + ", ".join(F_DIVERGENCE) + ")",
                             choices=("reverse_kl", "forward_kl", "js", "alpha"))
-    f_alpha: float = opt(0.5, "α of f_divergence=alpha, f'(u) = (u^(α-1) - 1)/(α-1) (TRL's f_alpha_divergence_coef)",
+    f_alpha: float = opt(0.5, "α of f_divergence=alpha, f'(u) = (u^(α-1) - 1)/(α-1) (TRL's f_alpha_divergence_coef; "
+                         "Wang et al.'s Table 1 writes (1 - u^(-α))/α: their α is 1 - this one)",
                          min=0.0, min_exclusive=True)
     ld_alpha: float | None = opt(None, "LD-DPO (Liu et al. 2024): weight of the log-probs of tokens past the shorter "
                                  "completion's length, in policy and reference alike (0: ignore them, 1: plain "
@@ -473,6 +474,14 @@ def _check_objective(cfg: Config) -> None:
         sorting = names_where(lambda i: not i.pair_weights)
         sorting = ", ".join(sorting[:-1]) + " and " + sorting[-1]
         raise ConfigError(f"objective.wpo weights pairs, which {sorting} sort apart")
+    if o.ld_alpha is not None and not single:
+        # LD-DPO reweighs the sums every objective reads; it is defined on DPO's log-ratios, where the
+        # NLL term and the reference-free losses' token means must stay plain
+        plain = [n for n in names if n in ("simpo", "orpo", "unlikelihood")]
+        if plain or o.nll_weight:
+            what = f"objective.loss={plain[0]}" if plain else "objective.nll_weight"
+            raise ConfigError(f"objective.ld_alpha (LD-DPO) weighs the log-ratios of DPO's family; {what} reads "
+                              "plain token means, which it would reweigh: drop one of them")
     if single and (o.ld_alpha is not None or o.wpo or o.nll_weight or o.loss_weights):
         raise ConfigError(f"objective.loss={single[0]} takes no ld_alpha, wpo, nll_weight or loss_weights (they are "
                           "defined on pairs); kto_desirable_weight and kto_undesirable_weight weigh its completions")

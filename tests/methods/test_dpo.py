@@ -115,11 +115,11 @@ def test_objectives_from_the_command_line(tiny_config, tmp_path):
     config_file = tmp_path / "run.yaml"
     config_file.write_text(json.dumps({k: v for k, v in cfg.to_dict().items()}))
     out = subprocess.run([sys.executable, "-m", "dpokit", "train", str(config_file),
-                          "objective.loss=[sigmoid, orpo, dpop]", "objective.loss_weights=[1, 0.5, 0.25]",
+                          "objective.loss=[sigmoid, hinge, dpop]", "objective.loss_weights=[1, 0.5, 0.25]",
                           "objective.ld_alpha=0.5", "objective.wpo=true", f"output.dir={tmp_path / 'cli'}"],
                          capture_output=True, text=True, env={"TQDM_DISABLE": "1", **__import__("os").environ})
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "sigmoid+orpo+dpop" in out.stdout
+    assert "sigmoid+hinge+dpop" in out.stdout
     assert len([r for r in read_metrics(tmp_path / "cli") if "loss" in r]) == 2
     helped = subprocess.run([sys.executable, "-m", "dpokit", "train", "--help"], capture_output=True, text=True)
     for key in ("loss_weights", "discopop_tau", "dpop_lambda", "orpo_lambda", "kto_desirable_weight", "f_divergence",

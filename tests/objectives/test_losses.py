@@ -222,7 +222,8 @@ def test_kto_desirable_and_undesirable_against_the_reference_point():
     z0 = obj.kto_reference_point(torch.tensor([-5.0, -6.0]), torch.tensor([-5.5, -6.1]))  # mean of 0.5, 0.1
     assert z0.item() == pytest.approx(0.3)
     assert obj.kto_reference_point(torch.tensor([-5.0]), torch.tensor([-4.0])).item() == 0.0  # clamped at 0
-    # under torchrun: the mean over every rank's mismatched pairs (TRL's), not the mean of the ranks' means
+    # under torchrun: the mean over every rank's mismatched pairs, not the mean of the ranks' means (TRL 1.16's;
+    # the same when every rank has as many pairs)
     other = torch.tensor([0.9 * 3, 3.0])  # another rank's sum of three pairs' log-ratios, and their count
     z0_all = obj.kto_reference_point(torch.tensor([-5.0, -6.0]), torch.tensor([-5.5, -6.1]), lambda t: t + other)
     assert z0_all.item() == pytest.approx((0.5 + 0.1 + 2.7) / 5)

@@ -57,7 +57,8 @@ def ipo(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, len_c: Tensor, len_r: Te
 
 
 def hinge(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float) -> ObjectiveOutput:
-    """SLiC-HF's calibration loss on the DPO log-ratio (Zhao et al. 2023): loss = max(0, 1 - β h)."""
+    """The hinge loss on the DPO log-ratio, RSO's hinge-norm (Liu et al. 2024, "Statistical Rejection
+    Sampling"; SLiC-HF's calibration loss without a reference, Zhao et al. 2023): loss = max(0, 1 - β h)."""
     h = (pc - rc) - (pr - rr)
     losses = torch.relu(1 - beta * h)
     return ObjectiveOutput(losses, *_rewards(beta, pc, pr, rc, rr))
@@ -219,7 +220,8 @@ def kto_reference_point(kl_policy: Tensor, kl_reference: Tensor,
                         all_reduce_sum: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """KTO's z₀ (Ethayarajh et al. 2024, §4.1): max(0, mean_i log π(y'_i|x_i) - log π_ref(y'_i|x_i)) over
     mismatched pairs (x_i, y'_i), y'_i another row's completion, detached: a biased but cheap estimate
-    of the batch KL. `all_reduce_sum` sums over processes, so the mean is over every rank's pairs (TRL's)."""
+    of the batch KL. `all_reduce_sum` sums over processes, so the mean is over every rank's pairs (TRL 1.16
+    averages the ranks' means, the same when every rank has as many pairs)."""
     terms = (kl_policy - kl_reference).detach().float()
     total = torch.stack([terms.sum(), terms.new_tensor(float(terms.numel()))])
     if all_reduce_sum is not None:

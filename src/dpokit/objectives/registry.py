@@ -51,7 +51,7 @@ OBJECTIVES: dict[str, ObjectiveInfo] = {
                              f_divergence=True),
     "ipo": ObjectiveInfo("IPO", "Azar et al. 2023, eq. 17", inputs=RATIOS + LENGTHS,
                          options={"beta": "beta", "form": "ipo_form"}, f_divergence=True),
-    "hinge": ObjectiveInfo("SLiC (hinge)", "Zhao et al. 2023 (SLiC-HF)", f_divergence=True),
+    "hinge": ObjectiveInfo("hinge (RSO)", "Liu et al. 2024 (RSO hinge-norm; SLiC-HF without a reference)", f_divergence=True),
     "robust": ObjectiveInfo("rDPO", "Chowdhury et al. 2024, eq. 9", options=SMOOTHED, f_divergence=True),
     "simpo": ObjectiveInfo("SimPO", "Meng et al. 2024, eq. 6", inputs=POLICY + LENGTHS,
                            options={"beta": "beta", "gamma": "simpo_gamma"}, needs_reference=False),
