@@ -136,6 +136,17 @@ def test_kto_labels_from_csv_cells(tmp_path):
     assert problems.rows[0].source == f"{path}:4"
 
 
+def test_a_kto_label_of_another_json_type_is_a_problem_with_its_line(tmp_path):
+    path = tmp_path / "kto.jsonl"
+    rows = [{"prompt": "Hi", "completion": "Hello!", "label": True}, {"prompt": "Hi", "completion": "Eh", "label": [True]},
+            {"prompt": "Hi", "completion": "No", "label": {"ok": 1}}, {"prompt": "Hi", "completion": "Go", "label": 1.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    problems = Problems("collect")
+    kept = [row for _, row in RowReader(str(path), "train", problems) if isinstance(row, dict)]
+    assert [r["completion"] for r in kept] == ["Hello!"]
+    assert [(p.source, p.reason) for p in problems.rows] == [(f"{path}:{i}", "wrong_type") for i in (2, 3, 4)]
+
+
 def test_a_table_is_detected_from_its_columns_and_must_have_the_schemas(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -85,6 +85,7 @@ ROW_CASES = [
     ("csv/invalid_utf8.csv", ":3", "invalid_utf8", "not valid UTF-8"),
     ("csv/empty_cell.csv", ":3", "empty_completion", "'chosen' is empty"),
     ("csv/multiline_then_identical.csv", ":4", "identical", "chosen and rejected are identical"),
+    ("csv/blank_line_then_identical.csv", ":4", "identical", "chosen and rejected are identical"),
     # Parquet and datasets directories: rows are numbered from 1
     ("parquet/null_rejected.parquet", ":row 2", "wrong_type",
      "'rejected' must be a string or a list of messages, got null"),
@@ -336,6 +337,9 @@ def test_implicit_prompt_is_the_longest_common_message_prefix(tmp_path):
     ("Q: capital of France? A: Paris", "Q: capital of France? A: Rome", ("Q: capital of France? A:", " Paris", " Rome")),
     ("I like cats", "I like cars", ("I like", " cats", " cars")),  # differ inside a word: cut before it
     ("Hello world", "Hello, world", ("Hello", " world", ", world")),
+    ("A: I can help", "A: I cannot help", ("A: I", " can help", " cannot help")),  # not " help" / "not help"
+    ("It is 4 apples", "It is 42 apples", ("It is", " 4 apples", " 42 apples")),
+    ("A: I cannot help", "A: I can help", ("A: I", " cannot help", " can help")),  # the other way round
     ("Line one\nLine two", "Line one\nLine 2", ("Line one\nLine", " two", " 2")),
     ("Yes", "No", ("", "Yes", "No")),
     ("Sure", "Surely", ("", "Sure", "Surely")),  # one is a prefix, no whitespace: no prompt

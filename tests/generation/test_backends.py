@@ -144,3 +144,17 @@ def test_a_policy_set_for_packed_layouts_samples_from_left_padded_prompts_as_the
         ours, theirs = generate(policy, prompts, **kwargs), generate(plain, prompts, **kwargs)
         assert [c.ids for c in ours] == [c.ids for c in theirs]
         assert [c.logp for c in ours] == pytest.approx([c.logp for c in theirs], abs=1e-4)
+
+
+def test_a_process_whose_rows_are_done_steps_with_the_others_and_draws_nothing(monkeypatch):
+    from dpokit.generation import backends
+
+    model = tiny_llama(vocab_size=4, seed=0).eval()  # 4 tokens: stop token 2 ends most rows within a few steps
+    prompts = [(1, 3)] * 32
+    plain = generate(model, prompts, temperature=1.0, top_p=1.0, max_new_tokens=12, stop_ids=[2], pad_id=0, seed=5)
+    assert sum(c.finished for c in plain) > 16
+    # under FSDP another process may still be sampling: this one keeps stepping with it, to the last step
+    monkeypatch.setattr(backends, "_any_running", lambda count, device: True)
+    synced = generate(model, prompts, temperature=1.0, top_p=1.0, max_new_tokens=12, stop_ids=[2], pad_id=0, seed=5,
+                      synced=True)
+    assert synced == plain  # and no draw from the finished rows' last logits (an IndexError before)

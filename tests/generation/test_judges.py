@@ -99,6 +99,22 @@ def test_reward_model_judge_scores_with_a_local_sequence_classifier(tmp_path, to
     assert scores == pytest.approx(direct, abs=1e-4)
 
 
+def test_a_reward_model_judge_keeps_the_end_of_a_text_over_its_max_length(tmp_path, tokenizer):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = _classifier(tmp_path, tokenizer, 1)
+    judge = build_judge("reward-model", model=path, options={"max_length": 6})
+    prompt, completion = "The film was long, " * 20, " and the ending was wonderful."
+    (score,) = judge.score([prompt], [completion])
+    tok = AutoTokenizer.from_pretrained(path)
+    assert tok("a")["input_ids"] == tok("a", add_special_tokens=False)["input_ids"]  # no start token to keep
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    with torch.no_grad():  # the last 6 tokens: the reply, where the reward is read, not the prompt's start
+        tail = model(input_ids=torch.tensor([tok(prompt + completion)["input_ids"][-6:]])).logits[0, 0].item()
+    assert score == pytest.approx(tail, abs=1e-4)
+
+
 def test_classifier_judge_uses_the_positive_label_probability(tmp_path, tokenizer):
     path = _classifier(tmp_path, tokenizer, 2, id2label={0: "NEGATIVE", 1: "POSITIVE"})
     judge = build_judge("sentiment", model=path)

@@ -190,3 +190,28 @@ def test_best_of_n_reward_is_at_least_the_reward_of_its_candidates(best_of_evalu
     assert four.reward_policy.mean > four.reward_reference.mean  # lengths vary: picking the longest pays
     assert 0.5 < four.win_rate.mean <= 1.0
     assert len(ev.rounds) == 4  # rounds are drawn once and shared between N
+
+
+def test_the_policys_samples_are_drawn_independently_of_the_references(best_of_evaluator, tmp_path, tiny_model_dir):
+    from dpokit.errors import DataError
+    from dpokit.generation.jsonl import read_jsonl
+    from dpokit.generation.settings import SamplingSettings
+    from dpokit.pipeline.evaluate import Evaluator
+
+    # the reference evaluated as the policy: with one seed for both, its samples would be the reference's own
+    best_of_evaluator.evaluate(tiny_model_dir, samples_out=tmp_path / "policy.jsonl")
+    drawn = [r["completions"] for r in read_jsonl(tmp_path / "policy.jsonl")]
+    assert drawn != [r["completions"] for r in best_of_evaluator.reference_rows]
+    # reference samples from a file drawn with the evaluation's own seed are refused when a policy is sampled
+    from dpokit.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "{p}"}}\n' for p in HELDOUT), encoding="utf-8")
+    samples = tmp_path / "ref.jsonl"
+    assert main(["sample", str(prompts), "--model", tiny_model_dir, "--out", str(samples), "--n", "2",
+                 "--max-new-tokens", "6", "--template", "none", "--seed", "3"]) == 0
+    settings = SamplingSettings(n=2, max_new_tokens=6, template="none", batch_size=16, seed=3)
+    ev = Evaluator(tiny_model_dir, best_of_evaluator.judge, settings, reference_samples=samples, device="cpu",
+                   progress=False)
+    with pytest.raises(DataError, match="was sampled with seed 3, the evaluation's own"):
+        ev.evaluate(tiny_model_dir)

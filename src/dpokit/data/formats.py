@@ -149,7 +149,7 @@ def _kto(row: dict, where: str, problems) -> dict | None:
         return None
     label = row["label"]
     key = label.strip().lower() if isinstance(label, str) else label  # CSV cells are strings
-    if isinstance(key, float) or key not in LABELS:
+    if not isinstance(key, (bool, int, str)) or key not in LABELS:  # a list or object cannot even be looked up
         problems.add(where, "wrong_type", f"'label' must be true (desirable) or false (undesirable), got {label!r}")
         return None
     return {**row, "label": LABELS[key]}

@@ -307,9 +307,12 @@ def _empty_like(value: Text) -> Text:
 def split_implicit_prompt(chosen: Text, rejected: Text) -> tuple[Text, Text, Text]:
     """Longest common prefix of chosen and rejected as the prompt: whole messages, or whole words.
 
-    For strings the cut moves back to the last whitespace at or before the first difference, so both
+    For strings the cut moves back to the last whitespace before the first difference, so both
     completions start on a word boundary, with that whitespace (BPE vocabularies mark word starts by a
-    leading space), and keep at least one character each (when one text is a prefix of the other)."""
+    leading space), and keep at least one character each (when one text is a prefix of the other). At the
+    first difference itself both texts must start a new word there (a space or punctuation on each side):
+    "I can help" / "I cannot help" cut after "can" would start one side mid-word ("not help"), which the
+    prompt and completion, tokenized apart, would split into tokens the model never saw together."""
     n = 0
     for a, b in zip(chosen, rejected):
         if a != b:
@@ -317,7 +320,13 @@ def split_implicit_prompt(chosen: Text, rejected: Text) -> tuple[Text, Text, Tex
         n += 1
     if isinstance(chosen, str) and chosen != rejected:
         last = min(n, len(chosen) - 1, len(rejected) - 1)
-        n = next((i for i in range(last, -1, -1) if chosen[i].isspace()), 0)
+
+        def boundary(i: int) -> bool:
+            if i < n:  # the texts agree here
+                return chosen[i].isspace()
+            return not chosen[i].isalnum() and not rejected[i].isalnum()
+
+        n = next((i for i in range(last, -1, -1) if boundary(i)), 0)
     return chosen[:n], chosen[n:], rejected[n:]
 
 
@@ -506,16 +515,19 @@ def _iter_csv(name: str, data: bytes, problems: Problems, check_columns):
     if fieldnames is None:
         raise DataError(f"{name}: the file is empty")
     check_columns(name + ":1", "header", fieldnames)
-    row_line = reader.line_num + 1
     while True:
+        after = reader.line_num
         try:
             row = next(reader)
         except StopIteration:
             return
         except csv.Error as e:
-            raise DataError(f"{name}:{row_line}: not valid CSV: {e}") from None
-        where = f"{name}:{row_line}"
-        row_line = reader.line_num + 1
+            raise DataError(f"{name}:{after + 1}: not valid CSV: {e}") from None
+        # the row ends on line_num; it starts as many lines earlier as its quoted cells hold line breaks (blank
+        # lines before it, which the reader skips, do not count), and not before the line after the last row
+        # (a quote left open at the end of the file holds the last line's break)
+        cells = [c for v in row.values() for c in (v if isinstance(v, list) else [v]) if isinstance(c, str)]
+        where = f"{name}:{max(after + 1, reader.line_num - sum(c.count(chr(10)) for c in cells))}"
         if None in row or any(v is None for v in row.values()):
             problems.add(where, "unparsable", "row does not have as many cells as the header")
             yield where, _UNPARSABLE

@@ -101,18 +101,19 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, 
     logps = [0.0] * len(prompt_ids)
     stops = torch.tensor(sorted(set(stop_ids)), device=device)
     for step in range(max_new_tokens):
-        log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-        sampled = next_tokens(logits, log_norm, temperature=temperature, top_p_warper=top_p_warper, rng=rng)
-        picked = (logits.gather(1, sampled[:, None]) - log_norm).squeeze(1).double()
-        for k, token, lp in zip(active.tolist(), sampled.tolist(), picked.tolist()):
-            tokens[k].append(token)
-            logps[k] += lp
-        if streamer is not None:
-            streamer.put(sampled.cpu())
-        running = ~torch.isin(sampled, stops)
+        if len(active):  # (a process whose rows are done only steps with the others, below)
+            log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+            sampled = next_tokens(logits, log_norm, temperature=temperature, top_p_warper=top_p_warper, rng=rng)
+            picked = (logits.gather(1, sampled[:, None]) - log_norm).squeeze(1).double()
+            for k, token, lp in zip(active.tolist(), sampled.tolist(), picked.tolist()):
+                tokens[k].append(token)
+                logps[k] += lp
+            if streamer is not None:
+                streamer.put(sampled.cpu())
         if step + 1 == max_new_tokens:
             break
-        if not running.all():  # finished rows leave the batch and its cache
+        running = ~torch.isin(sampled, stops)
+        if len(active) and not running.all():  # finished rows leave the batch and its cache
             keep = running.nonzero().squeeze(1)
             cache.batch_select_indices(keep)
             active, sampled, mask, last = active[keep], sampled[keep], mask[keep], last[keep]

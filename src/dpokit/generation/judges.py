@@ -135,6 +135,9 @@ class SequenceClassifier:
             raise DpokitError(f"cannot load judge model {model!r}: {str(e).splitlines()[0]}") from None
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        # a text over max_length loses its beginning, as dpokit's training shortens the prompt: the reward is
+        # read at the reply's end, which must stay
+        self.tokenizer.truncation_side = "left"
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.to(pick_device(device)).eval()
@@ -171,11 +174,18 @@ class SequenceClassifier:
     @torch.no_grad()
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
         texts = [self.text(p, c) for p, c in zip(prompts, completions)]
+        # a chat template writes its own start token: the tokenizer adds none to it, as dpokit's training does
+        templated = [isinstance(p, list) and bool(getattr(self.tokenizer, "chat_template", None)) for p in prompts]
         device = next(self.model.parameters()).device
         out: list[float] = []
         for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt").to(device)
+            batch, chat = texts[start:start + self.batch_size], templated[start:start + self.batch_size]
+            if len(set(chat)) > 1:  # prompts of both kinds in one batch: one text at a time
+                out += [s for i in range(len(batch)) for s in self.score(prompts[start + i:start + i + 1],
+                                                                          completions[start + i:start + i + 1])]
+                continue
+            enc = self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_length,
+                                 add_special_tokens=not chat[0], return_tensors="pt").to(device)
             logits = self.model(**enc).logits.float()
             if self.label is None:
                 out += logits[:, 0].tolist()

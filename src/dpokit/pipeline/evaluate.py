@@ -125,6 +125,10 @@ AGAINST = ("reference", "chosen")
 NO_SCORE = Estimate(math.nan, math.nan, 0)  # what a pairwise judge reports for a mean reward
 
 BEST_OF_SEED = 1_000_000  # round j of best-of-N candidates is sampled with seed + BEST_OF_SEED + j
+# the reference's own samples, when evaluate draws them, are seeded apart from the policy's: with one seed the
+# two would share their random numbers, prompt for prompt, and a policy sample and the reference sample it is
+# compared with would not be independent (a biased win rate)
+REFERENCE_SEED = 2_000_000
 
 
 @dataclass
@@ -200,7 +204,7 @@ class Evaluator:
                               f"π itself), not at temperature {settings.temperature}, top-p {settings.top_p}")
         self.reference_name, self.judge, self.settings = reference, judge, settings.check()
         self.device, self.dtype, self.progress = pick_device(device), dtype, progress
-        ref_rows = None
+        ref_rows, self.reference_seed = None, None
         if reference_samples is not None:
             ref_rows = self._read_reference_samples(reference_samples)
         elif prompts is None:
@@ -209,7 +213,9 @@ class Evaluator:
         self.tokenizer = self.reference.tokenizer
         if ref_rows is None:
             self.echo(f"sampling the reference {reference} on {len(prompts)} prompts")
-            drawn = self.reference.draw(list(prompts))
+            own = Sampler(self.reference.model, self.tokenizer, replace(self.settings,
+                                                                        seed=self.settings.seed + REFERENCE_SEED))
+            drawn = own.draw(list(prompts))
             ref_rows = [d.row(i) for i, d in enumerate(drawn)]
         elif prompts is not None:
             stored = [self.reference.encode(p)[0] for p in prompts]
@@ -251,6 +257,7 @@ class Evaluator:
         if len(rows) != meta.get("num_prompts"):
             raise DataError(f"{path} is incomplete ({len(rows)} of {meta.get('num_prompts')} prompts): rerun "
                             "`dpokit sample` with the same arguments to finish it")
+        self.reference_seed = (path, meta.get("seed"))
         rows.sort(key=lambda r: r["index"])
         # the policy's samples are drawn the same way as the reference's
         self.settings = replace(self.settings, max_new_tokens=meta["max_new_tokens"], template=meta["template"])
@@ -262,6 +269,10 @@ class Evaluator:
 
     def evaluate(self, policy: str, *, samples_out: str | Path | None = None) -> EvalResult:
         s = self.settings
+        if self.reference_seed is not None and self.reference_seed[1] == s.seed:
+            raise DataError(f"{self.reference_seed[0]} was sampled with seed {s.seed}, the evaluation's own: the "
+                            "policy's samples would share the reference's random numbers and not be independent of "
+                            "them; evaluate with another --seed")
         model = models.load_model(policy, dtype=self.dtype).to(self.device).eval()
         sampler = Sampler(model, self.tokenizer, s)
         drawn = self._draw(sampler)
