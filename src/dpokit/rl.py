@@ -51,9 +51,9 @@ def kl_shaped_rewards(scores: torch.Tensor, logps: torch.Tensor, ref_logps: torc
         r_t = −β (log π(a_t|s_t) − log π_ref(a_t|s_t))  for every completion token t,
         r_T += score                                    at its last token T,
 
-(the textbook placement: the N+ details' code and TRL add the score one position after an EOS, to a state
-whose value they keep; here the value after the last token is 0, so a finished completion's last advantage
-differs; a truncated one's is the same)
+    (the textbook placement: the N+ details' code and TRL add the score one position after an EOS, to a
+    state whose value they keep; here the value after the last token is 0, so a finished completion's last
+    advantage differs; a truncated one's is the same)
 
     so Σ_t r_t = score − β·KL̂, with KL̂ = Σ_t (log π − log π_ref) the single-sample (k1) estimate of
     KL(π(·|x) ‖ π_ref(·|x)) on the sampled completion. `scores` [B] are the sequence rewards (after any

@@ -190,6 +190,7 @@ class Trainer:
         # a resumed run whose steps were all done (stopped during its final evaluation) exports at its step
         row: dict = {"step": self.step, "epoch": self.step / self.steps_per_epoch}
         every = self.cfg.checkpoint.every
+        saved = self.step if self.start.checkpoint is not None else None  # the step of the newest checkpoint
         with StopSignals() as stop:  # to the end: a signal during the final evaluation or export kills nothing
             while self.step < self.total_steps and not result.stopped_by_signal:
                 row = self.train_step(self._step_items(self.step))
@@ -204,12 +205,13 @@ class Trainer:
                 result.stopped_by_signal = self._agree(stop.requested)
                 if result.stopped_by_signal or (every and self.step % every == 0):
                     self.save_checkpoint()
+                    saved = self.step
             result.steps, result.last_train, result.nonfinite_steps = self.step, row, self.nonfinite
             if not result.stopped_by_signal and has_eval:
                 result.eval_after = self.evaluate()
                 # stopped during it: the steps are kept in a checkpoint, and --resume evaluates and exports
                 result.stopped_by_signal = self._agree(stop.requested)
-                if result.stopped_by_signal and not (every and self.step % every == 0):
+                if result.stopped_by_signal and saved != self.step:
                     self.save_checkpoint()
                 if not result.stopped_by_signal:
                     self.writer.log({"step": self.step, "epoch": self.step / self.steps_per_epoch,

@@ -527,7 +527,8 @@ def _iter_csv(name: str, data: bytes, problems: Problems, check_columns):
         # lines before it, which the reader skips, do not count), and not before the line after the last row
         # (a quote left open at the end of the file holds the last line's break)
         cells = [c for v in row.values() for c in (v if isinstance(v, list) else [v]) if isinstance(c, str)]
-        where = f"{name}:{max(after + 1, reader.line_num - sum(c.count(chr(10)) for c in cells))}"
+        breaks = sum(c.count("\n") for c in cells)
+        where = f"{name}:{max(after + 1, reader.line_num - breaks)}"
         if None in row or any(v is None for v in row.values()):
             problems.add(where, "unparsable", "row does not have as many cells as the header")
             yield where, _UNPARSABLE

@@ -141,17 +141,19 @@ def label_file(samples: str | Path, out: str | Path, judge=None, *, mode: str = 
     if scored_out is not None:  # first: the judge's work is kept even when no pair comes of it
         write_jsonl(scored_out, [{**r, "scores": s, "judge": getattr(judge, "name", r.get("judge"))}
                                  for r, s in zip(rows, scores)])
+    ranked = scores
     if missing_eos_penalty:
-        scores = [penalize_unfinished(r, s, missing_eos_penalty, f"{samples}:{i}") for i, (r, s) in
+        ranked = [penalize_unfinished(r, s, missing_eos_penalty, f"{samples}:{i}") for i, (r, s) in
                   enumerate(zip(rows, scores), 1)]
-    pairs, counts = label_rows(rows, scores, mode=mode, margin=margin)
+    pairs, counts = label_rows(rows, ranked, mode=mode, margin=margin)
     if not pairs:
         hint = f" (--margin {margin:g} or less)" if counts.dropped["below_margin"] else ""
         raise DataError(f"{samples}: no preference pair: {counts.summary()}; a pair needs two different, "
                         f"non-empty completions of one prompt with different scores{hint}")
     write_jsonl(out, pairs)
     meta = {"samples": str(samples), "judge": getattr(judge, "name", "scores in the samples"), "mode": mode,
-            "margin": margin, "counts": counts.to_json()}
+            "margin": margin, **({"missing_eos_penalty": missing_eos_penalty} if missing_eos_penalty else {}),
+            "counts": counts.to_json()}
     write_meta(out, meta)
     flat = [s for row in scores for s in row]
     return LabelSummary(Path(out), counts, sum(flat) / max(1, len(flat)))
