@@ -181,3 +181,23 @@ def test_an_exception_in_the_users_judge_is_one_line_and_its_own_frames(user_jud
     assert err[0] == f"error: judge {user_judges}:broken raised ValueError on row 1: cannot judge 'x'"
     frames = "\n".join(err[1:])
     assert "in broken" in frames and "in helper" in frames and "dpokit/" not in frames
+
+
+def test_a_dpokit_reward_model_is_judged_on_its_training_text_eos_included(tmp_path, tokenizer):
+    import copy
+    import json
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = copy.deepcopy(tokenizer)
+    tok.pad_token = "<|endoftext|>"  # a pad token other than the EOS, as Qwen's: the EOS is then read, not skipped
+    assert tok.pad_token_id != tok.eos_token_id
+    path = _classifier(tmp_path, tok, 1)
+    (tmp_path / "clf1" / "dpokit_metrics.json").write_text(json.dumps({"step": 1}))  # what `dpokit reward` exports
+    (score,) = build_judge("reward-model", model=path).score(["The film"], [" was fine."])
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    ids = AutoTokenizer.from_pretrained(path)("The film was fine.")["input_ids"]
+    with torch.no_grad():
+        at_eos, at_text = (model(input_ids=torch.tensor([x])).logits[0, 0].item() for x in (ids + [tok.eos_token_id], ids))
+    assert score == pytest.approx(at_eos, abs=1e-4) and score != pytest.approx(at_text, abs=1e-4)

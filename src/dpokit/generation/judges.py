@@ -43,6 +43,7 @@ from dpokit.fields import did_you_mean
 from dpokit.generation.llm_judge import build_llm_judge
 from dpokit.generation.prompts import Prompt, prompt_text
 from dpokit.models import local_files_only, resolve
+from dpokit.rundir import FINAL_METRICS
 
 
 @runtime_checkable
@@ -140,6 +141,10 @@ class SequenceClassifier:
         self.tokenizer.truncation_side = "left"
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        # a model `dpokit reward` exported read its reward at each reply's EOS, which its training appends (the
+        # same token as the text's last where the pad token is the EOS): the judge scores the same text
+        self.eos = (self.tokenizer.eos_token if src.kind == "dir" and (Path(src.path) / FINAL_METRICS).is_file()
+                    else None)
         self.model.to(pick_device(device)).eval()
         self.label = self._label_index(label)
         self.batch_size, self.max_length, self.on = batch_size, max_length, on
@@ -162,6 +167,10 @@ class SequenceClassifier:
         return names[str(label).lower()]
 
     def text(self, prompt: Prompt, completion: str) -> str:
+        text = self._text(prompt, completion)
+        return text + self.eos if self.eos and not text.endswith(self.eos) else text
+
+    def _text(self, prompt: Prompt, completion: str) -> str:
         if isinstance(prompt, list):
             messages = prompt + [{"role": "assistant", "content": completion}]
             if getattr(self.tokenizer, "chat_template", None):
