@@ -171,3 +171,52 @@ def test_tokenize_is_encode_then_truncate(tokenizer):
     b = truncate_pairs(encode_records(records, tokenizer), settings, Problems())
     assert a == b
     assert tokenize_records([], tokenizer, settings, Problems())[0] == []
+
+
+def sentencepiece_tokenizer(legacy: bool):
+    """A Llama-style tokenizer, BOS added: words start with "▁". `legacy`: as Llama 2's tokenizer.json, a
+    normalizer prepends "▁" to every text and turns spaces into "▁"; else a Metaspace pre-tokenizer that
+    marks only the start of the text (transformers' non-legacy Llama)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    if legacy:
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    words = "hello world the movie was great and it is good bad fine wonderful".split()
+    tok.train_from_iterator([" ".join(words)] * 20, trainers.BpeTrainer(
+        vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=list("▁abcdefghijklmnopqrstuvwxyz")))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_sentencepiece_completion_ids_follow_the_prompt(legacy):
+    """Tokenized apart, " great" would become a lone "▁" and "▁great" under Llama 2's normalizer, and "fine"
+    (written against "was": "wasfine") "▁fine": the completion's ids are the joint text's after the prompt's."""
+    tok = sentencepiece_tokenizer(legacy)
+    eos = tok.eos_token_id
+    apart = tok.convert_ids_to_tokens(ids(tok, " great"))
+    assert apart[0] == "▁" if legacy else apart == ["▁great"]  # the defect the joint ids avoid
+    records = [PreferenceRecord("the movie was", " great", " bad", "t:1"),
+               PreferenceRecord("the movie was", "fine", "fine and bad", "t:2")]
+    for record, pair in zip(records, encode_records(records, tok)):
+        assert list(pair.prompt) == ids(tok, record.prompt, special=True)
+        for text, completion in ((record.chosen, pair.chosen), (record.rejected, pair.rejected)):
+            assert completion[-1] == eos
+            assert list(pair.prompt) + list(completion[:-1]) == ids(tok, record.prompt + text, special=True)
+    first, second = encode_records(records, tok)
+    assert tok.convert_ids_to_tokens(list(first.chosen[:-1])) == ["▁great"]
+    assert not tok.convert_ids_to_tokens(second.chosen[0]).startswith("▁")  # no space was written
+
+
+def test_a_token_merging_across_the_boundary_leaves_the_completion_apart():
+    tok = sentencepiece_tokenizer(legacy=False)
+    # "the movie was goo" + "d": jointly "▁good" is one token, so the prompt's ids do not begin the joint text's
+    (pair,) = encode_records([PreferenceRecord("the movie was goo", "d", "d and bad", "t:1")], tok)
+    assert list(pair.prompt) == ids(tok, "the movie was goo", special=True)
+    assert list(pair.chosen) == ids(tok, "d") + [tok.eos_token_id]

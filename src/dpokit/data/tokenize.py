@@ -1,7 +1,10 @@
 """Records → token ids, with a prompt/completion boundary that cannot shift.
 
-The prompt and each completion are tokenized separately and their ids concatenated, so no token can
-merge across the boundary (TRL #2054, #1640). Conversations are rendered with the tokenizer's chat
+The prompt is tokenized on its own, so no token can merge across the prompt/completion boundary (TRL
+#2054, #1640). Each completion's ids are the rest of the joint text's ids (prompt + completion) wherever
+the prompt's ids begin them: what the model reads after the prompt, so a SentencePiece tokenizer (Llama,
+Mistral) puts no word-start mark (`▁`) on a completion that continues the prompt's text. Where a token
+merges across the boundary the completion is tokenized apart instead. Conversations are rendered with the tokenizer's chat
 template (or `data.chat_template`), with the row's `tools` as transformers passes them: the prompt with
 the generation prompt, the completion as the text the full conversation adds after it. Completions end
 with EOS, the token generation stops at: the template's text after it (a newline) is not trained.
@@ -135,7 +138,7 @@ def tokenize_records(
 
 
 def encode_records(records: list[PreferenceRecord], tokenizer, problems: Problems | None = None) -> list[TokenizedPair]:
-    """Token ids of every record at full length: prompt and completions tokenized separately, EOS once.
+    """Token ids of every record at full length: the prompt on its own, each completion as it follows it, EOS once.
     Rows the chat template cannot render whole go to `problems` (default: raise)."""
     problems = problems if problems is not None else Problems()
     eos = tokenizer.eos_token_id
@@ -160,7 +163,7 @@ def encode_records(records: list[PreferenceRecord], tokenizer, problems: Problem
             ids = tokenizer([texts[i][0] for i in rows], add_special_tokens=special)["input_ids"]
             for i, row_ids in zip(rows, ids):
                 prompt_ids[i] = row_ids
-    completions = tokenizer([t for _, ch, rj in texts for t in (ch, rj)], add_special_tokens=False)["input_ids"]
+    completions = _completion_ids(tokenizer, texts, conv, prompt_ids)
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
 
     pairs: list[TokenizedPair] = []
@@ -172,6 +175,30 @@ def encode_records(records: list[PreferenceRecord], tokenizer, problems: Problem
                 ids.append(eos)
         pairs.append(TokenizedPair(tuple(prompt), tuple(chosen), tuple(rejected), record.source, record.extra))
     return pairs
+
+
+def _completion_ids(tokenizer, texts: list[tuple[str, str, str]], conv: list[bool],
+                    prompt_ids: list[list[int]]) -> list[list[int]]:
+    """The ids of each row's chosen and rejected text (2 per row, in order) as they follow its prompt's ids.
+    Tokenized apart, a completion's first characters read as the start of a text, which a SentencePiece
+    tokenizer marks as a word start: "hello" + "world" would train on "hello world", and a legacy Llama
+    normalizer turns " world" into a lone "▁" token followed by "▁world". So where the joint text's ids
+    begin with the prompt's, the rest is the completion's; where they do not (a token merged across the
+    boundary), the completion is tokenized apart and the boundary still cannot shift."""
+    rows = [(i, text) for i, (_, chosen, rejected) in enumerate(texts) for text in (chosen, rejected)]
+    apart = tokenizer([text for _, text in rows], add_special_tokens=False)["input_ids"]
+    joint: list[list[int]] = [[] for _ in rows]
+    for special in (True, False):  # the prompt's special tokens as its own ids were made
+        which = [k for k, (i, text) in enumerate(rows) if text and conv[i] != special]
+        if which:
+            ids = tokenizer([texts[rows[k][0]][0] + rows[k][1] for k in which], add_special_tokens=special)
+            for k, row_ids in zip(which, ids["input_ids"]):
+                joint[k] = row_ids
+    out = []
+    for k, (i, _) in enumerate(rows):
+        n, whole = len(prompt_ids[i]), joint[k]
+        out.append(list(whole[n:]) if len(whole) > n and list(whole[:n]) == list(prompt_ids[i]) else list(apart[k]))
+    return out
 
 
 def truncate_pairs(pairs: list[TokenizedPair], settings: TokenizeSettings,
