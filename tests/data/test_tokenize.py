@@ -187,8 +187,8 @@ def sentencepiece_tokenizer(legacy: bool):
     else:
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    words = "hello world the movie was great and it is good bad fine wonderful".split()
-    tok.train_from_iterator([" ".join(words)] * 20, trainers.BpeTrainer(
+    text = "hello world the movie was great and it is good bad fine wonderful"
+    tok.train_from_iterator([text] * 20, trainers.BpeTrainer(
         vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=list("▁abcdefghijklmnopqrstuvwxyz")))
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
