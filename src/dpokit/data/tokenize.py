@@ -4,10 +4,11 @@ The prompt is tokenized on its own, so no token can merge across the prompt/comp
 #2054, #1640). Each completion's ids are the rest of the joint text's ids (prompt + completion) wherever
 the prompt's ids begin them: what the model reads after the prompt, so a SentencePiece tokenizer (Llama,
 Mistral) puts no word-start mark (`▁`) on a completion that continues the prompt's text. Where a token
-merges across the boundary the completion is tokenized apart instead. Conversations are rendered with the tokenizer's chat
-template (or `data.chat_template`), with the row's `tools` as transformers passes them: the prompt with
-the generation prompt, the completion as the text the full conversation adds after it. Completions end
-with EOS, the token generation stops at: the template's text after it (a newline) is not trained.
+merges across the boundary the completion is tokenized apart instead. Conversations are rendered with the
+tokenizer's chat template (or `data.chat_template`), with the row's `tools` as transformers passes them: the
+prompt with the generation prompt, the completion as the text the full conversation adds after it.
+Completions end with EOS, the token generation stops at: the template's text after it (a newline) is not
+trained.
 
 A template that cannot render a row's tool calls either fails (the row is reported with the
 template's message) or leaves them out; so every tool call's function name, every tool result and every
@@ -197,7 +198,9 @@ def _completion_ids(tokenizer, texts: list[tuple[str, str, str]], conv: list[boo
     out = []
     for k, (i, _) in enumerate(rows):
         n, whole = len(prompt_ids[i]), joint[k]
-        out.append(list(whole[n:]) if len(whole) > n and list(whole[:n]) == list(prompt_ids[i]) else list(apart[k]))
+        # an empty prompt (n = 0) leaves the completion at the text's start: apart, without special tokens
+        joined = n and len(whole) > n and list(whole[:n]) == list(prompt_ids[i])
+        out.append(list(whole[n:]) if joined else list(apart[k]))
     return out
 
 
