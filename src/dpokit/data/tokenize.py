@@ -156,14 +156,7 @@ def encode_records(records: list[PreferenceRecord], tokenizer, problems: Problem
     records = [r for r, _ in rendered]
     texts = [t for _, t in rendered]
     conv = [r.conversational for r in records]
-    # chat templates carry their own special tokens; plain prompts get the tokenizer's (e.g. BOS)
-    prompt_ids: list[list[int]] = [[] for _ in records]
-    for special in (True, False):
-        rows = [i for i, c in enumerate(conv) if c != special]
-        if rows:
-            ids = tokenizer([texts[i][0] for i in rows], add_special_tokens=special)["input_ids"]
-            for i, row_ids in zip(rows, ids):
-                prompt_ids[i] = row_ids
+    prompt_ids = _encode(tokenizer, [t[0] for t in texts], conv)
     completions = _completion_ids(tokenizer, texts, conv, prompt_ids)
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
 
@@ -178,6 +171,18 @@ def encode_records(records: list[PreferenceRecord], tokenizer, problems: Problem
     return pairs
 
 
+def _encode(tokenizer, texts: list[str], conv: list[bool]) -> list[list[int]]:
+    """Ids of texts that begin a sequence: chat templates carry their own special tokens; plain text gets the
+    tokenizer's (e.g. BOS)."""
+    out: list[list[int]] = [[] for _ in texts]
+    for special in (True, False):
+        rows = [i for i, c in enumerate(conv) if c != special]
+        if rows:
+            for i, ids in zip(rows, tokenizer([texts[i] for i in rows], add_special_tokens=special)["input_ids"]):
+                out[i] = ids
+    return out
+
+
 def _completion_ids(tokenizer, texts: list[tuple[str, str, str]], conv: list[bool],
                     prompt_ids: list[list[int]]) -> list[list[int]]:
     """The ids of each row's chosen and rejected text (2 per row, in order) as they follow its prompt's ids.
@@ -187,20 +192,18 @@ def _completion_ids(tokenizer, texts: list[tuple[str, str, str]], conv: list[boo
     begin with the prompt's, the rest is the completion's; where they do not (a token merged across the
     boundary), the completion is tokenized apart and the boundary still cannot shift."""
     rows = [(i, text) for i, (_, chosen, rejected) in enumerate(texts) for text in (chosen, rejected)]
-    apart = tokenizer([text for _, text in rows], add_special_tokens=False)["input_ids"]
-    joint: list[list[int]] = [[] for _ in rows]
-    for special in (True, False):  # the prompt's special tokens as its own ids were made
-        which = [k for k, (i, text) in enumerate(rows) if text and conv[i] != special]
-        if which:
-            ids = tokenizer([texts[rows[k][0]][0] + rows[k][1] for k in which], add_special_tokens=special)
-            for k, row_ids in zip(which, ids["input_ids"]):
-                joint[k] = row_ids
-    out = []
-    for k, (i, _) in enumerate(rows):
-        n, whole = len(prompt_ids[i]), joint[k]
-        # an empty prompt (n = 0) leaves the completion at the text's start: apart, without special tokens
-        joined = n and len(whole) > n and list(whole[:n]) == list(prompt_ids[i])
-        out.append(list(whole[n:]) if joined else list(apart[k]))
+    out: list[list[int] | None] = [None if text else [] for _, text in rows]  # an empty side stays empty
+    todo = [k for k, ids in enumerate(out) if ids is None]
+    joint = _encode(tokenizer, [texts[rows[k][0]][0] + rows[k][1] for k in todo], [conv[rows[k][0]] for k in todo])
+    for k, whole in zip(todo, joint):
+        mine = prompt_ids[rows[k][0]]
+        # an empty prompt leaves the completion at the text's start: apart, without special tokens
+        if mine and len(whole) > len(mine) and list(whole[:len(mine)]) == list(mine):
+            out[k] = list(whole[len(mine):])
+    apart = [k for k, ids in enumerate(out) if ids is None]  # only these are tokenized again, on their own
+    if apart:
+        for k, ids in zip(apart, tokenizer([rows[k][1] for k in apart], add_special_tokens=False)["input_ids"]):
+            out[k] = list(ids)
     return out
 
 
