@@ -242,18 +242,23 @@ def _progress(spec: dict, done: int, total: int, seconds: float) -> None:
 # ------------------------------------------------------------------------------------------ dpokit
 
 
-def run_dpokit(spec: dict, result: dict) -> None:
-    from dpokit.config_loader import load_config
-
-    tmp = Path(spec["tmp"])
-    b, total = spec["batch"], spec["warmup"] + spec["steps"]
-    overrides = {
+def dpokit_overrides(spec: dict) -> dict:
+    """dpokit's config overrides for a contender spec: the common settings, the spec's own overrides, the mode's."""
+    tmp, b = Path(spec["tmp"]), spec["batch"]
+    return {
         "model.name": spec["model"], "data.train": spec["data"], "data.max_length": spec["max_length"],
         "output.dir": str(tmp / "run"), "output.overwrite": True, "output.tensorboard": False,
         "checkpoint.every": 0, "train.batch_size": b, "train.lr": spec["lr"], "objective.beta": spec["beta"],
-        "train.precision": "fp32", "train.max_steps": total, "train.seed": spec["seed"],
+        "train.precision": "fp32", "train.max_steps": spec["warmup"] + spec["steps"], "train.seed": spec["seed"],
         "reference.cache_dir": str(tmp / "refcache"), **spec.get("overrides", {}), **mode_overrides(spec["mode"], b),
     }
+
+
+def run_dpokit(spec: dict, result: dict) -> None:
+    from dpokit.config_loader import load_config
+
+    b, total = spec["batch"], spec["warmup"] + spec["steps"]
+    overrides = dpokit_overrides(spec)
     cfg = load_config(None, override_args(overrides))
     result["config"] = {k: str(v) for k, v in overrides.items() if not k.startswith(("output.", "reference.cache"))}
 

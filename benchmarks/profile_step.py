@@ -55,7 +55,7 @@ def category(name: str) -> str:
 
 def worker(spec: dict) -> dict:
     import torch
-    from contenders import dpokit_trainer, mode_overrides, override_args
+    from contenders import dpokit_overrides, dpokit_trainer, override_args
     from measure import Flops, model_dims, sync
     from workload import Workload
 
@@ -67,13 +67,10 @@ def worker(spec: dict) -> dict:
                            length_scale=1.0, warmup_length_scale=0.25, max_length=1024)
     work = Workload(args, models.load_tokenizer(spec["model"]), tmp)
     b, total = args.batch, args.warmup + args.steps
-    overrides = {
-        "model.name": spec["model"], "data.train": str(work.path), "data.max_length": 1024,
-        "output.dir": str(tmp / "run"), "output.overwrite": True, "output.tensorboard": False,
-        "checkpoint.every": 0, "train.batch_size": b, "train.lr": 1e-6, "objective.beta": 0.1,
-        "train.precision": "fp32", "train.max_steps": total, "train.seed": spec["seed"],
-        **mode_overrides("prefix_shared", b), **MODES[spec["mode"]],
-    }
+    # the throughput benchmark's default row (prefix_shared), with this row's overrides
+    overrides = dpokit_overrides({**spec, "data": str(work.path), "max_length": args.max_length, "lr": 1e-6,
+                                  "beta": 0.1, "steps": args.steps, "mode": "prefix_shared",
+                                  "overrides": MODES[spec["mode"]]})
     trainer = dpokit_trainer(load_config(None, override_args(overrides)), "cpu")
     flops = Flops(model_dims(spec["model"]))
     seconds, useful = [], 0.0
