@@ -95,3 +95,12 @@ def test_lora_without_quantization_prints_no_kernel_download_warning():
     out = subprocess.run([sys.executable, "-c", "import dpokit.models, peft, bitsandbytes"], capture_output=True,
                          text=True, check=True)
     assert "gemm_4bit_forward" not in out.stderr and "kernels-community" not in out.stderr
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [(True, False, "bfloat16"), (False, True, "bfloat16"),
+                                                         (False, False, "float32")])
+def test_auto_dtype_is_bf16_only_where_bf16_matmul_is_fast(monkeypatch, amx, avx512_bf16, expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert models.resolve_dtype("auto", "cpu") == expected
+    assert models.resolve_dtype("float32", "cpu") == "float32"  # a pinned dtype is kept

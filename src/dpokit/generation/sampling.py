@@ -80,7 +80,8 @@ class Sampler:
     def load(cls, name: str, settings: SamplingSettings, *, device: str = "auto", dtype: str = "float32",
              tokenizer_from: str | None = None) -> Sampler:
         tokenizer = load_tokenizer_for(name, fallback=tokenizer_from)
-        model = models.load_model(name, dtype=dtype).to(pick_device(device)).eval()
+        device = pick_device(device)
+        model = models.load_model(name, dtype=models.resolve_dtype(dtype, device)).to(device).eval()
         return cls(model, tokenizer, settings)
 
     def encode(self, prompt: Prompt) -> tuple[Prompt, list[int]]:

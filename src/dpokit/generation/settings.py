@@ -59,4 +59,5 @@ class Placement:
     """Where the models run, and in which precision."""
 
     device: str = opt("auto", "cpu, cuda, cuda:1, ...; auto: cuda when available")
-    dtype: str = opt("float32", "model weights dtype; float32 on CPUs without fast bf16", choices=tuple(models.DTYPES))
+    dtype: str = opt("auto", "model weights dtype; auto: bfloat16 where bf16 matmul is fast (a bf16-capable GPU, a CPU "
+                     "with AMX or AVX512-BF16), else float32", choices=models.PLACEMENT_DTYPES)

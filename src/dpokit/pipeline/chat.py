@@ -42,7 +42,8 @@ class Chat:
         from dpokit.rundir import load_tokenizer_for
 
         tokenizer = load_tokenizer_for(name)
-        model = models.load_model(name, dtype=dtype).to(pick_device(device)).eval()
+        device = pick_device(device)
+        model = models.load_model(name, dtype=models.resolve_dtype(dtype, device)).to(device).eval()
         return cls(model, tokenizer, **options)
 
     def reset(self) -> None:

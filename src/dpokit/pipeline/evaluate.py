@@ -203,13 +203,14 @@ class Evaluator:
             raise ConfigError(f"evaluation samples at temperature 1 without top-p (the KL estimate needs samples of "
                               f"π itself), not at temperature {settings.temperature}, top-p {settings.top_p}")
         self.reference_name, self.judge, self.settings = reference, judge, settings.check()
-        self.device, self.dtype, self.progress = pick_device(device), dtype, progress
+        self.device, self.progress = pick_device(device), progress
+        self.dtype = models.resolve_dtype(dtype, self.device)
         ref_rows, self.reference_seed = None, None
         if reference_samples is not None:
             ref_rows = self._read_reference_samples(reference_samples)
         elif prompts is None:
             raise ConfigError("evaluate needs held-out prompts (--prompts) or reference samples (--reference-samples)")
-        self.reference = Sampler.load(reference, self.settings, device=str(self.device), dtype=dtype)
+        self.reference = Sampler.load(reference, self.settings, device=str(self.device), dtype=self.dtype)
         self.tokenizer = self.reference.tokenizer
         if ref_rows is None:
             self.echo(f"sampling the reference {reference} on {len(prompts)} prompts")

@@ -1,0 +1,43 @@
+"""The decode loop's preallocated KV cache: the logits of transformers' growing `DynamicCache`, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from dpokit.generation.kv_cache import preallocated_cache
+from tests.helpers import tiny_llama
+
+
+def _decode(model, cache, steps: int = 3) -> list[torch.Tensor]:
+    """Left-padded prefill of three rows, a row dropped after the first step, then one token a step."""
+    ids = torch.tensor([[2, 2, 5, 9], [7, 8, 9, 10], [2, 4, 4, 6]])
+    mask = (ids != 2).long()
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = [model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                     use_cache=True).logits[:, -1]]
+        last = positions[:, -1]
+        for step in range(steps):
+            token = out[-1].argmax(-1)
+            if step == 1:  # the second row has finished: it leaves the batch and the cache
+                keep = torch.tensor([0, 2])
+                cache.batch_select_indices(keep)
+                token, mask, last = token[keep], mask[keep], last[keep]
+            mask, last = torch.cat([mask, mask.new_ones((len(token), 1))], 1), last + 1
+            out.append(model(input_ids=token[:, None], attention_mask=mask, position_ids=last[:, None],
+                             past_key_values=cache, use_cache=True).logits[:, -1])
+    return out
+
+
+def test_logits_are_the_dynamic_cache_s_exactly():
+    model = tiny_llama(vocab_size=64)
+    ours, theirs = _decode(model, preallocated_cache(4 + 3)), _decode(model, DynamicCache())
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert ours[-1].shape == (2, 64)
+
+
+def test_a_cache_asked_past_its_capacity_says_so():
+    with pytest.raises(RuntimeError, match="KV cache full: 7 positions asked of 6"):
+        _decode(tiny_llama(vocab_size=64), preallocated_cache(6))

@@ -1,0 +1,47 @@
+"""bf16 linear layers on packed oneDNN weights during generation: the same outputs, packed once per weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpokit.generation.packed_linear import packable, packed_linears, packed_weight
+from tests.helpers import tiny_llama
+
+needs_bf16 = pytest.mark.skipif(not (torch.backends.mkldnn.is_available()
+                                     and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                                 reason="this CPU's oneDNN has no bf16 kernels")
+
+
+@needs_bf16
+def test_bf16_logits_are_unchanged_and_the_layers_restored():
+    model = tiny_llama(vocab_size=300).to(torch.bfloat16)
+    ids = torch.tensor([[5, 9, 17, 4], [3, 3, 8, 1]])
+    with torch.no_grad():
+        plain = model(ids).logits
+        with packed_linears(model):
+            assert all("forward" in m.__dict__ for m in model.modules() if isinstance(m, torch.nn.Linear))
+            packed = model(ids).logits
+    assert torch.equal(packed, plain)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+@needs_bf16
+def test_a_weight_is_packed_again_only_after_it_changed():
+    layer = torch.nn.Linear(16, 8, dtype=torch.bfloat16)
+    first = packed_weight(layer)
+    assert packed_weight(layer) is first
+    with torch.no_grad():
+        layer.weight.mul_(2)  # an optimizer step updates in place: the version moves
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    with torch.no_grad(), packed_linears(layer):
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    assert packed_weight(layer) is not first
+
+
+def test_other_dtypes_and_gradients_are_left_alone():
+    fp32 = torch.nn.Linear(16, 8)
+    assert not packable(fp32)
+    bf16 = torch.nn.Linear(16, 8, dtype=torch.bfloat16)
+    with packed_linears(bf16):  # gradients on (training): the plain layer, which autograd differentiates
+        assert "forward" not in bf16.__dict__
