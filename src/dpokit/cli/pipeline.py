@@ -72,7 +72,7 @@ def add_sample(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output JSONL")
     add_arguments(p, SamplingSettings, (*GENERATION, "temperature", "top_p"))
     p.add_argument("--overwrite", action="store_true", help="start over instead of resuming an existing --out")
-    add_arguments(p, Placement)
+    add_arguments(p, Placement, defaults={"dtype": "auto"})  # bf16 where bf16 matmul is fast
     return p
 
 
@@ -125,8 +125,7 @@ def _add_evaluation(p: argparse.ArgumentParser) -> None:
                         "--prompts file (a preference file), as the DPO paper's GPT-4 win rates (default reference)")
     _add_judge(p)
     add_arguments(p, SamplingSettings, GENERATION, defaults={"seed": EVAL_SEED})
-    # fp32 unless asked: the KL estimate is a difference of the samples' log-probs under two models
-    add_arguments(p, Placement, defaults={"dtype": "float32"})
+    add_arguments(p, Placement)
 
 
 def _evaluator(args: argparse.Namespace, reference: str, *, scores: str | None = None) -> Evaluator:
@@ -273,7 +272,7 @@ def add_chat(sub) -> argparse.ArgumentParser:
                    help="dpokit run directory (its exported model), checkpoint, local dir, .gguf, hub id or "
                         f"{models.DEFAULT_MODEL}")
     add_arguments(p, ChatSettings)
-    add_arguments(p, Placement)
+    add_arguments(p, Placement, defaults={"dtype": "auto"})  # bf16 where bf16 matmul is fast
     return p
 
 
@@ -301,7 +300,7 @@ def add_generate(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write JSONL rows here instead of printing")
     add_arguments(p, SamplingSettings, (*GENERATION, "temperature", "top_p"),
                   defaults={"n": 1, "temperature": 0.0, "max_new_tokens": 128})
-    add_arguments(p, Placement)
+    add_arguments(p, Placement, defaults={"dtype": "auto"})  # bf16 where bf16 matmul is fast
     return p
 
 

@@ -92,7 +92,9 @@ def steps(out: Path, config: str, *, model: str, train_prompts: Path, heldout_pr
 
 
 def sample_step(title: str, prompts: Path, out: Path, model: str, settings: SamplingSettings) -> Step:
-    command = ["sample", str(prompts), "--model", model, *as_arguments(settings), "--out", str(out)]
+    # the sampling runs in float32 (commands.sample's default), where the command line's default is auto
+    command = ["sample", str(prompts), "--model", model, *as_arguments(settings), "--dtype", "float32",
+               "--out", str(out)]
     return Step(title, command, partial(sample, prompts, out, model, settings))
 
 

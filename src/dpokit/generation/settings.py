@@ -59,5 +59,7 @@ class Placement:
     """Where the models run, and in which precision."""
 
     device: str = opt("auto", "cpu, cuda, cuda:1, ...; auto: cuda when available")
-    dtype: str = opt("auto", "model weights dtype; auto: bfloat16 where bf16 matmul is fast (a bf16-capable GPU, a CPU "
-                     "with AMX or AVX512-BF16), else float32", choices=models.PLACEMENT_DTYPES)
+    # float32 unless asked (the experiments' published figures; evaluate's KL is a difference of log-probs under
+    # two models); `dpokit sample`, `generate` and `chat` ask for auto
+    dtype: str = opt("float32", "model weights dtype; auto: bfloat16 where bf16 matmul is fast (a bf16-capable GPU, a "
+                     "CPU with AMX or AVX512-BF16), else float32", choices=models.PLACEMENT_DTYPES)
