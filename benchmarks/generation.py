@@ -136,6 +136,20 @@ def cell(model, tokenizer, judge, prompts, *, batch: int, new_tokens: int, calls
     return out
 
 
+def across_dtypes(cells: list[dict]) -> list[dict]:
+    """`dpokit sample`'s completions/s in the dtype `--dtype auto` picks on this machine against plain
+    `generate` in float32 (transformers' default), for each batch and length measured in both dtypes."""
+    auto = models.resolve_dtype("auto", "cpu")
+    by = {(c["dtype"], c["batch_size"], c["new_tokens"]): c for c in cells}
+    rows = []
+    for (dtype, batch, new_tokens), c in by.items():
+        plain = by.get(("float32", batch, new_tokens))
+        if dtype == auto and plain is not None:
+            rows.append({"auto": auto, "batch_size": batch, "new_tokens": new_tokens,
+                         "ratio": c["dpokit sample"]["completions_per_s"] / plain["plain generate"]["completions_per_s"]})
+    return rows
+
+
 def llama_cpp_row() -> dict:
     try:
         import llama_cpp  # noqa: F401
@@ -200,6 +214,10 @@ def main(argv=None) -> int:
                       f"{d['logp']['mean']:.2f}±{d['logp']['se']:.2f}; reward {p['reward']['mean']:.3f}±"
                       f"{p['reward']['se']:.3f} vs {d['reward']['mean']:.3f}±{d['reward']['se']:.3f}")
         del model
+    report["sample_auto_vs_plain_defaults"] = across_dtypes(report["cells"])
+    for row in report["sample_auto_vs_plain_defaults"]:
+        print(f"`dpokit sample --dtype auto` ({row['auto']}) against plain generate's defaults (float32), batch "
+              f"{row['batch_size']} × {row['new_tokens']} tokens: {row['ratio']:.2f}×")
     print(f"\nllama.cpp: {report['llama.cpp']}")
     out = Path(args.out or ROOT / f"benchmarks/results/generation-{report['date']}.json")
     out.write_text(json_text(report, indent=1) + "\n")

@@ -1,5 +1,6 @@
 """torchrun with 2 CPU processes (gloo): the same losses and weights as 1 process with the same global batch,
-for DDP and FSDP2, full fine-tuning and LoRA, and for SFT, the reward model and PPO; resume in the 2-rank run;
+for DDP and FSDP2, full fine-tuning and LoRA, and for SFT, the reward model and PPO; resume in the 2-rank run
+(DPO under DDP and FSDP2, with LoRA dropout, and PPO under FSDP2);
 the CLI under torchrun."""
 
 import json
@@ -64,6 +65,10 @@ def setup(tmp_path_factory, tiny_model_dir):
     runs = {f"{name}-2rank": overrides(f"{name}-2rank", *extra) for name, extra in (CASES | METHOD_CASES).items()}
     runs["ddp-full-2rank-crash"] = overrides("ddp-full-2rank-crash", *CASES["ddp-full"])
     runs["fsdp-lora-2rank-crash"] = overrides("fsdp-lora-2rank-crash", *CASES["fsdp-lora"])
+    # LoRA dropout: each rank draws its own masks, as many numbers as its batch's tokens, so its RNG is its own
+    for name in ("ddp-lora-dropout-2rank", "ddp-lora-dropout-2rank-crash"):
+        runs[name] = overrides(name, *CASES["ddp-lora"], "lora.dropout=0.1")
+    runs["ppo-fsdp-2rank-crash"] = overrides("ppo-fsdp-2rank-crash", *METHOD_CASES["ppo-fsdp"])
     spec = root / "runs.json"
     spec.write_text(json.dumps(runs))
     torchrun(str(Path(__file__).with_name("distributed_worker.py")), str(spec))
@@ -108,7 +113,7 @@ def test_other_methods_on_two_ranks_match_one_rank(setup, name):
     assert w1.keys() == w2.keys() and all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
 
 
-@pytest.mark.parametrize("name", ["ddp-full", "fsdp-lora"])
+@pytest.mark.parametrize("name", ["ddp-full", "fsdp-lora", "ddp-lora-dropout", "ppo-fsdp"])
 def test_two_rank_run_resumes_exactly(setup, name):
     root, _ = setup
     straight, resumed = weights(root / f"{name}-2rank"), weights(root / f"{name}-2rank-crash")

@@ -48,6 +48,14 @@ class Runtime:
             dist.broadcast(t, src=0)
         return t
 
+    def gather_objects(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank (one element when not distributed)."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

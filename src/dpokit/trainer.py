@@ -370,6 +370,8 @@ class Trainer:
         else:
             optimizer = get_optimizer_state_dict(self.policy, self.optimizer, options=opts)
         state = self._full_state_dict()
+        # every rank's RNG: each draws its own dropout masks (LoRA dropout), as many numbers as its batch's tokens
+        rng = self.rt.gather_objects(checkpoint.rng_state())
         if self.rt.is_main:
             warning = checkpoint.space_warning(self.run_dir)
             if warning:
@@ -378,7 +380,7 @@ class Trainer:
                 self.run_dir, self.step,
                 save_model=functools.partial(save_pretrained, self.policy.model, state_dict=state),
                 optimizer=optimizer, scheduler=self.scheduler.state_dict(),
-                trainer={"step": self.step, "nonfinite": self.nonfinite, "rng": checkpoint.rng_state(),
+                trainer={"step": self.step, "nonfinite": self.nonfinite, "rng": rng[0], "rng_by_rank": rng,
                          "method": self.method.state_dict()},
                 keep=self.cfg.checkpoint.keep, keep_models=self.cfg.checkpoint.keep_models,
             )
@@ -396,7 +398,9 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         trainer = state["trainer_state"]
         self.step, self.nonfinite = trainer["step"], trainer["nonfinite"]
-        checkpoint.set_rng_state(trainer["rng"])
+        by_rank = trainer.get("rng_by_rank")  # checkpoints before 2026-12-07 hold rank 0's alone
+        same_world = by_rank is not None and len(by_rank) == self.rt.world
+        checkpoint.set_rng_state(by_rank[self.rt.rank] if same_world else trainer["rng"])
         if "method" in trainer:  # what a method keeps beyond the model (PPO: value head, KL coefficient)
             self.method.load_state_dict(trainer["method"])
         self._echo(f"resumed from {ckpt} at step {self.step}")

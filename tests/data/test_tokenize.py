@@ -104,6 +104,25 @@ def test_conversations_need_a_chat_template(tokenizer, monkeypatch):
         "data.jsonl:3: conversational rows need a tokenizer with a chat template (or data.chat_template)")
 
 
+def test_a_prompt_rendered_otherwise_alone_continues_where_they_agree_and_warns_once(tokenizer, monkeypatch):
+    import warnings
+
+    from dpokit.data import tokenize
+
+    monkeypatch.setattr(tokenize, "_PREFIX_MISMATCH_WARNED", False)
+    template = ("{% for m in messages %}{% if m.role == 'user' %}U: {{ m.content }}\n{% else %}B: {{ m.content }}"
+                "<|im_end|>{% endif %}{% endfor %}{% if add_generation_prompt %}A: {% endif %}")
+    monkeypatch.setattr(tokenizer, "chat_template", template)
+    record = PreferenceRecord([{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Hello"}],
+                              [{"role": "assistant", "content": "No"}], "data.jsonl:7")
+    with pytest.warns(UserWarning, match=r"data.jsonl:7: the chat template renders the prompt alone differently "
+                                         r"from the start of prompt \+ completion \(they differ at character 6"):
+        assert render(record, tokenizer) == ("U: Hi\nA: ", "B: Hello<|im_end|>", "B: No<|im_end|>")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once a process
+        render(record, tokenizer)
+
+
 # ---- truncation
 
 PROMPT = "one two three four five six seven eight nine ten"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpokit.generation.packed_linear import packable, packed_linears, packed_weight
+from dpokit.generation.packed_linear import packable, packed_linears
 from tests.helpers import tiny_llama
 
 needs_bf16 = pytest.mark.skipif(not (torch.backends.mkldnn.is_available()
@@ -27,16 +27,17 @@ def test_bf16_logits_are_unchanged_and_the_layers_restored():
 
 
 @needs_bf16
-def test_a_weight_is_packed_again_only_after_it_changed():
+def test_each_context_packs_the_weights_as_they_are_then():
     layer = torch.nn.Linear(16, 8, dtype=torch.bfloat16)
-    first = packed_weight(layer)
-    assert packed_weight(layer) is first
-    with torch.no_grad():
-        layer.weight.mul_(2)  # an optimizer step updates in place: the version moves
     x = torch.randn(3, 16, dtype=torch.bfloat16)
-    with torch.no_grad(), packed_linears(layer):
-        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
-    assert packed_weight(layer) is not first
+    with torch.no_grad():
+        with packed_linears(layer):
+            before = layer(x)
+        layer.weight.mul_(2)  # an optimizer step between two generation calls
+        with packed_linears(layer):
+            after = layer(x)
+    assert torch.equal(after, torch.nn.functional.linear(x, layer.weight, layer.bias))
+    assert not torch.equal(after, before)
 
 
 def test_other_dtypes_and_gradients_are_left_alone():

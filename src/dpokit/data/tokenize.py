@@ -18,6 +18,7 @@ without a word.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,10 +95,28 @@ def render(record: PreferenceRecord, tokenizer) -> tuple[str, str, str]:
         else:  # a template that renders the prompt differently alone: continue from where they agree
             n = next((i for i, (a, b) in enumerate(zip(full, prompt)) if a != b), min(len(full), len(prompt)))
             text = full[n:]
+            _warn_prefix_mismatch(record.source, prompt, full, n)
         # the template's text after the end-of-turn token (a newline) is never generated: end at EOS
         completions.append(text.rstrip())
     _check_tools_rendered(record, prompt, completions)
     return prompt, completions[0], completions[1]
+
+
+_PREFIX_MISMATCH_WARNED = False
+
+
+def _warn_prefix_mismatch(source: str, prompt: str, full: str, n: int) -> None:
+    """Once a process (as TRL warns): the chat template renders a prompt alone otherwise than at the start of
+    prompt + completion, so the completion is taken from where they first differ, and what the model is
+    trained on after the prompt is not what it is asked to continue at generation time."""
+    global _PREFIX_MISMATCH_WARNED
+    if _PREFIX_MISMATCH_WARNED:
+        return
+    _PREFIX_MISMATCH_WARNED = True
+    warnings.warn(f"{source}: the chat template renders the prompt alone differently from the start of prompt + "
+                  f"completion (they differ at character {n}: {prompt[n:n + 40]!r} alone, {full[n:n + 40]!r} with the "
+                  "completion); the completion is taken from there. Common with templates that drop earlier turns' "
+                  "reasoning; set data.chat_template to one that renders both alike. (Warned once.)", stacklevel=2)
 
 
 def _check_tools_rendered(record: PreferenceRecord, prompt: str, completions: list[str]) -> None:
