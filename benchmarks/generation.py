@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from dpokit import models
-from dpokit.generation.backends import TransformersBackend, pad_id_for, stop_token_ids
+from dpokit.generation.backends import TransformersBackend, left_padded, pad_id_for, stop_token_ids
 from dpokit.generation.judges import build_judge, checked_scores
 from dpokit.generation.prompts import as_model_input, read_prompts
 from dpokit.generation.sampling import Sampler, SamplingSettings, completion_logps
@@ -62,16 +62,6 @@ def plain_generate(model, input_ids, attention_mask, *, max_new_tokens: int, pad
                               eos_token_id=list(stop_ids), pad_token_id=pad_id)
     torch.manual_seed(seed)
     return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-
-
-def left_pad(prompt_ids, pad_id):
-    width = max(len(p) for p in prompt_ids)
-    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompt_ids):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    return ids, mask
 
 
 def cut(rows, stops):
@@ -107,7 +97,7 @@ def cell(model, tokenizer, judge, prompts, *, batch: int, new_tokens: int, calls
             chunk = [encoded[(k * batch + i) // per_prompt % len(encoded)] for i in range(batch)]
             ids = [c[1] for c in chunk]
             if name == "plain generate":
-                input_ids, mask = left_pad(ids, pad_id)
+                input_ids, mask = left_padded(ids, max(len(i) for i in ids), pad_id)
                 rows = plain_generate(model, input_ids, mask, max_new_tokens=new_tokens, pad_id=pad_id,
                                       stop_ids=stops, seed=seed + k)[:, input_ids.shape[1]:].tolist()
                 got = cut(rows, set(stops))

@@ -280,6 +280,12 @@ def resolve_dtype(name: str, device) -> str:
     return "bfloat16" if fast_bf16(device) else "float32"
 
 
+def load_for_generation(name: str, *, dtype: str, device):
+    """`load_model` on `device` (a torch.device) in eval mode, `dtype` `auto` resolved for that device: the
+    model that sampling, evaluation and chat generate with."""
+    return load_model(name, dtype=resolve_dtype(dtype, device)).to(device).eval()
+
+
 def torch_dtype(name: str):
     """torch.float32 for "float32", and so on for the names in DTYPES."""
     import torch

@@ -170,8 +170,8 @@ def test_each_draw_s_log_prob_is_its_log_softmax(temperature, top_p):
 
     logits = torch.randn(64, 300, generator=torch.Generator().manual_seed(1)) * 4
     warper = TopPLogitsWarper(top_p) if top_p < 1 else None
-    u = torch.rand((64, 1), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    sampled, logp = next_tokens(logits, temperature=temperature, top_p_warper=warper, u=u if temperature else None)
+    sampled, logp = next_tokens(logits, temperature=temperature, top_p_warper=warper,
+                                rng=torch.Generator().manual_seed(2))
     expected = torch.log_softmax(logits.double(), dim=-1).gather(1, sampled[:, None]).squeeze(1)
     assert logp.dtype == torch.float64 and torch.allclose(logp, expected, atol=1e-5)
     if temperature == 0:

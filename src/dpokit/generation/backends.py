@@ -84,12 +84,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, 
     width = max(len(p) for p in unique)
     cache = preallocated_cache(width + max_new_tokens)
     cached = {cache_argument(model): cache}
-    input_ids = torch.full((len(unique), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(unique), width), dtype=torch.long)
-    for i, ids in enumerate(unique):  # left padding: every row's next token is at the same column
-        input_ids[i, width - len(ids):] = torch.tensor(ids)
-        mask[i, width - len(ids):] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
+    input_ids, mask = (t.to(device) for t in left_padded(unique, width, pad_id))
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     top_p_warper = TopPLogitsWarper(top_p) if temperature > 0 and top_p < 1.0 else None
     rng = torch.Generator(device=device).manual_seed(seed)
@@ -109,9 +104,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, 
         stops = torch.tensor(sorted(set(stop_ids)), device=device)
         for step in range(max_new_tokens):
             if len(active):  # (a process whose rows are done only steps with the others, below)
-                u = None if temperature == 0 else torch.rand((len(active), 1), generator=rng, device=device,
-                                                             dtype=torch.float64)
-                sampled, picked = next_tokens(logits, temperature=temperature, top_p_warper=top_p_warper, u=u)
+                sampled, picked = next_tokens(logits, temperature=temperature, top_p_warper=top_p_warper, rng=rng)
                 for k, token, lp in zip(active.tolist(), sampled.tolist(), picked.tolist()):
                     tokens[k].append(token)
                     logps[k] += lp
@@ -139,11 +132,20 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, 
     return [Completion(tuple(t), bool(t) and t[-1] in stop_set, lp) for t, lp in zip(tokens, logps)]
 
 
+def left_padded(rows: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows left-padded to `width` (every row's next token at the same column) and their attention mask."""
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    return ids, mask
+
+
 def next_tokens(logits: torch.Tensor, *, temperature: float, top_p_warper,
-                u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token a row, greedy at temperature 0, else drawn by inverse CDF at `u` (rows × 1 uniforms,
-    float64; None when greedy) from the logits warped by temperature and top-p; and its log-prob under the
-    unwarped logits. The probabilities are exp(logits - logsumexp(logits)) as computed since the loop was
+                rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token a row, greedy at temperature 0, else drawn by inverse CDF (one uniform a row from `rng`)
+    from the logits warped by temperature and top-p; and its log-prob under the unwarped logits. The probabilities are exp(logits - logsumexp(logits)) as computed since the loop was
     written: computed otherwise (exp(logits - max), one pass fewer), they differ in the last bits and flipped
     one draw in 16,384 of make paper's seed-1 samples, whose published figures stand on those draws."""
     log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
@@ -154,6 +156,7 @@ def next_tokens(logits: torch.Tensor, *, temperature: float, top_p_warper,
         if top_p_warper is not None:
             scores = top_p_warper(None, scores)
         probs = torch.softmax(scores, dim=-1) if scores is not logits else (logits - log_norm).exp()
+        u = torch.rand((len(logits), 1), generator=rng, device=logits.device, dtype=torch.float64)
         sampled = inverse_cdf(probs, u)
     return sampled, (logits.gather(1, sampled[:, None]) - log_norm).squeeze(1).double()
 

@@ -80,8 +80,7 @@ class Sampler:
     def load(cls, name: str, settings: SamplingSettings, *, device: str = "auto", dtype: str = "float32",
              tokenizer_from: str | None = None) -> Sampler:
         tokenizer = load_tokenizer_for(name, fallback=tokenizer_from)
-        device = pick_device(device)
-        model = models.load_model(name, dtype=models.resolve_dtype(dtype, device)).to(device).eval()
+        model = models.load_for_generation(name, dtype=dtype, device=pick_device(device))
         return cls(model, tokenizer, settings)
 
     def encode(self, prompt: Prompt) -> tuple[Prompt, list[int]]:

@@ -42,8 +42,7 @@ class Chat:
         from dpokit.rundir import load_tokenizer_for
 
         tokenizer = load_tokenizer_for(name)
-        device = pick_device(device)
-        model = models.load_model(name, dtype=models.resolve_dtype(dtype, device)).to(device).eval()
+        model = models.load_for_generation(name, dtype=dtype, device=pick_device(device))
         return cls(model, tokenizer, **options)
 
     def reset(self) -> None:

@@ -203,14 +203,13 @@ class Evaluator:
             raise ConfigError(f"evaluation samples at temperature 1 without top-p (the KL estimate needs samples of "
                               f"π itself), not at temperature {settings.temperature}, top-p {settings.top_p}")
         self.reference_name, self.judge, self.settings = reference, judge, settings.check()
-        self.device, self.progress = pick_device(device), progress
-        self.dtype = models.resolve_dtype(dtype, self.device)
+        self.device, self.dtype, self.progress = pick_device(device), dtype, progress
         ref_rows, self.reference_seed = None, None
         if reference_samples is not None:
             ref_rows = self._read_reference_samples(reference_samples)
         elif prompts is None:
             raise ConfigError("evaluate needs held-out prompts (--prompts) or reference samples (--reference-samples)")
-        self.reference = Sampler.load(reference, self.settings, device=str(self.device), dtype=self.dtype)
+        self.reference = Sampler.load(reference, self.settings, device=str(self.device), dtype=dtype)
         self.tokenizer = self.reference.tokenizer
         if ref_rows is None:
             self.echo(f"sampling the reference {reference} on {len(prompts)} prompts")
@@ -274,7 +273,7 @@ class Evaluator:
             raise DataError(f"{self.reference_seed[0]} was sampled with seed {s.seed}, the evaluation's own: the "
                             "policy's samples would share the reference's random numbers and not be independent of "
                             "them; evaluate with another --seed")
-        model = models.load_model(policy, dtype=self.dtype).to(self.device).eval()
+        model = models.load_for_generation(policy, dtype=self.dtype, device=self.device)
         sampler = Sampler(model, self.tokenizer, s)
         drawn = self._draw(sampler)
         policy_scores = None if self.pairwise else score_rows(self.judge, [d.row(i) for i, d in enumerate(drawn)])
