@@ -14,7 +14,9 @@ repeated to fill the batch; with `--samples-per-prompt N`, N consecutive rows sh
 - `dpokit sample`: `Sampler.sample`, what `dpokit sample` runs per batch: generation, the log-prob of each
   completion under the model (recorded from the generation's own logits since 2026-12-06, before that a
   second forward pass), decoding;
-- llama.cpp on the same GGUF, where `llama_cpp` is installed (else the row says why it is skipped).
+- `llama.cpp`: llama.cpp on the same GGUF file, its own quantised weights and kernels, sampling with its
+  own `dist` sampler (`llama_cpp_anchor.py`), where llama-cpp-python is installed, else the report says why
+  it is skipped; measured in the first dtype's cells only, since its weights are the file's.
 
 It prints completions/s and generated tokens/s of each, the matmul floor (2 × parameters FLOPs per
 generated token at the measured matmul peak of this dtype), and the sample distribution of plain generate
@@ -33,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from llama_cpp_anchor import Anchor, available
 
 from dpokit import models
 from dpokit.generation.backends import TransformersBackend, left_padded, pad_id_for, stop_token_ids
@@ -80,7 +83,7 @@ def mean_se(values):
 
 
 def cell(model, tokenizer, judge, prompts, *, batch: int, new_tokens: int, calls: int, seed: int = 0,
-         per_prompt: int = 1) -> dict:
+         per_prompt: int = 1, anchor: Anchor | None = None) -> dict:
     stops = stop_token_ids(model, tokenizer)
     pad_id = pad_id_for(tokenizer, stops)
     encoded = [as_model_input(p, tokenizer, "none") for p in prompts]
@@ -88,8 +91,10 @@ def cell(model, tokenizer, judge, prompts, *, batch: int, new_tokens: int, calls
     settings = SamplingSettings(n=per_prompt, max_new_tokens=new_tokens, batch_size=batch, template="none", seed=seed)
     sampler = Sampler(model, tokenizer, settings)
     out = {"batch_size": batch, "new_tokens": new_tokens, "calls": calls, "samples_per_prompt": per_prompt}
-    samples = {"plain generate": [], "dpokit generate": []}
-    for name in ("plain generate", "dpokit generate", "dpokit sample"):
+    samples = {"plain generate": [], "dpokit generate": [], **({"llama.cpp": []} if anchor else {})}
+    if anchor is not None:  # its first call sets up its kernels; untimed, as the torch paths' warm-up
+        anchor.generate([encoded[0][1]], max_new_tokens=2, stop_ids=stops, seed=seed)
+    for name in ("plain generate", "dpokit generate", "dpokit sample", *(["llama.cpp"] if anchor else [])):
         tokens = completions = 0
         start = time.perf_counter()
         for k in range(calls):
@@ -101,6 +106,8 @@ def cell(model, tokenizer, judge, prompts, *, batch: int, new_tokens: int, calls
                 rows = plain_generate(model, input_ids, mask, max_new_tokens=new_tokens, pad_id=pad_id,
                                       stop_ids=stops, seed=seed + k)[:, input_ids.shape[1]:].tolist()
                 got = cut(rows, set(stops))
+            elif name == "llama.cpp":
+                got = anchor.generate(ids, max_new_tokens=new_tokens, stop_ids=stops, seed=seed + k)
             elif name == "dpokit generate":
                 got = [c.ids for c in backend.generate(ids, temperature=1.0, top_p=1.0, max_new_tokens=new_tokens,
                                                       stop_ids=stops, pad_id=pad_id, seed=seed + k)]
@@ -140,13 +147,20 @@ def across_dtypes(cells: list[dict]) -> list[dict]:
     return rows
 
 
-def llama_cpp_row() -> dict:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return {"skipped": "llama-cpp-python is not installed here (PyPI's package builds llama.cpp from source "
-                           "with cmake and a C++ compiler at install time; not part of dpokit's set-up)"}
-    return {"skipped": "llama_cpp is installed, but its row is not implemented yet"}
+def llama_cpp_anchor(model: str, *, repack: bool) -> tuple[Anchor | None, dict]:
+    """llama.cpp loaded on the model's GGUF file, and what the report says of it (or why it is skipped)."""
+    why = available()
+    source = models.resolve(model)
+    if why is None and source.kind != "gguf":
+        why = f"{model} is not a GGUF file"
+    if why is not None:
+        return None, {"skipped": why}
+    import llama_cpp
+
+    anchor = Anchor(source.path, torch.get_num_threads(), extra_buffers=repack)
+    return anchor, {"llama_cpp_python": llama_cpp.__version__, "gguf": source.path, "threads": anchor.threads,
+                    "repacked_weights": repack, "sampler": "dist (softmax at temperature 1, whole vocabulary)",
+                    "weights": "the GGUF's own (quantised); dpokit's rows dequantise them"}
 
 
 def main(argv=None) -> int:
@@ -163,6 +177,9 @@ def main(argv=None) -> int:
                         help="completions per cell and path, at least one batch (default 256)")
     parser.add_argument("--max-calls", type=int, default=16,
                         help="generate calls per cell and path at the most (batch 1: 16 completions; default 16)")
+    parser.add_argument("--llama-cpp-repack", action="store_true",
+                        help="let llama.cpp repack the weights for its AMX/extra-buffer kernels (off: with "
+                             "llama-cpp-python 0.3.36 on the AMX Xeon, Q4_1 repacked for AMX crashed in llama_decode)")
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/generation-<date>.json)")
     args = parser.parse_args(argv)
 
@@ -172,8 +189,9 @@ def main(argv=None) -> int:
     prompts = read_prompts(args.prompts)
     judge = build_judge("sentiment")
     params = None
+    anchor, llama = llama_cpp_anchor(args.model, repack=args.llama_cpp_repack)
     report = {"date": datetime.date.today().isoformat(), "machine": machine("cpu"), "versions": versions(),
-              "model": args.model, "prompts": args.prompts, "cells": [], "llama.cpp": llama_cpp_row()}
+              "model": args.model, "prompts": args.prompts, "cells": [], "llama.cpp": llama}
     print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, flags "
           f"{' '.join(report['machine']['cpu_flags'])}")
     for dtype_name in args.dtypes:
@@ -187,14 +205,17 @@ def main(argv=None) -> int:
                 calls = max(1, min(args.completions // batch, args.max_calls))
                 with torch.no_grad():
                     r = cell(model, tokenizer, judge, prompts, batch=batch, new_tokens=new_tokens, calls=calls,
-                             per_prompt=args.samples_per_prompt)
+                             per_prompt=args.samples_per_prompt,
+                             anchor=anchor if dtype_name == args.dtypes[0] else None)  # dtype-free: once
                 r["dtype"] = dtype_name
                 r["matmul_peak_flops"] = peak
                 r["floor_tokens_per_s"] = peak / (2 * params)
                 report["cells"].append(r)
                 plain = r["plain generate"]["completions_per_s"]
                 line = [f"  batch {batch:>3} × {new_tokens:>3} tokens, {args.samples_per_prompt} a prompt:"]
-                for name in ("plain generate", "dpokit generate", "dpokit sample"):
+                for name in ("plain generate", "dpokit generate", "dpokit sample", "llama.cpp"):
+                    if name not in r:
+                        continue
                     x = r[name]
                     line.append(f"{name} {x['completions_per_s']:7.1f} compl/s {x['tokens_per_s']:7.0f} tok/s "
                                 f"({x['completions_per_s'] / plain:.2f}×)")
@@ -203,7 +224,13 @@ def main(argv=None) -> int:
                 print(f"    same distribution: log-prob {p['logp']['mean']:.2f}±{p['logp']['se']:.2f} vs "
                       f"{d['logp']['mean']:.2f}±{d['logp']['se']:.2f}; reward {p['reward']['mean']:.3f}±"
                       f"{p['reward']['se']:.3f} vs {d['reward']['mean']:.3f}±{d['reward']['se']:.3f}")
+                if "llama.cpp" in r:
+                    q = r["llama.cpp"]
+                    print(f"    llama.cpp's samples: log-prob {q['logp']['mean']:.2f}±{q['logp']['se']:.2f}; "
+                          f"reward {q['reward']['mean']:.3f}±{q['reward']['se']:.3f}")
         del model
+    if anchor is not None:
+        anchor.close()
     report["sample_auto_vs_plain_defaults"] = across_dtypes(report["cells"])
     for row in report["sample_auto_vs_plain_defaults"]:
         print(f"`dpokit sample --dtype auto` ({row['auto']}) against plain generate's defaults (float32), batch "

@@ -176,3 +176,26 @@ def test_each_draw_s_log_prob_is_its_log_softmax(temperature, top_p):
     assert logp.dtype == torch.float64 and torch.allclose(logp, expected, atol=1e-5)
     if temperature == 0:
         assert torch.equal(sampled, logits.argmax(-1))
+
+
+def test_rows_moved_into_finished_rows_places_draw_what_rows_kept_in_order_draw(monkeypatch):
+    """Finished rows' places are filled from the batch's end; every sequence still gets the uniform of its
+    place among the sequences running, so the samples and log-probs are those of a batch kept in order."""
+    from dpokit.generation import backends
+
+    model = tiny_llama(vocab_size=8, seed=1, initializer_range=0.3).eval()
+    prompts = [(1, 3), (4, 5, 6), (3,), (7, 1)] * 6
+    kwargs = dict(temperature=1.0, top_p=1.0, max_new_tokens=10, stop_ids=[2, 6], pad_id=0, seed=3)
+    moved = generate(model, prompts, **kwargs)
+
+    def keep_order(cache, running):
+        keep = running.nonzero().squeeze(1)
+        cache.batch_select_indices(keep)
+        return keep
+
+    monkeypatch.setattr(backends, "drop_finished", keep_order)
+    in_order = generate(model, prompts, **kwargs)
+    lengths = {len(c.ids) for c in in_order}
+    assert sum(c.finished for c in in_order) > 12 and len(lengths) > 4  # rows finish at many different steps
+    assert [c.ids for c in moved] == [c.ids for c in in_order]
+    assert [c.logp for c in moved] == [c.logp for c in in_order]

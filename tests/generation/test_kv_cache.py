@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from dpokit.generation.kv_cache import preallocated_cache
+from dpokit.generation.kv_cache import drop_finished, preallocated_cache
 from tests.helpers import tiny_llama
 
 
@@ -41,3 +41,18 @@ def test_logits_are_the_dynamic_cache_s_exactly():
 def test_a_cache_asked_past_its_capacity_says_so():
     with pytest.raises(RuntimeError, match="KV cache full: 7 positions asked of 6"):
         _decode(tiny_llama(vocab_size=64), preallocated_cache(6))
+
+
+def test_finished_rows_are_dropped_by_moving_the_last_running_rows_into_their_places():
+    model = tiny_llama(vocab_size=64)
+    ids = torch.arange(5 * 3).reshape(5, 3) % 60 + 3
+    with torch.no_grad():
+        ours, theirs = preallocated_cache(6), DynamicCache()
+        for cache in (ours, theirs):
+            model(input_ids=ids, past_key_values=cache, use_cache=True)
+    order = drop_finished(ours, torch.tensor([True, False, True, False, True]))
+    assert order.tolist() == [0, 4, 2]  # row 4 fills row 1's place; row 3 had finished too
+    theirs.batch_select_indices(order)
+    for a, b in zip(ours.layers, theirs.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values) and a.keys.shape[0] == 3
+    assert drop_finished(ours, torch.tensor([True, True, True])).tolist() == [0, 1, 2]

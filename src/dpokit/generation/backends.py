@@ -29,7 +29,7 @@ import torch
 
 from dpokit.errors import ConfigError
 from dpokit.fields import did_you_mean
-from dpokit.generation.kv_cache import preallocated_cache
+from dpokit.generation.kv_cache import drop_finished, preallocated_cache
 from dpokit.generation.packed_linear import packed_linears
 
 
@@ -65,9 +65,9 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, 
       - a prompt repeated in the batch is prefilled once and its KV cache copied to its rows;
       - the KV cache is allocated once and written in place (`kv_cache.py`), where `DynamicCache` copies it
         whole at every step; bf16 linear layers on a CPU run on weights packed once (`packed_linear.py`);
-      - a row leaves the batch, and its cache, as soon as it samples a stop token (kept longer, it changes
-        the batch's matrix shapes, and with them fp32 products in their last bits: one draw in 340 of make
-        paper's iterative DPO-GT flipped);
+      - a row leaves the batch, and its cache, as soon as it samples a stop token, the last rows moved into
+        its place (kept longer, it changes the batch's matrix shapes, and with them fp32 products in their
+        last bits: one draw in 340 of make paper's iterative DPO-GT flipped);
       - a token is drawn by inverse CDF, one uniform number a row (`inverse_cdf`), where `torch.multinomial`
         draws one exponential per vocabulary entry: measured 168 ms a step of 128 rows × 49k tokens on a
         2-core CPU, 23% of `generate`'s whole call. The draws are therefore not `generate`'s for a seed.
@@ -104,7 +104,8 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, 
         stops = torch.tensor(sorted(set(stop_ids)), device=device)
         for step in range(max_new_tokens):
             if len(active):  # (a process whose rows are done only steps with the others, below)
-                sampled, picked = next_tokens(logits, temperature=temperature, top_p_warper=top_p_warper, rng=rng)
+                sampled, picked = next_tokens(logits, temperature=temperature, top_p_warper=top_p_warper, rng=rng,
+                                              place=active.argsort().argsort())
                 for k, token, lp in zip(active.tolist(), sampled.tolist(), picked.tolist()):
                     tokens[k].append(token)
                     logps[k] += lp
@@ -114,9 +115,8 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, 
                 break
             running = ~torch.isin(sampled, stops)
             if len(active) and not running.all():  # finished rows leave the batch and its cache
-                keep = running.nonzero().squeeze(1)
-                cache.batch_select_indices(keep)
-                active, sampled, mask, last = active[keep], sampled[keep], mask[keep], last[keep]
+                order = drop_finished(cache, running)
+                active, sampled, mask, last = active[order], sampled[order], mask[order], last[order]
             if not (_any_running(len(active), device) if synced else len(active)):
                 break
             if len(active) == 0:  # this process is done, another is not: step with it (its parameters are gathered)
@@ -142,12 +142,15 @@ def left_padded(rows: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple
     return ids, mask
 
 
-def next_tokens(logits: torch.Tensor, *, temperature: float, top_p_warper,
-                rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def next_tokens(logits: torch.Tensor, *, temperature: float, top_p_warper, rng: torch.Generator,
+                place: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One token a row, greedy at temperature 0, else drawn by inverse CDF (one uniform a row from `rng`)
-    from the logits warped by temperature and top-p; and its log-prob under the unwarped logits. The probabilities are exp(logits - logsumexp(logits)) as computed since the loop was
-    written: computed otherwise (exp(logits - max), one pass fewer), they differ in the last bits and flipped
-    one draw in 16,384 of make paper's seed-1 samples, whose published figures stand on those draws."""
+    from the logits warped by temperature and top-p; and its log-prob under the unwarped logits. `place`:
+    each row's place in its sequences' order, which the uniforms are drawn in (rows are reordered as
+    sequences finish; a sequence's draws stay those of the order it was started in).
+    The probabilities are exp(logits - logsumexp(logits)) as computed since the loop was written: computed
+    otherwise (exp(logits - max), one pass fewer), they differ in the last bits and flipped one draw in
+    16,384 of make paper's seed-1 samples, whose published figures stand on those draws."""
     log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
     if temperature == 0:
         sampled = logits.argmax(dim=-1)
@@ -157,6 +160,7 @@ def next_tokens(logits: torch.Tensor, *, temperature: float, top_p_warper,
             scores = top_p_warper(None, scores)
         probs = torch.softmax(scores, dim=-1) if scores is not logits else (logits - log_norm).exp()
         u = torch.rand((len(logits), 1), generator=rng, device=logits.device, dtype=torch.float64)
+        u = u if place is None else u[place]
         sampled = inverse_cdf(probs, u)
     return sampled, (logits.gather(1, sampled[:, None]) - log_norm).squeeze(1).double()
 

@@ -50,10 +50,35 @@ class PreallocatedLayer(DynamicLayer):
         return self.length
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep the rows `indices` (finished rows leave; a prompt's prefill is copied to its samples' rows)."""
+        """Keep the rows `indices`, in that order (a prompt's prefill copied to its samples' rows)."""
         if self.is_initialized:
             self._keys, self._values = self._keys[indices], self._values[indices]
             self._views()
+
+    def move_rows(self, source: torch.Tensor, target: torch.Tensor, rows: int) -> None:
+        """Rows `source` (all ≥ `rows`) overwrite rows `target` (all < `rows`), then the batch is cut to its
+        first `rows`: only the moved rows' filled positions are copied, not the whole cache."""
+        if self.is_initialized:
+            if len(source):
+                self._keys[target, :, :self.length] = self._keys[source, :, :self.length]
+                self._values[target, :, :self.length] = self._values[source, :, :self.length]
+            self._keys, self._values = self._keys[:rows], self._values[:rows]
+            self._views()
+
+
+def drop_finished(cache: Cache, running: torch.Tensor) -> torch.Tensor:
+    """Drop the finished rows of every layer in place: the running rows past the new batch size fill the
+    finished rows' places, where keeping the batch's order would copy every row after the first finished one
+    (a copy of the whole cache at every step a row finishes: 9% of a bf16 call at 128 rows, profiled
+    2026-12-07). Returns `order`, the old row of each new row (the batch's other tensors follow it)."""
+    rows = int(running.sum())
+    order = torch.arange(len(running), device=running.device)
+    target = (~running[:rows]).nonzero().squeeze(1)
+    source = running[rows:].nonzero().squeeze(1) + rows
+    order[target] = source
+    for layer in cache.layers:
+        layer.move_rows(source, target, rows)
+    return order[:rows]
 
 
 def preallocated_cache(capacity: int) -> Cache:
