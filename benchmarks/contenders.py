@@ -43,6 +43,9 @@ DPOKIT_MODES = {
     # the step in the backward pass allows no accumulation and no global-norm clipping
     "in_backward": {"train.optimizer_in_backward": True, "train.micro_batch_size": BATCH, "train.max_grad_norm": 0.0},
     "bf16": {"train.precision": "bf16-mixed"},
+    # freed memory kept in glibc's heap for reuse instead of mapped anew (dpokit.host_memory)
+    "reuse": {"train.reuse_freed_memory": True},
+    "bf16_reuse": {"train.precision": "bf16-mixed", "train.reuse_freed_memory": True},
     "compile": {"train.compile": True},
     "lean": {"train.preset": "lean"},  # the least memory: see dpokit.config.PRESETS
     "lora": {"lora.enabled": True},
@@ -62,6 +65,8 @@ LABELS = {
     "ckpt_8bit": "dpokit default + grad checkpointing + adamw8bit",
     "in_backward": "dpokit default + optimizer step in backward",
     "bf16": "dpokit default, bf16-mixed",
+    "reuse": "dpokit default + reuse_freed_memory",
+    "bf16_reuse": "dpokit default, bf16-mixed + reuse_freed_memory",
     "compile": "dpokit default + torch.compile",
     "lean": "dpokit train.preset=lean",
     "lora": "dpokit LoRA (r 16, adapters-off reference)",
@@ -73,6 +78,11 @@ LABELS = {
     "trl_bf16": "TRL 1.16 DPOTrainer, bf16",
 }
 ALL_CONTENDERS = ["trl", "trl_bf16", *DPOKIT_MODES]
+
+
+def is_bf16(name: str) -> bool:
+    """Whether the row trains in bf16 (it then runs `--bf16-warmup` and `--bf16-steps`)."""
+    return name == "trl_bf16" or DPOKIT_MODES.get(name, {}).get("train.precision") == "bf16-mixed"
 
 
 def kind_and_mode(name: str) -> tuple[str, str]:
@@ -147,7 +157,7 @@ def drop_skipped(names: list[str], args, peaks: dict) -> dict[str, str]:
                                f"({fp32 / 1e9:.0f}) on this machine, so a TRL bf16 update takes several times the "
                                "fp32 one; --trl-bf16 yes runs it")
     if args.bf16_steps == 0:
-        for name in ("bf16", "trl_bf16"):
+        for name in [n for n in names if is_bf16(n)]:
             if name in names:
                 names.remove(name)
                 skipped[name] = "--bf16-steps 0"
@@ -169,7 +179,7 @@ def make_specs(args, work, names: list[str]) -> list[dict]:
     specs = []
     for name in names:
         warmup, steps = args.warmup, args.steps
-        if kind_and_mode(name)[1] == "bf16":
+        if is_bf16(name):
             warmup, steps = min(args.warmup, args.bf16_warmup), min(args.steps, args.bf16_steps)
         first = args.warmup - warmup  # the timed updates always start at update `args.warmup`
         specs.append(make_spec(args, name, data=work.slice_file(first, warmup + steps), batch=args.batch,

@@ -99,7 +99,7 @@ def recorded_rows(path: Path) -> list[tuple[str, float, float]]:
         for r in results["contenders"]:
             if r["kind"] != "dpokit" or not r.get("ok") or r["mode"] not in DPOKIT_MODES or not r.get("warmup"):
                 continue
-            if r["mode"] in ("compile", "bf16"):  # compiled graphs and a bf16 CPU path: not modelled
+            if r["mode"] in ("compile", "bf16", "bf16_reuse"):  # compiled graphs and a bf16 CPU path: not modelled
                 continue
             overrides = {"model.name": s["model"], "data.train": f.name, "data.max_length": s["max_length"],
                          "train.batch_size": s["batch"], "train.precision": "fp32",

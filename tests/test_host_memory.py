@@ -39,3 +39,33 @@ def test_freed_tensors_leave_the_process():
     assert released["released"] and not heap["released"]
     assert heap["kept"] > 100e6  # 128 MB freed, still resident
     assert released["kept"] < 20e6
+
+
+# Allocate, fill and free a 64 MB tensor 8 times (past glibc's largest mmap threshold, 32 MB: mapped anew each
+# time by default) and count the page faults of the last 6 (the heap settles in the first rounds).
+REUSE_CHILD = """
+import json, resource, sys
+import torch
+from dpokit import host_memory
+reused = host_memory.reuse_freed_memory() if sys.argv[1] == "reuse" else False
+faults = []
+for _ in range(8):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(16 << 20)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    del x
+print(json.dumps({"reused": reused, "faults": sum(faults[2:])}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt; elsewhere the setting does nothing")
+def test_reused_memory_is_not_faulted_in_again():
+    def faults(mode: str) -> dict:
+        out = subprocess.run([sys.executable, "-c", REUSE_CHILD, mode], capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    default, reused = faults("default"), faults("reuse")
+    assert reused["reused"] and not default["reused"]
+    assert default["faults"] > 6 * 16000  # 64 MB in 4 kB pages, mapped anew each round
+    # the freed block is reused (where the heap's layout shifts a block's alignment, one round extends the heap)
+    assert reused["faults"] < 2 * 16000

@@ -37,6 +37,7 @@ IN_BACKWARD = ("train.optimizer_in_backward=true", "train.micro_batch_size=4", "
     (["train.optimizer_in_backward=true", "train.micro_batch_size=4"], "train.max_grad_norm=0"),
     (["distributed.cpu_offload=true"], "needs distributed.strategy=fsdp"),
     (["train.preset=lean", "train.micro_batch_size=2"], "no gradient accumulation"),
+    (["train.preset=lean", "train.reuse_freed_memory=true"], "pull opposite ways"),
 ])
 def test_config_refuses_what_the_memory_options_exclude(tiny_config, overrides, message):
     with pytest.raises(ConfigError, match=message):

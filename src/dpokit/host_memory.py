@@ -1,4 +1,4 @@
-"""Host (CPU) memory: give freed tensor memory back to the system at once.
+"""Host (CPU) memory: give freed tensor memory back to the system at once, or keep all of it for reuse.
 
 glibc serves large allocations from its heap once freed ones have raised its mmap threshold (up to 32 MB), and a
 heap with live tensors between freed ones cannot shrink: a training step's temporaries, freed layer after layer,
@@ -7,6 +7,15 @@ with the dynamic threshold, 2.2 GB with it fixed at 4 MB or 64 kB; LoRA 6.02 GB 
 (which of LoRA's allocations keep the heap from shrinking was not established). Each step is
 20-30% slower (fresh pages are faulted in). The CUDA caching allocator is unaffected: this is for training on a
 CPU.
+
+The other way: glibc maps every allocation above its threshold (32 MB at most) anew and unmaps it when freed,
+so the vocabulary-wide temporaries (a batch's logits, their log-softmax, a decode step's 128 x 49,152
+probabilities) are faulted in page by page at every step: `aten::sub` over the logits took 1.1-1.3 s of a
+training step, 28 ms a call, where the same subtraction into reused memory takes a few. With no mappings and
+no trimming (`reuse_freed_memory`) every freed block stays in the heap for the next allocation: measured
+2026-12-07 on the AMX Xeon, the default fp32 step 28.7 -> 24.6 s per update at 8.43 -> 9.10 GB peak RSS,
+bf16-mixed 19.8 -> 16.6 s; generation 5-18% faster. The same arithmetic: only where the memory comes from
+changes (torch aligns every block to 64 bytes either way).
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ import ctypes
 import ctypes.util
 import functools
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters
 RELEASE_THRESHOLD = 64 << 10  # allocations from 64 kB up get their own mapping, returned to the system when freed
 
 
@@ -23,10 +32,23 @@ RELEASE_THRESHOLD = 64 << 10  # allocations from 64 kB up get their own mapping,
 def release_freed_memory() -> bool:
     """Fix glibc's mmap threshold for the rest of the process; False where the C library has no mallopt (musl,
     macOS), where nothing changes."""
+    mallopt = _mallopt()
+    return mallopt is not None and mallopt(M_MMAP_THRESHOLD, RELEASE_THRESHOLD) == 1
+
+
+@functools.cache
+def reuse_freed_memory() -> bool:
+    """Serve every allocation from glibc's heap and never shrink it, for the rest of the process: freed memory
+    is reused instead of mapped and faulted in again; the process keeps its peak. False where the C library
+    has no mallopt, where nothing changes."""
+    mallopt = _mallopt()
+    return mallopt is not None and mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+
+
+def _mallopt():
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
-        return False
+        return None
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return mallopt(M_MMAP_THRESHOLD, RELEASE_THRESHOLD) == 1
+    return mallopt

@@ -103,6 +103,9 @@ class Trainer:
         if t.release_freed_memory and runtime.device.type == "cpu" and not host_memory.release_freed_memory():
             warnings.warn("train.release_freed_memory: this C library has no mallopt; freed memory stays in the heap",
                           stacklevel=2)
+        if t.reuse_freed_memory and runtime.device.type == "cpu" and not host_memory.reuse_freed_memory():
+            warnings.warn("train.reuse_freed_memory: this C library has no mallopt; large blocks are mapped anew",
+                          stacklevel=2)
         torch.manual_seed(t.seed)
 
         with runtime.main_first():  # the first load may convert the GGUF default model

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dpokit import estimate, validate
+from dpokit import estimate, host_memory, validate
 from dpokit.cli import pipeline, training
 from dpokit.errors import error_line, exit_status
 from dpokit.methods.registry import METHODS
@@ -37,8 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# commands whose process only generates and scores: it keeps freed memory for reuse (`host_memory`), since a
+# decode step's vocabulary-wide temporaries would otherwise be mapped and faulted in anew at every step
+GENERATING = {pipeline.sample_command, pipeline.evaluate_command, pipeline.frontier_command,
+              pipeline.generate_command, pipeline.chat_command}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.func in GENERATING:
+        host_memory.reuse_freed_memory()
     return exit_status(args.func, args)
 
 
