@@ -299,8 +299,8 @@ class TrainSection:
                                      "heap: a lower peak for 20-30% more time per step; nothing on a GPU")
     reuse_freed_memory: bool = opt(False, "CPU only: keep all freed tensor memory in glibc's heap for reuse (no "
                                    "mappings, no trimming, dpokit.host_memory) instead of mapping large blocks anew "
-                                   "at every step: measured 14% less time per fp32 step for an 8% higher peak; "
-                                   "nothing on a GPU")
+                                   "at every step: measured 12-14% less time per fp32 step, its peak the same to 8% "
+                                   "higher; nothing on a GPU")
     seed: int = opt(42, "seed for data order and initialisation")
     eval_every: int = opt(0, "evaluate on held-out pairs every N steps (0: before and after training only)", min=0)
     log_every: int = opt(1, "log metrics every N steps", min=1)

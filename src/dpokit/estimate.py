@@ -276,8 +276,8 @@ def estimate(cfg, *, lengths: Lengths | None = None, shape: Shape | None = None,
         notes.append("GPU: PyTorch's allocations (torch.cuda.max_memory_allocated); the CUDA context adds ~0.5 GB")
     freed_heap = allowance = 0.0
     if device == "cpu" and t.reuse_freed_memory:
-        notes.append("train.reuse_freed_memory keeps every freed block in the heap: not modelled; measured 8% above "
-                     "glibc's default peak on the benchmark's default step (9.10 against 8.43 GB)")
+        notes.append("train.reuse_freed_memory keeps every freed block in the heap: not modelled; measured 0-8% above "
+                     "glibc's default peak on the benchmark's default step")
     if device == "cpu" and not t.release_freed_memory:
         freed_heap = CPU_FREED_HEAP_BYTES
         retention = CPU_HEAP_RETENTION["adapters" if cfg.lora.enabled else "full"]

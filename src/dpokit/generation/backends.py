@@ -65,9 +65,10 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, 
       - a prompt repeated in the batch is prefilled once and its KV cache copied to its rows;
       - the KV cache is allocated once and written in place (`kv_cache.py`), where `DynamicCache` copies it
         whole at every step; bf16 linear layers on a CPU run on weights packed once (`packed_linear.py`);
-      - a row leaves the batch, and its cache, as soon as it samples a stop token, the last rows moved into
-        its place (kept longer, it changes the batch's matrix shapes, and with them fp32 products in their
-        last bits: one draw in 340 of make paper's iterative DPO-GT flipped);
+      - a row leaves the batch, and its cache, as soon as it samples a stop token, the batch's last running
+        row moved into its place, each sequence still drawing its own uniforms (kept longer, it changes the
+        batch's matrix shapes, and with them fp32 products in their last bits: one draw in 340 of make
+        paper's iterative DPO-GT flipped);
       - a token is drawn by inverse CDF, one uniform number a row (`inverse_cdf`), where `torch.multinomial`
         draws one exponential per vocabulary entry: measured 168 ms a step of 128 rows × 49k tokens on a
         2-core CPU, 23% of `generate`'s whole call. The draws are therefore not `generate`'s for a seed.

@@ -68,9 +68,9 @@ class PreallocatedLayer(DynamicLayer):
 
 def drop_finished(cache: Cache, running: torch.Tensor) -> torch.Tensor:
     """Drop the finished rows of every layer in place: the running rows past the new batch size fill the
-    finished rows' places, where keeping the batch's order would copy every row after the first finished one
-    (a copy of the whole cache at every step a row finishes: 9% of a bf16 call at 128 rows, profiled
-    2026-12-07). Returns `order`, the old row of each new row (the batch's other tensors follow it)."""
+    finished rows' places. Selecting the running rows in order (`batch_select_indices`) copies the whole
+    cache at every step a row finishes: 9% of a bf16 call at 128 rows, profiled 2026-12-07. Returns `order`,
+    the old row of each new row (the batch's other tensors follow it)."""
     rows = int(running.sum())
     order = torch.arange(len(running), device=running.device)
     target = (~running[:rows]).nonzero().squeeze(1)
