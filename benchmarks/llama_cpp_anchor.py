@@ -2,10 +2,10 @@
 
 llama.cpp runs the file's own quantised weights (Q4_1 for the embedded SmolLM2) with its own kernels,
 where dpokit dequantises them to float32 or bfloat16 for torch. Each cell decodes `batch` sequences at once
-through llama-cpp-python's low-level API (one `llama_decode` for the prompts, then one a step with a token of
-each running sequence, each sequence in its own KV stream), samples at temperature 1 over the whole
-vocabulary with llama.cpp's own `dist` sampler, and stops a sequence at its first stop token, as dpokit's
-loop does. The prompts are the token ids the other rows use, so the samples can be scored the same way.
+through llama-cpp-python's low-level API: one `llama_decode` for the prompts (each row's own, as plain
+`generate` prefills them), then one a step with a token of each running sequence, each sequence in its own
+KV stream. It samples at temperature 1 over the whole vocabulary with llama.cpp's own `dist` sampler and
+stops a sequence at its first stop token, as dpokit's loop does. The prompts are the token ids the other rows use, so the samples can be scored the same way.
 llama-cpp-python builds llama.cpp from source at install time (`pip install llama-cpp-python`, cmake and
 a C++ compiler, ≈ 7 min on 2 cores); it is not one of dpokit's dependencies.
 """
