@@ -46,3 +46,23 @@ def test_other_dtypes_and_gradients_are_left_alone():
     bf16 = torch.nn.Linear(16, 8, dtype=torch.bfloat16)
     with packed_linears(bf16):  # gradients on (training): the plain layer, which autograd differentiates
         assert "forward" not in bf16.__dict__
+
+
+@needs_bf16
+def test_contexts_nest_the_inner_one_packs_nothing(monkeypatch):
+    """A sampler packs once around its generation calls, each of which opens the context again."""
+    from dpokit.generation import packed_linear
+
+    packed = []
+    monkeypatch.setattr(packed_linear, "packed_weight", lambda m: packed.append(m) or
+                        torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 128))
+    layer = torch.nn.Linear(16, 8, dtype=torch.bfloat16)
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    with torch.no_grad(), packed_linears(layer):
+        outer = vars(layer)["forward"]
+        for _ in range(3):
+            with packed_linears(layer):
+                assert vars(layer)["forward"] is outer and torch.equal(layer(x), torch.nn.functional.linear(
+                    x, layer.weight, layer.bias))
+        assert vars(layer)["forward"] is outer  # the inner contexts leave the outer packing in place
+    assert len(packed) == 1 and "forward" not in vars(layer)

@@ -6,9 +6,10 @@ product. `packed_linears(model)` reorders each `nn.Linear`'s weight once (`mkldn
 what inductor's freezing pass does) and runs the layers on it (`mkldnn._linear_pointwise`) while the
 context is open. Measured on a 2-core Xeon with AMX (2026-12-07), 128 rows: the 576 × 49,152 output layer
 10.9 → 6.3 ms, a 576 → 1,536 projection 0.24 → 0.19 ms; outputs bit-identical to `F.linear` (the same
-oneDNN kernel, fed a packed weight). The packed copies live only while the context is open (a generation
-call): packing the embedded model's 211 layers takes 0.16 s, and kept between calls they would double the
-weights' memory for as long as the model lives.
+oneDNN kernel, fed a packed weight). The packed copies live only while the context is open: packing the
+embedded model's 211 layers takes 0.16 s, and kept for as long as the model lives they would double its
+weights' memory. A generation call opens it; a sampler opens it around all of its calls (the contexts nest:
+an inner one packs nothing), where the packed copies are in memory during each call anyway.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def _packed_forward(module: torch.nn.Linear, weight: torch.Tensor, x: torch.Tens
 def packed_linears(model: torch.nn.Module):
     """Inside: the model's bf16 CPU linear layers run on packed weights (no gradients flow through them:
     for generation, under `torch.no_grad`). Elsewhere, and for other dtypes or devices, nothing changes."""
-    linears = [m for m in model.modules() if packable(m)] if not torch.is_grad_enabled() else []
+    # a layer whose forward is already replaced is packed by an enclosing context (or wrapped by something else)
+    linears = [m for m in model.modules() if packable(m) and "forward" not in vars(m)] \
+        if not torch.is_grad_enabled() else []
     for m in linears:
         m.forward = partial(_packed_forward, m, packed_weight(m))
     try:

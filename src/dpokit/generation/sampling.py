@@ -13,6 +13,7 @@ ids with `dpokit.logps.CompletionLogProbs` (the trainer's own code); the two agr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -20,11 +21,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from dpokit import models
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.distributed import pick_device
 from dpokit.generation.backends import Completion, TransformersBackend, pad_id_for, stop_token_ids
 from dpokit.generation.jsonl import ResumableJsonl, write_jsonl
+from dpokit.generation.packed_linear import packed_linears
 from dpokit.generation.prompts import Prompt, as_model_input, read_prompts
 from dpokit.generation.settings import SamplingSettings
 from dpokit.logps import CompletionLogProbs, logps_table
@@ -95,13 +99,14 @@ class Sampler:
         s = self.settings
         rows = [(k, prompt_ids[k]) for k in length_order(prompt_ids) for _ in range(s.n)]
         done: list[Completion] = []
-        for start in range(0, len(rows), s.batch_size):
-            batch = rows[start:start + s.batch_size]
-            done += self.backend.generate([ids for _, ids in batch], temperature=s.temperature, top_p=s.top_p,
-                                          max_new_tokens=s.max_new_tokens, stop_ids=self.stop_ids, pad_id=self.pad_id,
-                                          seed=s.seed * 1_000_003 + first_index * s.n + start)
-            if on_batch is not None:
-                on_batch(len(batch))
+        with torch.no_grad(), packed_linears(self.model):  # bf16 weights packed once for all the calls
+            for start in range(0, len(rows), s.batch_size):
+                batch = rows[start:start + s.batch_size]
+                done += self.backend.generate([ids for _, ids in batch], temperature=s.temperature, top_p=s.top_p,
+                                              max_new_tokens=s.max_new_tokens, stop_ids=self.stop_ids,
+                                              pad_id=self.pad_id, seed=s.seed * 1_000_003 + first_index * s.n + start)
+                if on_batch is not None:
+                    on_batch(len(batch))
         per_prompt: list[list[Completion]] = [[] for _ in prompt_ids]
         for (k, _), completion in zip(rows, done):
             per_prompt[k].append(completion)
@@ -191,8 +196,9 @@ def sample_file(model: str, prompts_path: str | Path, out: str | Path, settings:
         place = {i: k for k, i in enumerate(order)}
         todo = [i for i in order if i not in done]
         per_call = max(1, settings.batch_size // settings.n)
+        packed = packed_linears(sampler.model) if sampler is not None else contextlib.nullcontext()
         with tqdm(total=len(prompts), initial=len(done), desc="sample", unit="prompt", disable=not progress,
-                  dynamic_ncols=True) as bar:
+                  dynamic_ncols=True) as bar, torch.no_grad(), packed:  # bf16 weights packed once for the file
             for start in range(0, len(todo), per_call):
                 chunk = todo[start:start + per_call]
                 rows = sampler.sample([prompts[i] for i in chunk], first_index=place[chunk[0]])
