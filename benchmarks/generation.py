@@ -28,6 +28,7 @@ Run it on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import math
 import statistics
@@ -37,9 +38,10 @@ from pathlib import Path
 import torch
 from llama_cpp_anchor import Anchor, available
 
-from dpokit import models
+from dpokit import host_memory, models
 from dpokit.generation.backends import TransformersBackend, left_padded, pad_id_for, stop_token_ids
 from dpokit.generation.judges import build_judge, checked_scores
+from dpokit.generation.packed_linear import packed_linears
 from dpokit.generation.prompts import as_model_input, read_prompts
 from dpokit.generation.sampling import Sampler, SamplingSettings, completion_logps
 from dpokit.storage import json_text
@@ -96,29 +98,32 @@ def cell(model, tokenizer, judge, prompts, *, batch: int, new_tokens: int, calls
         anchor.generate([encoded[0][1]], max_new_tokens=2, stop_ids=stops, seed=seed)
     for name in ("plain generate", "dpokit generate", "dpokit sample", *(["llama.cpp"] if anchor else [])):
         tokens = completions = 0
+        # `dpokit sample` packs bf16 weights once for the whole file (`sample_file`), not once a call
+        packed = packed_linears(model) if name == "dpokit sample" else contextlib.nullcontext()
         start = time.perf_counter()
-        for k in range(calls):
-            # `per_prompt` consecutive rows share a prompt, as `dpokit sample --n` lays them out
-            chunk = [encoded[(k * batch + i) // per_prompt % len(encoded)] for i in range(batch)]
-            ids = [c[1] for c in chunk]
-            if name == "plain generate":
-                input_ids, mask = left_padded(ids, max(len(i) for i in ids), pad_id)
-                rows = plain_generate(model, input_ids, mask, max_new_tokens=new_tokens, pad_id=pad_id,
-                                      stop_ids=stops, seed=seed + k)[:, input_ids.shape[1]:].tolist()
-                got = cut(rows, set(stops))
-            elif name == "llama.cpp":
-                got = anchor.generate(ids, max_new_tokens=new_tokens, stop_ids=stops, seed=seed + k)
-            elif name == "dpokit generate":
-                got = [c.ids for c in backend.generate(ids, temperature=1.0, top_p=1.0, max_new_tokens=new_tokens,
-                                                      stop_ids=stops, pad_id=pad_id, seed=seed + k)]
-            else:  # generation, each completion's log-prob and its text: one `dpokit sample` batch
-                rows = sampler.sample([c[0] for c in chunk[::per_prompt]], first_index=k * batch // per_prompt)
-                got = [()] * len(rows) * per_prompt
-                tokens += sum(sum(r["num_tokens"]) for r in rows)
-            tokens += sum(len(g) for g in got)
-            completions += len(got)
-            if name in samples:
-                samples[name] += [(chunk[i][0], ids[i], got[i]) for i in range(len(got))]
+        with packed:
+            for k in range(calls):
+                # `per_prompt` consecutive rows share a prompt, as `dpokit sample --n` lays them out
+                chunk = [encoded[(k * batch + i) // per_prompt % len(encoded)] for i in range(batch)]
+                ids = [c[1] for c in chunk]
+                if name == "plain generate":
+                    input_ids, mask = left_padded(ids, max(len(i) for i in ids), pad_id)
+                    rows = plain_generate(model, input_ids, mask, max_new_tokens=new_tokens, pad_id=pad_id,
+                                          stop_ids=stops, seed=seed + k)[:, input_ids.shape[1]:].tolist()
+                    got = cut(rows, set(stops))
+                elif name == "llama.cpp":
+                    got = anchor.generate(ids, max_new_tokens=new_tokens, stop_ids=stops, seed=seed + k)
+                elif name == "dpokit generate":
+                    got = [c.ids for c in backend.generate(ids, temperature=1.0, top_p=1.0, max_new_tokens=new_tokens,
+                                                          stop_ids=stops, pad_id=pad_id, seed=seed + k)]
+                else:  # generation, each completion's log-prob and its text: one `dpokit sample` batch
+                    rows = sampler.sample([c[0] for c in chunk[::per_prompt]], first_index=k * batch // per_prompt)
+                    got = [()] * len(rows) * per_prompt
+                    tokens += sum(sum(r["num_tokens"]) for r in rows)
+                tokens += sum(len(g) for g in got)
+                completions += len(got)
+                if name in samples:
+                    samples[name] += [(chunk[i][0], ids[i], got[i]) for i in range(len(got))]
         seconds = time.perf_counter() - start
         out[name] = {"seconds": seconds, "completions_per_s": completions / seconds, "tokens_per_s": tokens / seconds,
                      "tokens": tokens}
@@ -180,8 +185,13 @@ def main(argv=None) -> int:
     parser.add_argument("--llama-cpp-repack", action="store_true",
                         help="let llama.cpp repack the weights for its AMX/extra-buffer kernels (off: with "
                              "llama-cpp-python 0.3.36 on the AMX Xeon, Q4_1 repacked for AMX crashed in llama_decode)")
+    parser.add_argument("--reuse-freed-memory", action="store_true",
+                        help="keep freed memory in glibc's heap for reuse, as the sampling commands do "
+                             "(dpokit.host_memory); it holds for the whole process, so for every row")
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/generation-<date>.json)")
     args = parser.parse_args(argv)
+    if args.reuse_freed_memory:
+        host_memory.reuse_freed_memory()
 
     from measure import machine, versions
 
@@ -191,7 +201,8 @@ def main(argv=None) -> int:
     params = None
     anchor, llama = llama_cpp_anchor(args.model, repack=args.llama_cpp_repack)
     report = {"date": datetime.date.today().isoformat(), "machine": machine("cpu"), "versions": versions(),
-              "model": args.model, "prompts": args.prompts, "cells": [], "llama.cpp": llama}
+              "model": args.model, "prompts": args.prompts, "cells": [], "llama.cpp": llama,
+              "allocator": "reuse_freed_memory" if args.reuse_freed_memory else "glibc's default"}
     print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, flags "
           f"{' '.join(report['machine']['cpu_flags'])}")
     for dtype_name in args.dtypes:
