@@ -9,8 +9,8 @@ with the dynamic threshold, 2.2 GB with it fixed at 4 MB or 64 kB; LoRA 6.02 GB 
 CPU.
 
 The other way: glibc maps every allocation above its threshold (32 MB at most) anew and unmaps it when freed,
-and gives the top of its heap back past its trim threshold, so the vocabulary-wide temporaries (a batch's logits, their log-softmax, a decode step's 128 x 49,152
-probabilities) are faulted in page by page at every step: `aten::sub` over the logits took 1.1-1.3 s of a
+and gives the top of its heap back past its trim threshold, so the vocabulary-wide temporaries (a batch's
+logits, their log-softmax, a decode step's 128 x 49,152 probabilities) are faulted in page by page at every step: `aten::sub` over the logits took 1.1-1.3 s of a
 training step, 28 ms a call, where the same subtraction into reused memory takes a few. With no mappings and
 no trimming (`reuse_freed_memory`) every freed block stays in the heap for the next allocation: measured
 2026-12-07 on the AMX Xeon, the default fp32 step 28.7 -> 24.6 s per update at 8.43 -> 9.10 GB peak RSS
