@@ -100,13 +100,14 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, 
         cache.batch_select_indices(rows)
         logits, mask, last = logits[rows], mask[rows], positions[rows, -1]
         active = torch.arange(len(prompt_ids), device=device)  # the sequences still running, in the batch's order
+        place = None  # once rows have moved: each row's place among the running sequences, which draw in that order
         tokens = [[] for _ in prompt_ids]
         logps = [0.0] * len(prompt_ids)
         stops = torch.tensor(sorted(set(stop_ids)), device=device)
         for step in range(max_new_tokens):
             if len(active):  # (a process whose rows are done only steps with the others, below)
                 sampled, picked = next_tokens(logits, temperature=temperature, top_p_warper=top_p_warper, rng=rng,
-                                              place=active.argsort().argsort())
+                                              place=place)
                 for k, token, lp in zip(active.tolist(), sampled.tolist(), picked.tolist()):
                     tokens[k].append(token)
                     logps[k] += lp
@@ -118,6 +119,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, 
             if len(active) and not running.all():  # finished rows leave the batch and its cache
                 order = drop_finished(cache, running)
                 active, sampled, mask, last = active[order], sampled[order], mask[order], last[order]
+                place = active.argsort().argsort()
             if not (_any_running(len(active), device) if synced else len(active)):
                 break
             if len(active) == 0:  # this process is done, another is not: step with it (its parameters are gathered)
