@@ -168,6 +168,27 @@ def llama_cpp_anchor(model: str, *, repack: bool) -> tuple[Anchor | None, dict]:
                     "weights": "the GGUF's own (quantised); dpokit's rows dequantise them"}
 
 
+def print_cell(r: dict) -> None:
+    """One cell's speeds, each against plain generate's, and its samples' distributions."""
+    plain = r["plain generate"]["completions_per_s"]
+    line = [f"  batch {r['batch_size']:>3} × {r['new_tokens']:>3} tokens, {r['samples_per_prompt']} a prompt:"]
+    for name in ("plain generate", "dpokit generate", "dpokit sample", "llama.cpp"):
+        if name not in r:
+            continue
+        x = r[name]
+        line.append(f"{name} {x['completions_per_s']:7.1f} compl/s {x['tokens_per_s']:7.0f} tok/s "
+                    f"({x['completions_per_s'] / plain:.2f}×)")
+    print(" | ".join(line) + f" | floor {r['floor_tokens_per_s']:.0f} tok/s")
+    p, d = r["plain generate"], r["dpokit generate"]
+    print(f"    same distribution: log-prob {p['logp']['mean']:.2f}±{p['logp']['se']:.2f} vs "
+          f"{d['logp']['mean']:.2f}±{d['logp']['se']:.2f}; reward {p['reward']['mean']:.3f}±"
+          f"{p['reward']['se']:.3f} vs {d['reward']['mean']:.3f}±{d['reward']['se']:.3f}")
+    if "llama.cpp" in r:
+        q = r["llama.cpp"]
+        print(f"    llama.cpp's samples: log-prob {q['logp']['mean']:.2f}±{q['logp']['se']:.2f}; "
+              f"reward {q['reward']['mean']:.3f}±{q['reward']['se']:.3f}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=models.DEFAULT_MODEL)
@@ -222,23 +243,7 @@ def main(argv=None) -> int:
                 r["matmul_peak_flops"] = peak
                 r["floor_tokens_per_s"] = peak / (2 * params)
                 report["cells"].append(r)
-                plain = r["plain generate"]["completions_per_s"]
-                line = [f"  batch {batch:>3} × {new_tokens:>3} tokens, {args.samples_per_prompt} a prompt:"]
-                for name in ("plain generate", "dpokit generate", "dpokit sample", "llama.cpp"):
-                    if name not in r:
-                        continue
-                    x = r[name]
-                    line.append(f"{name} {x['completions_per_s']:7.1f} compl/s {x['tokens_per_s']:7.0f} tok/s "
-                                f"({x['completions_per_s'] / plain:.2f}×)")
-                print(" | ".join(line) + f" | floor {r['floor_tokens_per_s']:.0f} tok/s")
-                p, d = r["plain generate"], r["dpokit generate"]
-                print(f"    same distribution: log-prob {p['logp']['mean']:.2f}±{p['logp']['se']:.2f} vs "
-                      f"{d['logp']['mean']:.2f}±{d['logp']['se']:.2f}; reward {p['reward']['mean']:.3f}±"
-                      f"{p['reward']['se']:.3f} vs {d['reward']['mean']:.3f}±{d['reward']['se']:.3f}")
-                if "llama.cpp" in r:
-                    q = r["llama.cpp"]
-                    print(f"    llama.cpp's samples: log-prob {q['logp']['mean']:.2f}±{q['logp']['se']:.2f}; "
-                          f"reward {q['reward']['mean']:.3f}±{q['reward']['se']:.3f}")
+                print_cell(r)
         del model
     if anchor is not None:
         anchor.close()
