@@ -235,16 +235,7 @@ def estimate(cfg, *, lengths: Lengths | None = None, shape: Shape | None = None,
     gradients = grad_bytes * (sum(largest) if t.optimizer_in_backward else trainable)
     optimizer = _optimizer_bytes(t.optimizer, trainable_tensors, weight_bytes if not cfg.lora.enabled else 4)
 
-    from dpokit.reference import resolve_strategy
-
-    needs_reference = {"sft": False, "reward": False, "ppo": True}.get(method, cfg.objective.needs_reference)
-    strategy = resolve_strategy(cfg.reference.strategy, needs_reference=needs_reference,
-                                lora=cfg.lora.enabled, named=cfg.reference.name is not None,
-                                follows=bool(cfg.reference.sync_every))
-    ref_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.reference.dtype or "", weight_bytes)
-    reference = shape.params * ref_bytes if strategy == "copy" else 0.0
-    if strategy == "copy" and cfg.reference.name is not None:
-        notes.append(f"reference.name: assumed the size of {cfg.model.name}")
+    reference = _reference_bytes(cfg, method, shape, weight_bytes, notes)
 
     full_layer, activations, head = _activation_bytes(t, shape, lengths, act_bytes)
     if method == "reward":  # a scalar head reads one position a sequence: no vocabulary-wide logits
@@ -274,14 +265,7 @@ def estimate(cfg, *, lengths: Lengths | None = None, shape: Shape | None = None,
     runtime = CPU_RUNTIME_BYTES if device == "cpu" else 0.0
     if device == "cuda":
         notes.append("GPU: PyTorch's allocations (torch.cuda.max_memory_allocated); the CUDA context adds ~0.5 GB")
-    freed_heap = allowance = 0.0
-    if device == "cpu" and t.reuse_freed_memory:
-        notes.append("train.reuse_freed_memory keeps every freed block in the heap: not modelled; measured 0-8% above "
-                     "glibc's default peak on the benchmark's default step")
-    if device == "cpu" and not t.release_freed_memory:
-        freed_heap = CPU_FREED_HEAP_BYTES
-        retention = CPU_HEAP_RETENTION["adapters" if cfg.lora.enabled else "full"]
-        allowance = max(0.0, retention * shape.layers * full_layer - freed_heap)
+    freed_heap, allowance = _cpu_freed_heap(cfg, shape, full_layer, notes) if device == "cpu" else (0.0, 0.0)
     parts = {"runtime": runtime, "freed_heap": freed_heap, "weights": weights, "gradients": gradients,
              "optimizer": optimizer, "reference": reference, "activations": activations, "lm_head": head}
     stepping = 0.0
@@ -294,6 +278,34 @@ def estimate(cfg, *, lengths: Lengths | None = None, shape: Shape | None = None,
     if device == "cpu":
         loading = runtime + shape.file_bytes + shape.params * weight_bytes + reference
     return Estimate(parts, loading, stepping, host, lengths, device, notes, allowance)
+
+
+def _reference_bytes(cfg, method: str, shape: Shape, weight_bytes: float, notes: list[str]) -> float:
+    """The reference model's weights, where `method` under `cfg` holds a copy of it."""
+    from dpokit.reference import resolve_strategy
+
+    needs_reference = {"sft": False, "reward": False, "ppo": True}.get(method, cfg.objective.needs_reference)
+    strategy = resolve_strategy(cfg.reference.strategy, needs_reference=needs_reference,
+                                lora=cfg.lora.enabled, named=cfg.reference.name is not None,
+                                follows=bool(cfg.reference.sync_every))
+    if strategy != "copy":
+        return 0.0
+    if cfg.reference.name is not None:
+        notes.append(f"reference.name: assumed the size of {cfg.model.name}")
+    return shape.params * {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.reference.dtype or "", weight_bytes)
+
+
+def _cpu_freed_heap(cfg, shape: Shape, full_layer: float, notes: list[str]) -> tuple[float, float]:
+    """On a CPU: (the freed heap glibc keeps, the allowance for more of it, measured up to a share of the
+    layers' activations), none where train.release_freed_memory returns freed memory to the system."""
+    t = cfg.train
+    if t.reuse_freed_memory:
+        notes.append("train.reuse_freed_memory keeps every freed block in the heap: not modelled; measured 0-8% above "
+                     "glibc's default peak on the benchmark's default step")
+    if t.release_freed_memory:
+        return 0.0, 0.0
+    retention = CPU_HEAP_RETENTION["adapters" if cfg.lora.enabled else "full"]
+    return CPU_FREED_HEAP_BYTES, max(0.0, retention * shape.layers * full_layer - CPU_FREED_HEAP_BYTES)
 
 
 def _activation_bytes(t, shape: Shape, lengths: Lengths, act_bytes: float) -> tuple[float, float, float]:
