@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from dpokit.config import SECTIONS, Config, all_keys
+from dpokit.config_checks import check_config
 from dpokit.errors import ConfigError, first_line, type_name
 from dpokit.fields import did_you_mean
 
@@ -39,7 +40,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
             value = raw  # `model.revision=1234567`, `output.dir=2024`: the text, not the number YAML reads
         set_value(cfg, key, value, source="override")
     cfg.apply_preset()
-    cfg.validate(need_data=need_data)
+    check_config(cfg, need_data=need_data)
     return cfg
 
 

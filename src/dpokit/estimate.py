@@ -46,6 +46,7 @@ import math
 from dataclasses import dataclass, field
 
 from dpokit import models
+from dpokit.config_checks import check_config
 from dpokit.config_loader import command_line_config, load_config, set_value
 from dpokit.data.dataset import prepare_data
 from dpokit.errors import ConfigError, ModelError
@@ -414,7 +415,7 @@ def _with(cfg, overrides: list[str]):
         key, _, raw = item.partition("=")
         set_value(new, key, yaml.safe_load(raw))
     new.apply_preset()
-    new.validate(need_data=new.data.train is not None)
+    check_config(new, need_data=new.data.train is not None)
     return new
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from dpokit import checkpoint, host_memory, models
-from dpokit.config import Config, check_runtime
+from dpokit.config import Config
+from dpokit.config_checks import check_config, check_runtime
 from dpokit.config_loader import config_from_dict
 from dpokit.data.tokenize import use_chat_template
 from dpokit.distributed import Runtime, decoder_layer_classes, init_runtime
@@ -67,7 +68,7 @@ def train(cfg: Config, *, resume: bool = False, method: str | type[Method] = "dp
     """Train as `cfg` says with `method` (a registry name, `dpo`, `sft`, `reward`, `ppo`, or a Method class):
     what `dpokit train | sft | reward | ppo CONFIG` runs. Every config check runs before anything loads."""
     method = method_class(method)
-    cfg.validate()
+    check_config(cfg)
     method.check(cfg)
     runtime = init_runtime(cfg.distributed.strategy, cfg.distributed.backend)
     try:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from dpokit import models
 from dpokit.config import Config, DataSection, ModelSection, ObjectiveSection, RewardSection
+from dpokit.config_checks import check_config
 from dpokit.config_loader import set_value
 from dpokit.data.dataset import LABEL, field_problems, margin_field, settings_of, weight_field
 from dpokit.data.records import PreferenceRecord, Problems, RowProblem, RowReader, read_preferences
@@ -353,7 +354,7 @@ def validate_command(args: argparse.Namespace) -> int:
                        ("data.truncation_mode", args.truncation_mode), ("data.skip_invalid", args.skip_invalid),
                        ("data.format", args.format), ("data.chat_template", args.chat_template)):
         set_value(cfg, key, value, source="validate")
-    cfg.validate()
+    check_config(cfg)
     tokenizer = models.load_tokenizer(cfg.model.name, revision=cfg.model.revision,
                                       trust_remote_code=cfg.model.trust_remote_code)
     use_chat_template(tokenizer, cfg.data.chat_template)

@@ -1,5 +1,5 @@
 """The pipeline commands' settings, typed like the config sections: each option's default, range or
-choices is a field here, checked by `dpokit.config.check_fields`, and `dpokit.config.add_arguments`
+choices is a field here, checked by `dpokit.fields.check_fields`, and `dpokit.fields.add_arguments`
 turns the fields into command-line options. Light on imports: `dpokit --help` reads them."""
 
 from __future__ import annotations

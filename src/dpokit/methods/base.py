@@ -43,7 +43,7 @@ class Method:
 
     @classmethod
     def check(cls, cfg: Config) -> None:
-        """The rules of the settings only this method reads; runs after `Config.validate`, before anything
+        """The rules of the settings only this method reads; runs after `check_config`, before anything
         loads. Overrides call this one first."""
         if cfg.train.sample_every and not cls.can_sample:
             raise ConfigError(f"train.sample_every: dpokit {cls.name} trains a model that does not generate; leave "

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpokit.config import Config
+from dpokit.config_checks import check_config
 from dpokit.config_loader import set_value
 from dpokit.errors import ConfigError
 from dpokit.generation.pairs import label_file
@@ -149,5 +150,5 @@ def round_config(cfg: Config, run_dir: Path, *, policy: str, reference: str, sta
     set_value(c, "model.name", policy, source="iterate")
     if reference != policy:  # a round after the first, against the start model
         set_value(c, "reference.name", reference, source="iterate")
-    c.validate()
+    check_config(c)
     return c
