@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dpokit import models
 from dpokit.config import F_DIVERGENCE, SECTIONS, Config, LoraSection
-from dpokit.data.records import missing_file
+from dpokit.data.sources import missing_file
 from dpokit.data.tokenize import chat_template_text
 from dpokit.errors import ConfigError
 from dpokit.fields import check_fields
