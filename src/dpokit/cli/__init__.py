@@ -1,14 +1,14 @@
 """`dpokit` command line: thin wrappers that parse arguments and call the library. `training` declares the
-training commands (one per method), `pipeline` the sampling, labelling and evaluation commands; `validate`
-and `estimate` declare their own."""
+training commands (one per method), `pipeline` the sampling, labelling and evaluation commands, `estimate`
+the memory estimate's; `validate` declares its own."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from dpokit import estimate, host_memory, validate
-from dpokit.cli import pipeline, training
+from dpokit import host_memory, validate
+from dpokit.cli import estimate, pipeline, training
 from dpokit.errors import error_line, exit_status
 from dpokit.methods.registry import METHODS
 
