@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
-from dpokit import models
+from dpokit import host_memory, models
 from dpokit.config_loader import load_config
 from dpokit.errors import exit_status
 from dpokit.fields import as_arguments
@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="another draw of the whole experiment: every sampling seed + 100·SEED, train.seed + SEED "
                              "(default 0, the published run)")
     args = parser.parse_args(argv)
+    host_memory.reuse_freed_memory()  # as `dpokit sample` and `train.reuse_freed_memory`: the same results, sooner
 
     out = Path(args.out)
     if args.fresh:

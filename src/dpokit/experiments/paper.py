@@ -48,6 +48,7 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
+from dpokit import host_memory
 from dpokit.config_loader import load_config
 from dpokit.experiments import demo
 from dpokit.experiments.paper_report import aggregate, plot_spread, print_table, seed_report, spread
@@ -314,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
+    host_memory.reuse_freed_memory()  # as `dpokit sample` and `train.reuse_freed_memory`: the same results, sooner
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
