@@ -3,7 +3,7 @@
 Every contender trains on the same pairs file with the same hyperparameters: `--warmup` updates (not timed), then
 `--steps` timed updates of B pairs. A process of its own makes its peak memory its own: `run_worker` starts
 `throughput.py --worker SPEC RESULT`, which calls `worker_main`, which drives dpokit (`run_dpokit`) or TRL
-(`run_trl`) and writes the result as JSON. dpokit is driven through its public pieces (`Config.load`,
+(`run_trl`) and writes the result as JSON. dpokit is driven through its public pieces (`load_config`,
 `Trainer(cfg, runtime)`, `trainer.train_step(ids)`, all in `dpokit_trainer`); TRL through
 `DPOTrainer(...).train()` with its defaults except `bf16=False` (fp32; gradient checkpointing stays on, as TRL
 defaults).
@@ -110,7 +110,7 @@ def mode_overrides(mode: str, batch: int) -> dict:
 
 
 def override_args(overrides: dict) -> list[str]:
-    """`section.key=value` strings as `Config.load` takes them (booleans as YAML's true and false)."""
+    """`section.key=value` strings as `load_config` takes them (booleans as YAML's true and false)."""
     return [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in overrides.items()]
 
 
