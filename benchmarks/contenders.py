@@ -158,9 +158,8 @@ def drop_skipped(names: list[str], args, peaks: dict) -> dict[str, str]:
                                "fp32 one; --trl-bf16 yes runs it")
     if args.bf16_steps == 0:
         for name in [n for n in names if is_bf16(n)]:
-            if name in names:
-                names.remove(name)
-                skipped[name] = "--bf16-steps 0"
+            names.remove(name)
+            skipped[name] = "--bf16-steps 0"
     return skipped
 
 

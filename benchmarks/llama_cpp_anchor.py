@@ -13,7 +13,6 @@ a C++ compiler, ≈ 7 min on 2 cores); it is not one of dpokit's dependencies.
 from __future__ import annotations
 
 import ctypes
-import time
 
 
 def available() -> str | None:
@@ -41,7 +40,6 @@ class Anchor:
         self.model = lc.llama_model_load_from_file(gguf.encode(), params)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {gguf}")
-        self.version = getattr(lc, "__version__", "?")
 
     def generate(self, prompt_ids: list[list[int]], *, max_new_tokens: int, stop_ids, seed: int) -> list[list[int]]:
         """One completion a row, cut after its first stop token."""
@@ -106,11 +104,3 @@ def _put(batch, k: int, token: int, position: int, sequence: int, logits: bool) 
     batch.n_seq_id[k] = 1
     batch.seq_id[k][0] = sequence
     batch.logits[k] = ctypes.c_int8(logits).value
-
-
-def timed(anchor: Anchor, calls: list[list[list[int]]], *, max_new_tokens: int, stop_ids, seed: int):
-    """Completions of every call, and the seconds they took."""
-    start, drawn = time.perf_counter(), []
-    for k, ids in enumerate(calls):
-        drawn += anchor.generate(ids, max_new_tokens=max_new_tokens, stop_ids=stop_ids, seed=seed + k)
-    return drawn, time.perf_counter() - start
