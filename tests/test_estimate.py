@@ -91,6 +91,17 @@ def test_heap_allowance_on_a_cpu(tiny_config):
     assert estimate(tiny_config(), lengths=long, shape=SHAPE, device="cuda").heap_allowance == 0
 
 
+def test_bf16_mixed_keeps_the_reference_copys_linear_weights_in_bf16(tiny_config, monkeypatch):
+    mixed = parts(tiny_config("train.precision=bf16-mixed")).parts
+    linear, head = SHAPE.linear_params, 1000 * 32
+    # the tied output layer gets a bf16 weight of its own beside the fp32 embedding
+    assert mixed["reference"] == pytest.approx((P - linear) * 4 + (linear + head) * 2)
+    assert parts(tiny_config("train.precision=bf16-mixed", "reference.dtype=float32")).parts["reference"] == 4 * P
+    for fast, expected in ((True, mixed), (False, parts(tiny_config()).parts)):  # auto: the trainer's rule
+        monkeypatch.setattr(models, "fast_bf16", lambda device, fast=fast: fast)
+        assert parts(tiny_config("train.precision=auto")).parts == pytest.approx(expected)
+
+
 def test_lora_and_qlora(tiny_config):
     full = parts(tiny_config()).parts
     adapters = 4 * sum(4 * (i + o) for _, i, o in LINEARS)  # r=4 on every linear layer: A (r × in), B (out × r)

@@ -1,5 +1,6 @@
-"""reference.name: a reference model other than the policy's start (a directory, a LoRA adapter, a dpokit
-run), checked to share the policy's tokenizer; tiny models saved to temporary directories."""
+"""The reference copy under bf16 autocast, and reference.name: a reference model other than the policy's start
+(a directory, a LoRA adapter, a dpokit run), checked to share the policy's tokenizer; tiny models saved to
+temporary directories."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ import pytest
 import torch
 
 from dpokit import models
+from dpokit.data.layouts import collate
 from dpokit.data.records import Problems, read_preferences
 from dpokit.data.tokenize import TokenizeSettings, tokenize_records
 from dpokit.errors import ConfigError, ModelError
 from dpokit.logps import CompletionLogProbs, logps_table
 from dpokit.metrics import read_metrics
+from dpokit.reference import FrozenCopy
 from dpokit.trainer import train
 from tests.helpers import tiny_llama, tiny_model_dir
+from tests.test_logps import random_pairs
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
 
@@ -30,6 +34,25 @@ def summed_logps(model_dir: str, pairs_file, tokenizer) -> torch.Tensor:
     module = CompletionLogProbs(models.load_model(model_dir)).eval()
     with torch.no_grad():
         return logps_table(module, pairs, pad_id=tokenizer.pad_token_id, batch_pairs=4)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_copy_under_bf16_autocast_keeps_its_linear_weights_in_bf16_and_scores_the_same(tied):
+    policy = CompletionLogProbs(tiny_llama(vocab_size=100, tie_word_embeddings=tied))
+    pairs = random_pairs()
+    batch = collate(pairs, range(len(pairs)), "padded", pad_id=0)
+    as_loaded, stored_bf16 = FrozenCopy(policy), FrozenCopy(policy, autocast_bf16=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = as_loaded.logps(batch, "train"), stored_bf16.logps(batch, "train")
+    assert torch.equal(a.chosen, b.chosen) and torch.equal(a.rejected, b.rejected)  # autocast's cast, done once
+    lm = stored_bf16.module.model
+    assert {m.weight.dtype for m in lm.modules() if isinstance(m, torch.nn.Linear)} == {torch.bfloat16}
+    assert lm.model.embed_tokens.weight.dtype == torch.float32  # looked up, not multiplied: as it was
+    assert lm.model.norm.weight.dtype == torch.float32
+    assert policy.model.lm_head.weight.dtype == torch.float32  # the policy is untouched
+    assert (policy.model.lm_head.weight is policy.model.model.embed_tokens.weight) == tied
+    size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    assert size(stored_bf16.module) < 0.8 * size(as_loaded.module)
 
 
 def eval_at_step_0(cfg) -> dict:

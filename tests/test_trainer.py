@@ -1,5 +1,6 @@
 """The training loop end to end on a tiny model: metrics, export, reference strategies, exact resume."""
 
+import contextlib
 import json
 import math
 import os
@@ -209,6 +210,36 @@ def test_precisions_and_optimizers_train(tiny_config, tmp_path, overrides):
     saved = weights(tmp_path / "run" / "model")
     expected = torch.bfloat16 if "train.precision=bf16" in overrides else torch.float32
     assert next(iter(saved.values())).dtype == expected
+
+
+def test_micro_batches_in_one_autocast_region_reuse_its_weight_casts_with_the_same_gradients():
+    """What the trainer's update relies on: autocast caches a trainable weight's bf16 cast for the region, and
+    the gradients of micro-batches that share the cast are those of a region each (untied weights; a tied
+    embedding sums its two gradients in another order, within fp32 rounding)."""
+    import copy
+
+    from dpokit.data.layouts import collate
+    from dpokit.logps import CompletionLogProbs
+    from tests.helpers import tiny_llama
+    from tests.test_logps import random_pairs
+
+    start = CompletionLogProbs(tiny_llama(vocab_size=100, tie_word_embeddings=False))
+    pairs = random_pairs(4)
+    micro_batches = [collate(pairs[i:i + 2], range(i, i + 2), "padded", pad_id=0) for i in (0, 2)]
+
+    def gradients(shared: bool) -> list[torch.Tensor]:
+        policy = copy.deepcopy(start).train()
+        autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+        with autocast() if shared else contextlib.nullcontext():
+            for batch in micro_batches:
+                with contextlib.nullcontext() if shared else autocast():
+                    out = policy(batch)
+                    (out.chosen - out.rejected).sum().backward()
+        return [p.grad for p in policy.parameters()]
+
+    each, shared = gradients(False), gradients(True)
+    assert all(g is not None and torch.equal(a, g) for a, g in zip(each, shared))
+    assert sum(g.abs().sum().item() for g in shared) > 0
 
 
 @pytest.mark.parametrize("amx, avx512_bf16, expected", [(True, False, "bf16-mixed"), (False, True, "bf16-mixed"),

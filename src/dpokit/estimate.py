@@ -74,6 +74,7 @@ class Shape:
     vocab: int
     tensors: list[int]  # numel of every parameter tensor
     file_bytes: int  # size of the weights as stored (fp32 unless the config says otherwise)
+    tied_head: bool = True  # the output layer shares the input embedding's weight
 
     @property
     def activation_values(self) -> int:
@@ -108,7 +109,8 @@ def model_shape(name: str, *, revision: str | None = None, trust_remote_code: bo
                  linear_shapes=linears, layers=text.num_hidden_layers, hidden=text.hidden_size,
                  intermediate=getattr(text, "intermediate_size", None) or 4 * text.hidden_size, kv_dim=kv * head_dim,
                  q_dim=heads * head_dim, head_dim=head_dim, vocab=head.weight.shape[0], tensors=[p.numel() for p in params],
-                 file_bytes=stored * sum(p.numel() for p in params))
+                 file_bytes=stored * sum(p.numel() for p in params),
+                 tied_head=head.weight is model.get_input_embeddings().weight)
 
 
 # ------------------------------------------------------------------------------------------ lengths
@@ -206,7 +208,8 @@ def estimate(cfg, *, lengths: Lengths | None = None, shape: Shape | None = None,
     shape = shape or model_shape(cfg.model.name, revision=cfg.model.revision,
                                  trust_remote_code=cfg.model.trust_remote_code)
     lengths = lengths or configured_lengths(cfg, method)
-    precision = t.precision if t.precision != "auto" else ("bf16-mixed" if device == "cuda" else "fp32")
+    precision = t.precision if t.precision != "auto" else \
+        ("bf16-mixed" if device == "cuda" or models.fast_bf16("cpu") else "fp32")  # the trainer's rule
     weight_bytes = 2 if precision == "bf16" else 4
     act_bytes = {"fp32": 4, "bf16": 2, "bf16-mixed": 3}[precision]  # autocast: matmul outputs in bf16, the rest fp32
     notes = []
@@ -231,7 +234,8 @@ def estimate(cfg, *, lengths: Lengths | None = None, shape: Shape | None = None,
     gradients = grad_bytes * (sum(largest) if t.optimizer_in_backward else trainable)
     optimizer = _optimizer_bytes(t.optimizer, trainable_tensors, weight_bytes if not cfg.lora.enabled else 4)
 
-    reference = _reference_bytes(cfg, method, shape, weight_bytes, notes)
+    reference = _reference_bytes(cfg, method, shape, weight_bytes, notes, autocast_bf16=precision == "bf16-mixed"
+                                 and not (world > 1 and cfg.distributed.strategy == "fsdp"))
 
     full_layer, activations, head = _activation_bytes(t, shape, lengths, act_bytes)
     if method == "reward":  # a scalar head reads one position a sequence: no vocabulary-wide logits
@@ -276,8 +280,10 @@ def estimate(cfg, *, lengths: Lengths | None = None, shape: Shape | None = None,
     return Estimate(parts, loading, stepping, host, lengths, device, notes, allowance)
 
 
-def _reference_bytes(cfg, method: str, shape: Shape, weight_bytes: float, notes: list[str]) -> float:
-    """The reference model's weights, where `method` under `cfg` holds a copy of it."""
+def _reference_bytes(cfg, method: str, shape: Shape, weight_bytes: float, notes: list[str], *,
+                     autocast_bf16: bool = False) -> float:
+    """The reference model's weights, where `method` under `cfg` holds a copy of it. `autocast_bf16`: an
+    unsharded copy under bf16-mixed holds its linear layers in bf16 (`reference.bf16_linear_weights`)."""
     from dpokit.reference import resolve_strategy
 
     needs_reference = {"sft": False, "reward": False, "ppo": True}.get(method, cfg.objective.needs_reference)
@@ -288,6 +294,10 @@ def _reference_bytes(cfg, method: str, shape: Shape, weight_bytes: float, notes:
         return 0.0
     if cfg.reference.name is not None:
         notes.append(f"reference.name: assumed the size of {cfg.model.name}")
+    if cfg.reference.dtype is None and autocast_bf16 and cfg.reference.name is None and not cfg.reference.sync_every:
+        head = shape.vocab * shape.hidden
+        in_bf16 = shape.linear_params + head  # a tied head gets a bf16 weight of its own beside the fp32 embedding
+        return (shape.params - shape.linear_params - (0 if shape.tied_head else head)) * 4 + in_bf16 * 2
     return shape.params * {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.reference.dtype or "", weight_bytes)
 
 

@@ -56,7 +56,8 @@ class NoReference(Reference):
 class FrozenCopy(Reference):
     name = "copy"
 
-    def __init__(self, start: CompletionLogProbs, dtype: torch.dtype | None = None, runtime: Runtime | None = None):
+    def __init__(self, start: CompletionLogProbs, dtype: torch.dtype | None = None, runtime: Runtime | None = None,
+                 *, autocast_bf16: bool = False):
         self.module = copy.deepcopy(start)
         if hasattr(self.module.model, "unload"):
             # a LoRA start is the policy itself: π_ref is its base model, not its adapters (a resumed run's are
@@ -64,6 +65,8 @@ class FrozenCopy(Reference):
             self.module.model = self.module.model.unload()
         if dtype is not None:
             self.module.to(dtype)
+        elif autocast_bf16 and not (runtime is not None and runtime.sharded):  # (FSDP2 wants one dtype a module)
+            bf16_linear_weights(self.module)
         self.module.eval().requires_grad_(False)
         if runtime is not None and runtime.sharded:
             shard_module(self.module, decoder_layer_classes(self.module.model))
@@ -71,6 +74,19 @@ class FrozenCopy(Reference):
     @torch.no_grad()
     def logps(self, batch: Batch, split: str) -> SequenceLogps:
         return self.module(batch)
+
+
+def bf16_linear_weights(module: torch.nn.Module) -> None:
+    """A frozen model run under bf16 autocast: its linear layers' weights (and biases) stored in bf16 once.
+    Autocast casts them at every forward pass otherwise (the whole model's weights, ≈ 0.1 s for 135M parameters
+    on a 2-core CPU, each micro-batch); its cast is this same rounding, so the products are bit-identical, and
+    the copy takes ≈ 30% less memory. Embeddings and norms, which autocast runs in their own dtype, stay as
+    they are: an output layer tied to the embedding gets a bf16 weight of its own."""
+    for m in module.modules():
+        if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32:
+            m.weight = torch.nn.Parameter(m.weight.detach().to(torch.bfloat16), requires_grad=False)
+            if m.bias is not None:
+                m.bias = torch.nn.Parameter(m.bias.detach().to(torch.bfloat16), requires_grad=False)
 
 
 class NamedModel(FrozenCopy):
@@ -217,7 +233,7 @@ def build(cfg, policy: CompletionLogProbs, start: CompletionLogProbs, *, needs_r
     if strategy == "copy" and cfg.reference.sync_every:
         return FollowingCopy(start, dtype, every=cfg.reference.sync_every, alpha=cfg.reference.sync_alpha)
     if strategy == "copy":
-        return FrozenCopy(start, dtype, runtime)
+        return FrozenCopy(start, dtype, runtime, autocast_bf16=precision == "bf16-mixed")
     module = FrozenCopy(start, dtype).module if dtype is not None else start
     settings = {**vars(settings_of(cfg.data)), "precision": precision, "dtype": cfg.reference.dtype}
     if cfg.objective.ld_alpha is not None:  # LD-DPO's sums are other numbers

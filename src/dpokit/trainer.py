@@ -58,10 +58,7 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     with neither ran bf16 matmul at 15% of fp32's)."""
     if requested != "auto":
         return requested
-    if device.type == "cuda":
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "fp32"
-    fast_bf16 = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    return "bf16-mixed" if fast_bf16 else "fp32"
+    return "bf16-mixed" if models.fast_bf16(device) else "fp32"
 
 
 def train(cfg: Config, *, resume: bool = False, method: str | type[Method] = "dpo") -> TrainResult:
@@ -281,12 +278,18 @@ class Trainer:
         stats = MeanMetrics(self.method.metric_names, self.rt.device)
         micro_batches = self._micro_batches(ids)
         scale = self.rt.world / len(ids)  # DDP/FSDP average over ranks: this makes it a mean over items
-        for i, (mine, weight) in enumerate(micro_batches):
-            with self.rt.no_sync(self.wrapped_policy, i == len(micro_batches) - 1), self.autocast(), self.offload():
-                micro = self.method.forward(self.wrapped_policy, mine, "train")
-                (micro.losses.sum() * scale * weight).backward()
-            if weight:
-                stats.add(micro)
+        # one autocast region for the update: it casts each trainable weight to bf16 once and the micro-batches
+        # share the copy (autocast caches casts until the region ends), where a region each cast them anew; not
+        # under FSDP2, whose parameters are gathered anew for each micro-batch
+        shared = not self.rt.sharded
+        with self.autocast() if shared else contextlib.nullcontext():
+            for i, (mine, weight) in enumerate(micro_batches):
+                with self.rt.no_sync(self.wrapped_policy, i == len(micro_batches) - 1), \
+                        contextlib.nullcontext() if shared else self.autocast(), self.offload():
+                    micro = self.method.forward(self.wrapped_policy, mine, "train")
+                    (micro.losses.sum() * scale * weight).backward()
+                if weight:
+                    stats.add(micro)
         row = stats.result(self.rt, self.method.unit)
         if self.in_backward:  # each parameter was updated in the backward pass; its hooks summed the norm
             grad_norm = self.optimizer.take_grad_norm()
