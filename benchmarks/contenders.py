@@ -35,6 +35,7 @@ DPOKIT_MODES = {
     "padded+selective": {"train.layout": "padded", "train.lm_head": "selective"},
     "packed": {"train.layout": "packed"},
     "prefix_shared": {},  # dpokit's defaults
+    "chunk1024": {"train.logps_chunk_tokens": 1024},  # the LM head's chunks as they were until 2026-12-07
     "precomputed": {"reference.strategy": "precomputed"},
     "grad_ckpt": {"train.gradient_checkpointing": True},
     "adamw8bit": {"train.optimizer": "adamw8bit"},
@@ -59,6 +60,7 @@ LABELS = {
     "padded+selective": "dpokit padded + selective head",
     "packed": "dpokit packed",
     "prefix_shared": "dpokit default (prefix_shared)",
+    "chunk1024": "dpokit default, LM-head chunks of 1,024 tokens",
     "precomputed": "dpokit default + precomputed ref",
     "grad_ckpt": "dpokit default + grad checkpointing",
     "adamw8bit": "dpokit default + adamw8bit",

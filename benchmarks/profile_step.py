@@ -33,6 +33,9 @@ MODES = {
     "bf16": {"train.precision": "bf16-mixed"},
     "compile": {"train.compile": True},
     "compile_bf16": {"train.precision": "bf16-mixed", "train.compile": True},
+    # the LM head's chunks as they were until 2026-12-07
+    "chunk1024": {"train.logps_chunk_tokens": 1024},
+    "bf16_chunk1024": {"train.precision": "bf16-mixed", "train.logps_chunk_tokens": 1024},
 }
 CATEGORIES = ("matmul", "attention", "casts and copies", "optimizer", "other")
 

@@ -245,7 +245,6 @@ PRESETS = {
         "train.optimizer_in_backward": True,  # no full set of gradients
         "train.micro_batch_size": "batch_size",  # in-backward updates allow no accumulation
         "train.max_grad_norm": 0.0,  # nor global-norm clipping
-        "train.logps_chunk_tokens": 256,  # smaller LM-head chunks: 256 x vocabulary logits at a time
         "train.release_freed_memory": True,  # on a CPU, freed temporaries leave the process's memory at once
     },
 }
@@ -286,7 +285,9 @@ class TrainSection:
     compile: bool = opt(False, "torch.compile the decoder layers")
     lm_head: str = opt("selective", "selective: LM head only where a completion token is predicted, in chunks; "
                        "full: all logits (the plain path, for comparison)", choices=("selective", "full"))
-    logps_chunk_tokens: int = opt(1024, "completion tokens per LM-head chunk (bounds the logits memory)", min=1)
+    logps_chunk_tokens: int = opt(128, "completion tokens per LM-head chunk (bounds the logits memory: 128 fp32 rows "
+                                  "of a 49k vocabulary are 25 MB, under the size from which glibc maps each "
+                                  "temporary anew)", min=1)
     release_freed_memory: bool = opt(False, "CPU only: give freed tensor memory back to the system at once (glibc's "
                                      "mmap threshold fixed at 64 kB, dpokit.host_memory) instead of keeping it in the "
                                      "heap: a lower peak for 20-30% more time per step; nothing on a GPU")
