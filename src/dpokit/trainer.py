@@ -281,11 +281,11 @@ class Trainer:
         # one autocast region for the update: it casts each trainable weight to bf16 once and the micro-batches
         # share the copy (autocast caches casts until the region ends), where a region each cast them anew; not
         # under FSDP2, whose parameters are gathered anew for each micro-batch
-        shared = not self.rt.sharded
-        with self.autocast() if shared else contextlib.nullcontext():
+        per_update, per_micro = ((self.autocast, contextlib.nullcontext) if not self.rt.sharded
+                                 else (contextlib.nullcontext, self.autocast))
+        with per_update():
             for i, (mine, weight) in enumerate(micro_batches):
-                with self.rt.no_sync(self.wrapped_policy, i == len(micro_batches) - 1), \
-                        contextlib.nullcontext() if shared else self.autocast(), self.offload():
+                with self.rt.no_sync(self.wrapped_policy, i == len(micro_batches) - 1), per_micro(), self.offload():
                     micro = self.method.forward(self.wrapped_policy, mine, "train")
                     (micro.losses.sum() * scale * weight).backward()
                 if weight:
