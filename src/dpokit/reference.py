@@ -65,7 +65,7 @@ class FrozenCopy(Reference):
             self.module.model = self.module.model.unload()
         if dtype is not None:
             self.module.to(dtype)
-        elif autocast_bf16 and not (runtime is not None and runtime.sharded):  # (FSDP2 wants one dtype a module)
+        elif autocast_bf16 and not (runtime is not None and runtime.sharded):  # (a sharded copy: as loaded, untried)
             bf16_linear_weights(self.module)
         self.module.eval().requires_grad_(False)
         if runtime is not None and runtime.sharded:
