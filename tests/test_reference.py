@@ -41,7 +41,7 @@ def test_a_copy_under_bf16_autocast_keeps_its_linear_weights_in_bf16_and_scores_
     policy = CompletionLogProbs(tiny_llama(vocab_size=100, tie_word_embeddings=tied))
     pairs = random_pairs()
     batch = collate(pairs, range(len(pairs)), "padded", pad_id=0)
-    as_loaded, stored_bf16 = FrozenCopy(policy), FrozenCopy(policy, autocast_bf16=True)
+    as_loaded, stored_bf16 = FrozenCopy(policy), FrozenCopy(policy, bf16_linears=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         a, b = as_loaded.logps(batch, "train"), stored_bf16.logps(batch, "train")
     assert torch.equal(a.chosen, b.chosen) and torch.equal(a.rejected, b.rejected)  # autocast's cast, done once

@@ -234,8 +234,8 @@ def estimate(cfg, *, lengths: Lengths | None = None, shape: Shape | None = None,
     gradients = grad_bytes * (sum(largest) if t.optimizer_in_backward else trainable)
     optimizer = _optimizer_bytes(t.optimizer, trainable_tensors, weight_bytes if not cfg.lora.enabled else 4)
 
-    reference = _reference_bytes(cfg, method, shape, weight_bytes, notes, autocast_bf16=precision == "bf16-mixed"
-                                 and not (world > 1 and cfg.distributed.strategy == "fsdp"))
+    sharded = world > 1 and cfg.distributed.strategy == "fsdp"
+    reference = _reference_bytes(cfg, method, shape, weight_bytes, notes, precision=precision, sharded=sharded)
 
     full_layer, activations, head = _activation_bytes(t, shape, lengths, act_bytes)
     if method == "reward":  # a scalar head reads one position a sequence: no vocabulary-wide logits
@@ -252,7 +252,6 @@ def estimate(cfg, *, lengths: Lengths | None = None, shape: Shape | None = None,
 
     # sharding and offload
     host = {}
-    sharded = world > 1 and cfg.distributed.strategy == "fsdp"
     if sharded:
         layer = (shape.params - rest) / max(shape.layers, 1) * weight_bytes
         if cfg.distributed.cpu_offload:
@@ -280,11 +279,11 @@ def estimate(cfg, *, lengths: Lengths | None = None, shape: Shape | None = None,
     return Estimate(parts, loading, stepping, host, lengths, device, notes, allowance)
 
 
-def _reference_bytes(cfg, method: str, shape: Shape, weight_bytes: float, notes: list[str], *,
-                     autocast_bf16: bool = False) -> float:
-    """The reference model's weights, where `method` under `cfg` holds a copy of it. `autocast_bf16`: an
-    unsharded copy under bf16-mixed holds its linear layers in bf16 (`reference.bf16_linear_weights`)."""
-    from dpokit.reference import resolve_strategy
+def _reference_bytes(cfg, method: str, shape: Shape, weight_bytes: float, notes: list[str], *, precision: str,
+                     sharded: bool) -> float:
+    """The reference model's weights, where `method` under `cfg` holds a copy of it (its linear layers in bf16
+    where `reference.copy_in_bf16` says so)."""
+    from dpokit.reference import copy_in_bf16, resolve_strategy
 
     needs_reference = {"sft": False, "reward": False, "ppo": True}.get(method, cfg.objective.needs_reference)
     strategy = resolve_strategy(cfg.reference.strategy, needs_reference=needs_reference,
@@ -294,7 +293,7 @@ def _reference_bytes(cfg, method: str, shape: Shape, weight_bytes: float, notes:
         return 0.0
     if cfg.reference.name is not None:
         notes.append(f"reference.name: assumed the size of {cfg.model.name}")
-    if cfg.reference.dtype is None and autocast_bf16 and cfg.reference.name is None and not cfg.reference.sync_every:
+    if copy_in_bf16(cfg, precision, sharded):
         head = shape.vocab * shape.hidden
         in_bf16 = shape.linear_params + head  # a tied head gets a bf16 weight of its own beside the fp32 embedding
         return (shape.params - shape.linear_params - (0 if shape.tied_head else head)) * 4 + in_bf16 * 2

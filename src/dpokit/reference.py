@@ -57,7 +57,7 @@ class FrozenCopy(Reference):
     name = "copy"
 
     def __init__(self, start: CompletionLogProbs, dtype: torch.dtype | None = None, runtime: Runtime | None = None,
-                 *, autocast_bf16: bool = False):
+                 *, bf16_linears: bool = False):
         self.module = copy.deepcopy(start)
         if hasattr(self.module.model, "unload"):
             # a LoRA start is the policy itself: π_ref is its base model, not its adapters (a resumed run's are
@@ -65,7 +65,7 @@ class FrozenCopy(Reference):
             self.module.model = self.module.model.unload()
         if dtype is not None:
             self.module.to(dtype)
-        elif autocast_bf16 and not (runtime is not None and runtime.sharded):  # (a sharded copy: as loaded, untried)
+        elif bf16_linears:
             bf16_linear_weights(self.module)
         self.module.eval().requires_grad_(False)
         if runtime is not None and runtime.sharded:
@@ -87,6 +87,14 @@ def bf16_linear_weights(module: torch.nn.Module) -> None:
             m.weight = torch.nn.Parameter(m.weight.detach().to(torch.bfloat16), requires_grad=False)
             if m.bias is not None:
                 m.bias = torch.nn.Parameter(m.bias.detach().to(torch.bfloat16), requires_grad=False)
+
+
+def copy_in_bf16(cfg, precision: str, sharded: bool) -> bool:
+    """Whether the reference copy holds its linear layers in bf16 (`bf16_linear_weights`): a plain copy (not
+    `reference.name`'s model, not TR-DPO's following copy, no `reference.dtype`) under bf16-mixed, unsharded
+    (mixed dtypes in an FSDP2-sharded module are untried here, so a sharded copy stays as loaded)."""
+    r = cfg.reference
+    return precision == "bf16-mixed" and not sharded and r.dtype is None and r.name is None and not r.sync_every
 
 
 class NamedModel(FrozenCopy):
@@ -233,7 +241,7 @@ def build(cfg, policy: CompletionLogProbs, start: CompletionLogProbs, *, needs_r
     if strategy == "copy" and cfg.reference.sync_every:
         return FollowingCopy(start, dtype, every=cfg.reference.sync_every, alpha=cfg.reference.sync_alpha)
     if strategy == "copy":
-        return FrozenCopy(start, dtype, runtime, autocast_bf16=precision == "bf16-mixed")
+        return FrozenCopy(start, dtype, runtime, bf16_linears=copy_in_bf16(cfg, precision, runtime.sharded))
     module = FrozenCopy(start, dtype).module if dtype is not None else start
     settings = {**vars(settings_of(cfg.data)), "precision": precision, "dtype": cfg.reference.dtype}
     if cfg.objective.ld_alpha is not None:  # LD-DPO's sums are other numbers
