@@ -10,9 +10,11 @@ CPU.
 
 The other way: glibc maps every allocation above its threshold (32 MB at most) anew and unmaps it when freed,
 and gives the top of its heap back past its trim threshold, so the vocabulary-wide temporaries (a batch's
-logits, their log-softmax, a decode step's 128 x 49,152 probabilities) are faulted in page by page at every step: `aten::sub` over the logits took 1.1-1.3 s of a
-training step, 28 ms a call, where the same subtraction into reused memory takes a few. With no mappings and
-no trimming (`reuse_freed_memory`) every freed block stays in the heap for the next allocation: measured
+logits, their log-softmax, a decode step's 128 x 49,152 probabilities) are faulted in page by page at every
+step: `aten::sub` over the logits took 1.1-1.3 s of a training step, 28 ms a call (LM-head chunks of 1,024
+tokens, the default then; 128 since, whose 25 MB blocks stay in the heap), where the same subtraction into
+reused memory takes a few. With no mappings and no trimming (`reuse_freed_memory`) every freed block stays in
+the heap for the next allocation: measured
 2026-12-07 on the AMX Xeon, the default fp32 step 28.7 -> 24.6 s per update at 8.43 -> 9.10 GB peak RSS
 under the profiler (24.0 -> 21.2 s at the same 6.92 GB in the throughput benchmark), bf16-mixed 16.1 -> 15.3 s;
 the decode loop 5-8% faster. The same arithmetic: only where the memory comes from changes (torch aligns
