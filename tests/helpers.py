@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,15 @@ def tiny_llama(vocab_size: int = 49152, seed: int = 0, **overrides):
                bos_token_id=1, eos_token_id=2, pad_token_id=2)
     cfg.update(overrides)
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def random_pairs(n=4, vocab=100, seed=0):
+    """`n` tokenized pairs of random ids below `vocab` (prompts of 1-9 tokens, completions of 1-7)."""
+    from dpokit.data.tokenize import TokenizedPair
+
+    rng = random.Random(seed)
+    ids = lambda lo, hi: tuple(rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi)))  # noqa: E731
+    return [TokenizedPair(ids(1, 9), ids(1, 7), ids(1, 7), f"x:{i}") for i in range(n)]
 
 
 def tiny_model_dir(path: Path, tokenizer, seed: int = 0, **overrides) -> str:

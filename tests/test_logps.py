@@ -1,6 +1,5 @@
 """Completion log-probs: prompt and padding excluded, summed over completion tokens, the same in every layout."""
 
-import random
 
 import pytest
 import torch
@@ -9,13 +8,7 @@ from dpokit import models
 from dpokit.data.layouts import collate
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.logps import CompletionLogProbs
-from tests.helpers import tiny_llama
-
-
-def random_pairs(n=4, vocab=100, seed=0):
-    rng = random.Random(seed)
-    ids = lambda lo, hi: tuple(rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi)))  # noqa: E731
-    return [TokenizedPair(ids(1, 9), ids(1, 7), ids(1, 7), f"x:{i}") for i in range(n)]
+from tests.helpers import random_pairs, tiny_llama
 
 
 def brute_force(model, prompt, completion):

@@ -16,8 +16,7 @@ from dpokit.logps import CompletionLogProbs, logps_table
 from dpokit.metrics import read_metrics
 from dpokit.reference import FrozenCopy
 from dpokit.trainer import train
-from tests.helpers import tiny_llama, tiny_model_dir
-from tests.test_logps import random_pairs
+from tests.helpers import random_pairs, tiny_llama, tiny_model_dir
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
 

@@ -1,6 +1,7 @@
 """The training loop end to end on a tiny model: metrics, export, reference strategies, exact resume."""
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -10,9 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dpokit.data.layouts import collate
 from dpokit.errors import ConfigError
+from dpokit.logps import CompletionLogProbs
 from dpokit.metrics import read_metrics
 from dpokit.trainer import Trainer, resolve_precision, train
+from tests.helpers import random_pairs, tiny_llama
 
 KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
         "logps/rejected", "step", "epoch", "lr", "grad_norm", "pairs_per_s", "tokens_per_s"}
@@ -216,13 +220,6 @@ def test_micro_batches_in_one_autocast_region_reuse_its_weight_casts_with_the_sa
     """What the trainer's update relies on: autocast caches a trainable weight's bf16 cast for the region, and
     the gradients of micro-batches that share the cast are those of a region each (untied weights; a tied
     embedding sums its two gradients in another order, within fp32 rounding)."""
-    import copy
-
-    from dpokit.data.layouts import collate
-    from dpokit.logps import CompletionLogProbs
-    from tests.helpers import tiny_llama
-    from tests.test_logps import random_pairs
-
     start = CompletionLogProbs(tiny_llama(vocab_size=100, tie_word_embeddings=False))
     pairs = random_pairs(4)
     micro_batches = [collate(pairs[i:i + 2], range(i, i + 2), "padded", pad_id=0) for i in (0, 2)]
