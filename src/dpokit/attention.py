@@ -45,15 +45,18 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
         return _flash_varlen(query, key, value, segments, dropout, scaling), None
 
     groups = query.shape[1] // key.shape[1]
+    # Every span's queries, keys and values are cut from the row in one operation each: a span's own slice or
+    # index_select would take, in the backward pass, a zero-filled gradient the size of the whole row, then an
+    # addition of it, for every span (measured: 0.4 s of a 22 s fp32 update of 8 pairs)
+    q_sizes = [b - a for a, b in zip(segments.cu_q, segments.cu_q[1:])]
+    if segments.key_index is None:
+        keys, values = key.split(q_sizes, dim=2), value.split(q_sizes, dim=2)
+    else:
+        k_sizes = [b - a for a, b in zip(segments.cu_k, segments.cu_k[1:])]
+        keys = key.index_select(2, segments.key_index).split(k_sizes, dim=2)
+        values = value.index_select(2, segments.key_index).split(k_sizes, dim=2)
     outputs = []
-    for i in range(len(segments.cu_q) - 1):
-        qs, qe = segments.cu_q[i], segments.cu_q[i + 1]
-        q = query[:, :, qs:qe]
-        if segments.key_index is None:
-            k, v = key[:, :, qs:qe], value[:, :, qs:qe]
-        else:
-            idx = segments.key_index[segments.cu_k[i]:segments.cu_k[i + 1]]
-            k, v = key.index_select(2, idx), value.index_select(2, idx)
+    for q, k, v in zip(query.split(q_sizes, dim=2), keys, values):
         lq, lk = q.shape[2], k.shape[2]
         if lq == lk:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling,
