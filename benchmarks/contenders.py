@@ -48,6 +48,8 @@ DPOKIT_MODES = {
     "reuse": {"train.reuse_freed_memory": True},
     "bf16_reuse": {"train.precision": "bf16-mixed", "train.reuse_freed_memory": True},
     "compile": {"train.compile": True},
+    # PyTorch's CPU blocks on 4 kB pages, as before dpokit asked for huge pages (2026-12-07)
+    "small_pages": {"train.huge_pages": False},
     "lean": {"train.preset": "lean"},  # the least memory: see dpokit.config.PRESETS
     "lora": {"lora.enabled": True},
     "qlora": {"lora.enabled": True, "model.quantization": "nf4"},
@@ -70,6 +72,7 @@ LABELS = {
     "reuse": "dpokit default + reuse_freed_memory",
     "bf16_reuse": "dpokit default, bf16-mixed + reuse_freed_memory",
     "compile": "dpokit default + torch.compile",
+    "small_pages": "dpokit default, 4 kB pages (train.huge_pages=false)",
     "lean": "dpokit train.preset=lean",
     "lora": "dpokit LoRA (r 16, adapters-off reference)",
     "qlora": "dpokit QLoRA nf4",
@@ -78,8 +81,13 @@ LABELS = {
     "qlora_lean": "dpokit QLoRA nf4 + train.preset=lean",
     "trl": "TRL 1.16 DPOTrainer (defaults)",
     "trl_bf16": "TRL 1.16 DPOTrainer, bf16",
+    "trl_huge_pages": "TRL 1.16 DPOTrainer, huge pages (THP_MEM_ALLOC_ENABLE=1)",
 }
-ALL_CONTENDERS = ["trl", "trl_bf16", *DPOKIT_MODES]
+ALL_CONTENDERS = ["trl", "trl_bf16", "trl_huge_pages", *DPOKIT_MODES]
+# PyTorch's huge-page switch for the rows that set it whatever the benchmark's own environment says: TRL as
+# installed (4 kB pages), TRL with the huge pages dpokit's trainer asks for by default, dpokit without them
+EXTRA_ENV = {"trl": {"THP_MEM_ALLOC_ENABLE": "0"}, "trl_huge_pages": {"THP_MEM_ALLOC_ENABLE": "1"},
+             "small_pages": {"THP_MEM_ALLOC_ENABLE": "0"}}
 
 
 def is_bf16(name: str) -> bool:
@@ -203,7 +211,8 @@ def run_worker(spec: dict, tmp: Path, timeout: float) -> dict:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1",
            # compile from scratch: a cache left by earlier runs would hide the compilation time
-           "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor-cache"), "TRITON_CACHE_DIR": str(work / "triton-cache")}
+           "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor-cache"), "TRITON_CACHE_DIR": str(work / "triton-cache"),
+           **EXTRA_ENV.get(spec["name"].rpartition("-")[2], {})}  # a sweep's rows are named <tag>-<name>
     cmd = [sys.executable, str(HERE / "throughput.py"), "--worker", str(spec_path), str(result_path)]
     busy0, self0 = busy_cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
@@ -243,6 +252,10 @@ def worker_main(spec_path: str, result_path: str) -> None:
         result["traceback"] = traceback.format_exc()[-4000:]
     with contextlib.suppress(Exception):
         result["memory"] = peak_memory(spec["device"])
+    # PyTorch aligns its CPU blocks to a page only with huge pages on (dpokit.host_memory.huge_pages)
+    import torch
+
+    result["huge_pages"] = all(torch.empty(1 << 20).data_ptr() % 4096 == 0 for _ in range(2))
     Path(result_path).write_text(json.dumps(result, indent=1))
 
 

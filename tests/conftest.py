@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
-import torch
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # PyTorch reads it at the first tensor: the trainer's default here
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from tests import helpers
 from tests.helpers import PAIRS, write_jsonl

@@ -1,7 +1,8 @@
-"""dpokit.host_memory: freed tensor memory leaves the process at once. Each case runs in a child process, since
-the setting lasts for the process."""
+"""dpokit.host_memory: freed tensor memory leaves the process at once, or stays for reuse; huge pages. Each case
+runs in a child process, since the setting lasts for the process."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -27,8 +28,13 @@ print(json.dumps({"released": released, "kept": rss() - before}))
 """
 
 
+# glibc's behaviour alone: 4 kB pages (the tests' own process asks PyTorch for huge pages, conftest.py)
+SMALL_PAGES = {**os.environ, "THP_MEM_ALLOC_ENABLE": "0"}
+
+
 def kept(mode: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, check=True,
+                         env=SMALL_PAGES)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -61,7 +67,8 @@ print(json.dumps({"reused": reused, "faults": sum(faults[2:])}))
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt; elsewhere the setting does nothing")
 def test_reused_memory_is_not_faulted_in_again():
     def faults(mode: str) -> dict:
-        out = subprocess.run([sys.executable, "-c", REUSE_CHILD, mode], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", REUSE_CHILD, mode], capture_output=True, text=True, check=True,
+                             env=SMALL_PAGES)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     default, reused = faults("default"), faults("reuse")
@@ -69,3 +76,31 @@ def test_reused_memory_is_not_faulted_in_again():
     assert default["faults"] > 6 * 16000  # 64 MB in 4 kB pages, mapped anew each round
     # the freed block is reused (where the heap's layout shifts a block's alignment, one round extends the heap)
     assert reused["faults"] < 2 * 16000
+
+
+# The switch is PyTorch's, read at the process's first CPU tensor: asked for before it, blocks of 2 MB and up are
+# page-aligned (for `madvise`); asked for after it, or switched off by the environment, they are not.
+HUGE_CHILD = """
+import json, os, sys
+import torch
+from dpokit import host_memory
+if sys.argv[1] == "late":
+    torch.ones(3)
+in_effect = host_memory.huge_pages()
+aligned = all(torch.empty(1 << 20).data_ptr() % 4096 == 0 for _ in range(4))
+print(json.dumps({"in_effect": in_effect, "aligned": aligned, "switch": os.environ["THP_MEM_ALLOC_ENABLE"]}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PyTorch advises huge pages on Linux only")
+@pytest.mark.parametrize("case, switch, expected", [
+    ("first", None, {"in_effect": True, "aligned": True, "switch": "1"}),
+    ("late", None, {"in_effect": False, "aligned": False, "switch": "1"}),
+    ("first", "0", {"in_effect": True, "aligned": False, "switch": "0"}),  # the environment's choice stands
+])
+def test_huge_pages_apply_before_the_first_tensor_only(case, switch, expected):
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if switch is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = switch
+    out = subprocess.run([sys.executable, "-c", HUGE_CHILD, case], capture_output=True, text=True, check=True, env=env)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == expected

@@ -56,6 +56,16 @@ def test_a_used_run_directory_is_not_overwritten(tiny_config):
         train(tiny_config("train.max_steps=1"))
 
 
+def test_huge_pages_asked_for_too_late_are_named_in_a_warning(tiny_config, monkeypatch):
+    from dpokit import host_memory
+
+    monkeypatch.setattr(host_memory, "huge_pages", lambda: False)  # as after the process's first tensor
+    with pytest.warns(UserWarning, match="train.huge_pages: .* THP_MEM_ALLOC_ENABLE=1"):
+        train(tiny_config("train.max_steps=1"))
+    monkeypatch.setattr(host_memory, "huge_pages", lambda: pytest.fail("asked with train.huge_pages=false"))
+    train(tiny_config("train.max_steps=1", "train.huge_pages=false", "output.overwrite=true"))
+
+
 def step_metrics(cfg):
     rows = read_metrics(train(cfg).run_dir)
     return [r for r in rows if "loss" in r]

@@ -104,6 +104,9 @@ class Trainer:
         if t.reuse_freed_memory and runtime.device.type == "cpu" and not host_memory.reuse_freed_memory():
             warnings.warn("train.reuse_freed_memory: this C library has no mallopt; large blocks are mapped anew",
                           stacklevel=2)
+        if t.huge_pages and runtime.device.type == "cpu" and not host_memory.huge_pages():
+            warnings.warn(f"train.huge_pages: PyTorch's CPU allocator started before the trainer asked for huge pages; "
+                          f"set {host_memory.THP_SWITCH}=1 in the environment to have them", stacklevel=2)
         torch.manual_seed(t.seed)
 
         with runtime.main_first():  # the first load may convert the GGUF default model

@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(default 0, the published run)")
     args = parser.parse_args(argv)
     host_memory.reuse_freed_memory()  # as `dpokit sample` and `train.reuse_freed_memory`: the same results, sooner
+    host_memory.huge_pages()  # what its training steps ask for by default (train.huge_pages), before any tensor
 
     out = Path(args.out)
     if args.fresh:

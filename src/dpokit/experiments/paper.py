@@ -316,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
     host_memory.reuse_freed_memory()  # as `dpokit sample` and `train.reuse_freed_memory`: the same results, sooner
+    host_memory.huge_pages()  # what its training steps ask for by default (train.huge_pages), before any tensor
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ import copy
 from dataclasses import dataclass
 from pathlib import Path
 
+from dpokit import host_memory
 from dpokit.config import Config
 from dpokit.config_checks import check_config
 from dpokit.config_loader import set_value
@@ -73,6 +74,8 @@ def iterate(cfg: Config, *, resume: bool = False, echo=print) -> list[Round]:
 
     check(cfg)
     DPO.check(cfg)
+    if cfg.train.huge_pages:  # before the first round's sampling allocates a tensor, after which it is too late
+        host_memory.huge_pages()
     o, out = cfg.online, Path(cfg.output.dir)
     # the trainer's process group, started here once: each round's `train` joins it (and leaves it open)
     rt = init_runtime(cfg.distributed.strategy, cfg.distributed.backend)
