@@ -180,7 +180,7 @@ def test_each_draw_s_log_prob_is_its_log_softmax(temperature, top_p):
 
 def test_rows_moved_into_finished_rows_places_draw_what_rows_kept_in_order_draw(monkeypatch):
     """Finished rows' places are filled from the batch's end; every sequence still gets the uniform of its
-    place among the sequences running, so the samples and log-probs are those of a batch kept in order."""
+    place among the sequences running, so the samples are those of a batch kept in order."""
     from dpokit.generation import backends
 
     model = tiny_llama(vocab_size=8, seed=1, initializer_range=0.3).eval()
@@ -198,4 +198,5 @@ def test_rows_moved_into_finished_rows_places_draw_what_rows_kept_in_order_draw(
     lengths = {len(c.ids) for c in in_order}
     assert sum(c.finished for c in in_order) > 12 and len(lengths) > 4  # rows finish at many different steps
     assert [c.ids for c in moved] == [c.ids for c in in_order]
-    assert [c.logp for c in moved] == [c.logp for c in in_order]
+    # A row's place in the batch can change a product's kernel (AVX512 tails on AMD EPYC): last bits only.
+    assert [c.logp for c in moved] == pytest.approx([c.logp for c in in_order], rel=1e-6)
