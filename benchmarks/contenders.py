@@ -385,7 +385,8 @@ def run_trl(spec: dict, result: dict) -> None:
     settings = dict(output_dir=str(tmp / "trl"), per_device_train_batch_size=spec["batch"],
                     gradient_accumulation_steps=1, max_steps=total, learning_rate=spec["lr"], beta=spec["beta"],
                     bf16=spec["mode"] == "bf16", max_length=spec["max_length"], lr_scheduler_type="linear",
-                    warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, seed=spec["seed"],
+                    warmup_steps=0, weight_decay=0.0, max_grad_norm=spec.get("max_grad_norm", 1.0), seed=spec["seed"],
+                    logging_steps=1,
                     train_sampling_strategy="sequential", save_strategy="no", report_to=[], disable_tqdm=True,
                     dataloader_num_workers=0, use_cpu=spec["device"] == "cpu")
     args = DPOConfig(**settings)
@@ -402,7 +403,7 @@ def run_trl(spec: dict, result: dict) -> None:
     result["token_lengths"] = [[len(x["prompt_ids"]), len(x["chosen_ids"]), len(x["rejected_ids"])] for x in ds]
     result["model_dtype"] = str(trainer.model.dtype)
 
-    begins, ends, metrics = [], [], []
+    begins, ends, metrics, losses = [], [], [], []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -415,6 +416,10 @@ def run_trl(spec: dict, result: dict) -> None:
             metrics.append({k: (m[k][-1] if m.get(k) else None) for k in ("logps/chosen", "rewards/margins")})
             _progress(spec, len(ends), total, ends[-1] - begins[-1])
 
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:  # each update's loss (logging_steps=1), as dpokit's rows record theirs
+                losses.append(logs["loss"])
+
     trainer.add_callback(Timer())
     out = trainer.train()
     b = spec["batch"]
@@ -422,6 +427,7 @@ def run_trl(spec: dict, result: dict) -> None:
     for k in range(len(ends)):
         previous = ends[k - 1] if k else begins[0]  # from the end of the previous update: data loading included
         tokens = logical_tokens(result["token_lengths"][k * b:(k + 1) * b])
-        steps.append({"seconds": ends[k] - previous, "pairs": b, "tokens": tokens, **metrics[k]})
+        loss = {"loss": losses[k]} if len(losses) == len(ends) else {}
+        steps.append({"seconds": ends[k] - previous, "pairs": b, "tokens": tokens, **metrics[k], **loss})
     result["steps"] = steps
     result["train_loss"] = out.training_loss

@@ -224,20 +224,29 @@ def run_sweep(args, work: Workload, tmp: Path, rows: list[dict], flops: Flops) -
 
 
 def run_losses(args, work: Workload, names: list[str], tmp: Path) -> list[dict]:
-    """Every dpokit mode's losses over `--loss-steps` updates of the same short pairs, compared (report.py). All modes
-    run without global-norm clipping, which the step in the backward pass (and so the lean preset) excludes."""
+    """Every dpokit mode's losses over `--loss-steps` updates of the same short pairs, compared (report.py); with
+    the TRL bf16 row, TRL's bf16 losses against its fp32 ones, the deviation bf16 autocast gives in the reference
+    implementation. All run without global-norm clipping, which the step in the backward pass (and so the lean
+    preset) excludes."""
     modes = [n for n in names if contenders.kind_and_mode(n)[0] == "dpokit"]
     modes = ["prefix_shared", "lora"] + [m for m in modes if m not in ("prefix_shared", "lora")]
+    modes += ["trl", "trl_bf16"] if "trl_bf16" in names else []
     plan = length_plan(args.loss_steps * args.loss_batch, args.seed + 3, args.length_scale * args.loss_length_scale)
     data = write_jsonl(tmp / "losses.jsonl", make_pairs(work.tokenizer, plan, args.seed + 3))
     losses = {}
     for name in modes:
         spec = contenders.make_spec(args, name, data=data, batch=args.loss_batch, warmup=0, steps=args.loss_steps,
                                     first_update=0, tag="losses")
-        spec.update(lr=args.loss_lr, overrides={"train.max_grad_norm": 0.0})
+        spec.update(lr=args.loss_lr, max_grad_norm=0.0, overrides={"train.max_grad_norm": 0.0})
         print(f"losses: {name}, {args.loss_steps} updates of {args.loss_batch} pairs ...", flush=True)
         raw = run_worker(args, spec, tmp)
-        losses[name] = [s["loss"] for s in raw.get("steps") or []] if raw.get("ok") else raw.get("error")
+        steps = raw.get("steps") or []
+        if not raw.get("ok"):
+            losses[name] = raw.get("error")
+        elif all("loss" in s for s in steps):
+            losses[name] = [s["loss"] for s in steps]
+        else:
+            losses[name] = "an update recorded no loss"
     return report.loss_comparison(losses, args.loss_steps)
 
 
