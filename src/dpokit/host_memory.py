@@ -61,7 +61,8 @@ def huge_pages() -> bool:
     profiled fp32 step, 41-56 ms with huge pages (the same product alone, into a fresh block: 43 ms).
     Measured 2026-12-07 on the AMX Xeon (`benchmarks/profile_step.py --steps 2`, alternated): the default
     fp32 step 24.3 and 25.2 -> 21.9 and 23.2 s an update, max RSS 8.2 -> 7.7 GB; bf16-mixed 15.9 and 16.6 ->
-    13.9 and 14.4 s at the same RSS. The arithmetic is the same: only the pages change.
+    13.9 and 14.4 s at the same RSS; on an AMD EPYC (2026-12-08, throughput benchmark) 36.9 s an fp32 update
+    against 36.4 on 4 kB pages, peak 6.45 against 6.99 GB. The arithmetic is the same: only the pages change.
 
     PyTorch reads the switch at the process's first CPU tensor, so this works only before that. Returns False
     where the switch is on and PyTorch's allocator ignores it (it had started): its blocks are then aligned to
