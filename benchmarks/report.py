@@ -320,8 +320,8 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
 # order (layouts, LM heads, recomputation, the reference's strategy, compilation, the step in the backward pass) are
 # exact up to fp32 rounding; bf16 autocast, 8-bit optimizer state and a quantized base are not.
 EXACT_TOLERANCE = 1e-4
-APPROXIMATE_TOLERANCE = {"bf16": 2e-2, "trl_bf16": 2e-2, "adamw8bit": 1e-2, "ckpt_8bit": 1e-2, "lean": 1e-2, "lora_lean": 1e-2,
-                         "qlora": 5e-2, "qlora_int8": 5e-2, "qlora_lean": 5e-2}
+APPROXIMATE_TOLERANCE = {"bf16": 2e-2, "trl_bf16": 2e-2, "adamw8bit": 1e-2, "ckpt_8bit": 1e-2, "lean": 1e-2,
+                         "lora_lean": 1e-2, "qlora": 5e-2, "qlora_int8": 5e-2, "qlora_lean": 5e-2}
 
 
 def loss_comparison(losses: dict[str, list[float] | str], steps: int) -> list[dict]:

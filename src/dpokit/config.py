@@ -297,8 +297,9 @@ class TrainSection:
                                    "higher; nothing on a GPU")
     huge_pages: bool = opt(True, "back PyTorch's CPU tensors of 2 MB and up with transparent huge pages (PyTorch's "
                            "THP_MEM_ALLOC_ENABLE, dpokit.host_memory), unless the environment sets that switch: "
-                           "measured 9-13% less time per CPU step on an AMX Xeon, the same time and a 0.5 GB lower peak on "
-                           "an AMD EPYC; read at the process's first tensor, so set before the model loads")
+                           "measured 9-13% less time per CPU step on an AMX Xeon, the same time and a 0.5 GB "
+                           "lower peak on an AMD EPYC; read at the process's first tensor, so set before the model "
+                           "loads")
     seed: int = opt(42, "seed for data order and initialisation")
     eval_every: int = opt(0, "evaluate on held-out pairs every N steps (0: before and after training only)", min=0)
     log_every: int = opt(1, "log metrics every N steps", min=1)
