@@ -252,10 +252,9 @@ def worker_main(spec_path: str, result_path: str) -> None:
         result["traceback"] = traceback.format_exc()[-4000:]
     with contextlib.suppress(Exception):
         result["memory"] = peak_memory(spec["device"])
-    # PyTorch aligns its CPU blocks to a page only with huge pages on (dpokit.host_memory.huge_pages)
-    import torch
+    from dpokit.host_memory import huge_pages_in_effect
 
-    result["huge_pages"] = all(torch.empty(1 << 20).data_ptr() % 4096 == 0 for _ in range(2))
+    result["huge_pages"] = huge_pages_in_effect()
     Path(result_path).write_text(json.dumps(result, indent=1))
 
 

@@ -70,6 +70,12 @@ def huge_pages() -> bool:
     os.environ.setdefault(THP_SWITCH, "1")
     if os.environ[THP_SWITCH] != "1" or not sys.platform.startswith("linux"):
         return True  # the environment chose, or there is nothing to ask for
+    return huge_pages_in_effect()
+
+
+def huge_pages_in_effect() -> bool:
+    """Whether PyTorch's CPU allocator is advising huge pages in this process: only then does it align its
+    blocks to a page (otherwise to 64 bytes)."""
     import torch
 
     blocks = [torch.empty(1 << 20) for _ in range(2)]  # 4 MB each; two, since one may fall on a page by chance
