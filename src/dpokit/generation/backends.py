@@ -29,6 +29,7 @@ import torch
 
 from dpokit.errors import ConfigError
 from dpokit.fields import did_you_mean
+from dpokit.generation.decode_attention import decode_attention_for
 from dpokit.generation.kv_cache import drop_finished, preallocated_cache
 from dpokit.generation.packed_linear import packed_linears
 
@@ -64,7 +65,8 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, 
     here without changing the distribution drawn from:
       - a prompt repeated in the batch is prefilled once and its KV cache copied to its rows;
       - the KV cache is allocated once and written in place (`kv_cache.py`), where `DynamicCache` copies it
-        whole at every step; bf16 linear layers on a CPU run on weights packed once (`packed_linear.py`);
+        whole at every step; bf16 linear layers on a CPU run on weights packed once (`packed_linear.py`),
+        and a decode step's attention there skips SDPA's flash kernel (`decode_attention.py`);
       - a row leaves the batch, and its cache, as soon as it samples a stop token, the batch's last running
         row moved into its place, each sequence still drawing its own uniforms (kept longer, it changes the
         batch's matrix shapes, and with them fp32 products in their last bits: one draw in 340 of make
@@ -93,7 +95,8 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, 
         streamer.put(input_ids.cpu())
 
     model.eval()
-    with packed_linears(model):  # bf16 on a CPU: weights packed once, not at every product
+    # bf16 on a CPU: weights packed once, not at every product; a decode step's attention without SDPA's kernel
+    with packed_linears(model), decode_attention_for(language_model(model)):
         logits = forward(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          logits_to_keep=1, **cached).logits[:, -1].float()
         rows = torch.tensor([row_of[tuple(p)] for p in prompt_ids], device=device)  # each sequence's prompt row
@@ -189,14 +192,19 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch
     return (b * block + torch.minimum(within, last)).squeeze(1)
 
 
+def language_model(model):
+    """The transformers causal LM that generates: the model, or the one inside a `CompletionLogProbs`
+    wrapper (which has `lm_forward`) or a PEFT model."""
+    lm = model.model if hasattr(model, "lm_forward") else model
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+
 def cache_argument(model) -> str:
     """The name the causal LM's forward takes its KV cache by: `cache` in recent transformers releases,
     `past_key_values` before (a name it does not know would go into its **kwargs, unused and silently)."""
     import inspect
 
-    lm = model.model if hasattr(model, "lm_forward") else model
-    lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(language_model(model).forward).parameters else "past_key_values"
 
 
 def _any_running(count: int, device) -> bool:

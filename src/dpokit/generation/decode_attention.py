@@ -1,0 +1,92 @@
+"""Attention of a decode step (one new token a row against its KV cache) on a CPU in bf16 or fp16,
+registered with transformers as the `dpokit_decode` implementation while a generation call runs.
+
+PyTorch's CPU SDPA kernel is a flash-attention kernel tiled for long queries; on a CPU without AMX its
+bf16 call at a decode step's shapes (128 rows, 3 key/value heads of 3 query heads each, 40-60 cached
+positions) took 1.5 ms a layer, 19% of a bf16 generation call of the embedded model (profiled 2026-12-08,
+2-core AMD EPYC with AVX512-BF16). The same attention as transformers' eager implementation computes it
+(scores by a bf16 product, softmax in fp32, the weights in bf16 times the values), on SDPA's layout for
+grouped-query heads (each key/value head's query heads as its rows, so the keys and values are not
+repeated), took 0.3-0.5 ms. Its results differ from SDPA's in the last bits of bf16: the weights are
+rounded to bf16 before the product with the values, as in eager attention.
+
+With AMX, SDPA's kernel runs its bf16 products on AMX tiles: on the AMX Xeon (2026-12-07) an earlier
+hand-written decode attention took 1.37 ms a layer against its 0.63, so SDPA stays there. Everything else
+keeps SDPA too: the prefill (more than one query a row), fp32 (whose draws the published figures stand on;
+there the same change saved 7% of a call on the EPYC, the copies of the cache's keys and values taking
+back half of what the kernel gave), GPUs, models whose attention is not SDPA, and compiled layers.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from dpokit import attention
+
+NAME = "dpokit_decode"
+# implementations whose decode step this one replaces: SDPA, and dpokit's packed-row attention, which
+# runs SDPA on a padded (generation) batch
+REPLACES = ("sdpa", attention.NAME)
+
+
+def decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                     **kwargs):
+    """query [rows, heads, 1, d], key/value [rows, kv_heads, positions, d] → ([rows, 1, heads, d], None);
+    anything but one query a row goes to SDPA."""
+    if query.shape[2] != 1 or kwargs.get("position_bias") is not None or (dropout and module.training):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    rows, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    q = query.reshape(rows, kv_heads, heads // kv_heads, dim)  # query head h uses key/value head h // groups
+    # the cache's filled positions are a strided view: copied once here, which is faster than the copies the
+    # batched products would make of them
+    key, value = key.contiguous(), value.contiguous()
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * (scaling if scaling is not None else dim ** -0.5)
+    if attention_mask is not None:  # [rows, 1, 1, positions]: True (or 0) where a position is attended
+        scores = scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool \
+            else scores + attention_mask
+    out = torch.matmul(scores.softmax(dim=-1).to(value.dtype), value)  # [rows, kv_heads, groups, d]
+    return out.reshape(rows, 1, heads, dim), None
+
+
+def applies(lm) -> bool:
+    """Whether the causal LM's decode steps would use this attention: on a CPU without AMX, in bf16 or fp16
+    (its weights, or autocast's), with SDPA, and no layer compiled (switching the implementation would
+    recompile it)."""
+    weight = next(lm.parameters(), None)
+    if weight is None or weight.device.type != "cpu" or lm.config._attn_implementation not in REPLACES:
+        return False
+    low = (torch.bfloat16, torch.float16)
+    autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in low
+    return ((weight.dtype in low or autocast) and not sdpa_has_amx()
+            and not any(getattr(m, "_compiled_call_impl", None) is not None for m in lm.modules()))
+
+
+def sdpa_has_amx() -> bool:
+    """Whether this CPU has AMX, on which SDPA's kernel runs its bf16 products (oneDNN's brgemm)."""
+    return torch.cpu._is_amx_tile_supported()
+
+
+@contextmanager
+def decode_attention_for(lm):
+    """Inside: the causal LM's decode steps run `decode_attention` where it `applies`; elsewhere nothing
+    changes."""
+    if not applies(lm):
+        yield
+        return
+    previous = lm.config._attn_implementation
+    lm.set_attn_implementation(NAME)
+    try:
+        yield
+    finally:
+        lm.set_attn_implementation(previous)
+
+
+AttentionInterface.register(NAME, decode_attention)
+AttentionMaskInterface.register(NAME, sdpa_mask)  # the padding mask SDPA reads, which the prefill still runs
