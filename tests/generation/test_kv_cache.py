@@ -56,3 +56,19 @@ def test_finished_rows_are_dropped_by_moving_the_last_running_rows_into_their_pl
     for a, b in zip(ours.layers, theirs.layers):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values) and a.keys.shape[0] == 3
     assert drop_finished(ours, torch.tensor([True, True, True])).tolist() == [0, 1, 2]
+
+
+def test_the_whole_buffers_hold_zeros_past_the_filled_positions():
+    """What a product over the whole allocation (`decode_attention`) relies on: nothing past the filled
+    positions, after the prefill, its copies to the samples' rows and rows moved."""
+    model = tiny_llama(vocab_size=64)
+    with torch.no_grad():
+        cache = preallocated_cache(9)
+        model(input_ids=torch.tensor([[5, 6, 7], [8, 9, 10]]), past_key_values=cache, use_cache=True)
+        cache.batch_select_indices(torch.tensor([0, 0, 1, 1]))
+        drop_finished(cache, torch.tensor([False, True, True, True]))
+    for layer in cache.layers:
+        keys, values = layer.buffers()
+        assert keys.shape == values.shape == (3, 2, 9, 8) and keys.is_contiguous() and values.is_contiguous()
+        assert torch.equal(keys[:, :, :3], layer.keys) and torch.equal(values[:, :, :3], layer.values)
+        assert not keys[:, :, 3:].any() and not values[:, :, 3:].any()

@@ -86,7 +86,6 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, 
     row_of = {p: k for k, p in enumerate(unique)}
     width = max(len(p) for p in unique)
     cache = preallocated_cache(width + max_new_tokens)
-    cached = {cache_argument(model): cache}
     input_ids, mask = (t.to(device) for t in left_padded(unique, width, pad_id))
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     top_p_warper = TopPLogitsWarper(top_p) if temperature > 0 and top_p < 1.0 else None
@@ -96,7 +95,8 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, 
 
     model.eval()
     # bf16 on a CPU: weights packed once, not at every product; a decode step's attention without SDPA's kernel
-    with packed_linears(model), decode_attention_for(language_model(model)):
+    with packed_linears(model), decode_attention_for(language_model(model), cache) as attention_kwargs:
+        cached = {cache_argument(model): cache, **attention_kwargs}
         logits = forward(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          logits_to_keep=1, **cached).logits[:, -1].float()
         rows = torch.tensor([row_of[tuple(p)] for p in prompt_ids], device=device)  # each sequence's prompt row

@@ -4,17 +4,18 @@ registered with transformers as the `dpokit_decode` implementation while a gener
 PyTorch's CPU SDPA kernel is a flash-attention kernel tiled for long queries; on a CPU without AMX its
 bf16 call at a decode step's shapes (128 rows, 3 key/value heads of 3 query heads each, 40-60 cached
 positions) took 1.5 ms a layer, 19% of a bf16 generation call of the embedded model (profiled 2026-12-08,
-2-core AMD EPYC with AVX512-BF16). The same attention as transformers' eager implementation computes it
+2-core AMD EPYC with AVX512-BF16). Here the step is computed as transformers' eager attention computes it
 (scores by a bf16 product, softmax in fp32, the weights in bf16 times the values), on SDPA's layout for
-grouped-query heads (each key/value head's query heads as its rows, so the keys and values are not
-repeated), took 0.3-0.5 ms. Its results differ from SDPA's in the last bits of bf16: the weights are
-rounded to bf16 before the product with the values, as in eager attention.
+grouped-query heads (each key/value head's query heads as its rows, so keys and values are not repeated),
+over the KV cache's whole buffers: 1.2-2.3x SDPA's speed from 32 rows up, slower below (0.6-0.9x at 8 rows),
+so fewer rows keep SDPA. make demo's 1,024 bf16 completions: 35.5 -> 30.0 s of generation. Its results
+differ from SDPA's in the last bits of bf16: the weights are rounded to bf16 before the product with the
+values, as in eager attention.
 
 With AMX, SDPA's kernel runs its bf16 products on AMX tiles: on the AMX Xeon (2026-12-07) an earlier
 hand-written decode attention took 1.37 ms a layer against its 0.63, so SDPA stays there. Everything else
 keeps SDPA too: the prefill (more than one query a row), fp32 (whose draws the published figures stand on;
-there the same change saved 7% of a call on the EPYC, the copies of the cache's keys and values taking
-back half of what the kernel gave), GPUs, models whose attention is not SDPA, and compiled layers.
+there a variant saved 7% of a call), GPUs, models whose attention is not SDPA, and compiled layers.
 """
 
 from __future__ import annotations
@@ -32,26 +33,32 @@ NAME = "dpokit_decode"
 # implementations whose decode step this one replaces: SDPA, and dpokit's packed-row attention, which
 # runs SDPA on a padded (generation) batch
 REPLACES = ("sdpa", attention.NAME)
+MIN_ROWS = 32  # below, SDPA's kernel is as fast or faster (measured: see the module's docstring)
 
 
 def decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-                     **kwargs):
-    """query [rows, heads, 1, d], key/value [rows, kv_heads, positions, d] → ([rows, 1, heads, d], None);
-    anything but one query a row goes to SDPA."""
-    if query.shape[2] != 1 or kwargs.get("position_bias") is not None or (dropout and module.training):
+                     dpokit_kv_cache=None, **kwargs):
+    """query [rows, heads, 1, d] against the decode loop's KV cache (`dpokit_kv_cache`, whose layer
+    `module.layer_idx` holds `key` and `value` as its first positions) → ([rows, 1, heads, d], None);
+    anything else (a prefill, a few rows, no such cache) goes to SDPA."""
+    rows, heads, length, dim = query.shape
+    if length != 1 or rows < MIN_ROWS or dpokit_kv_cache is None or kwargs.get("position_bias") is not None \
+            or (dropout and module.training):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    rows, heads, _, dim = query.shape
-    kv_heads = key.shape[1]
-    q = query.reshape(rows, kv_heads, heads // kv_heads, dim)  # query head h uses key/value head h // groups
-    # the cache's filled positions are a strided view: copied once here, which is faster than the copies the
-    # batched products would make of them
-    key, value = key.contiguous(), value.contiguous()
-    scores = torch.matmul(q, key.transpose(-1, -2)).float() * (scaling if scaling is not None else dim ** -0.5)
-    if attention_mask is not None:  # [rows, 1, 1, positions]: True (or 0) where a position is attended
-        scores = scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool \
-            else scores + attention_mask
-    out = torch.matmul(scores.softmax(dim=-1).to(value.dtype), value)  # [rows, kv_heads, groups, d]
+    # the products run over the cache's whole contiguous buffers: its filled positions are a strided view, which
+    # batched products would copy at every layer and step (the copies cost more than the positions past them)
+    keys, values = dpokit_kv_cache.layers[module.layer_idx].buffers()
+    filled = key.shape[2]
+    q = query.reshape(rows, keys.shape[1], heads // keys.shape[1], dim)  # query head h uses key/value head h // groups
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * (scaling if scaling is not None else dim ** -0.5)
+    scores[..., filled:] = float("-inf")
+    seen = scores[..., :filled]
+    if attention_mask is not None and attention_mask.dtype == torch.bool:  # [rows, 1, 1, filled]: True if attended
+        seen.masked_fill_(~attention_mask, float("-inf"))
+    elif attention_mask is not None:  # additive: 0 where attended
+        seen.add_(attention_mask)
+    out = torch.matmul(scores.softmax(dim=-1).to(values.dtype), values)  # [rows, kv_heads, groups, d]
     return out.reshape(rows, 1, heads, dim), None
 
 
@@ -74,16 +81,17 @@ def sdpa_has_amx() -> bool:
 
 
 @contextmanager
-def decode_attention_for(lm):
-    """Inside: the causal LM's decode steps run `decode_attention` where it `applies`; elsewhere nothing
-    changes."""
+def decode_attention_for(lm, cache):
+    """Inside: the causal LM's decode steps over `cache` (a `kv_cache.preallocated_cache`) run
+    `decode_attention` where it `applies`. Yields the keyword arguments its forward passes take for it
+    (none where it does not apply, and nothing changes)."""
     if not applies(lm):
-        yield
+        yield {}
         return
     previous = lm.config._attn_implementation
     lm.set_attn_implementation(NAME)
     try:
-        yield
+        yield {"dpokit_kv_cache": cache}
     finally:
         lm.set_attn_implementation(previous)
 

@@ -16,7 +16,11 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 
 class PreallocatedLayer(DynamicLayer):
-    """One decoder layer's keys and values, `capacity` positions allocated at the first update."""
+    """One decoder layer's keys and values, `capacity` positions allocated at the first update.
+
+    `keys` and `values` are views of the filled positions (what attention reads); `buffers()` are the whole
+    allocation, zeros past the positions ever filled, so that a product over all of it adds nothing there
+    and never meets an uninitialised NaN (`decode_attention`)."""
 
     def __init__(self, capacity: int, **kwargs):
         super().__init__(**kwargs)
@@ -25,10 +29,14 @@ class PreallocatedLayer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         rows, heads, _, _ = key_states.shape
-        self._keys = key_states.new_empty((rows, heads, self.capacity, key_states.shape[-1]))
-        self._values = value_states.new_empty((rows, heads, self.capacity, value_states.shape[-1]))
+        self._keys = key_states.new_zeros((rows, heads, self.capacity, key_states.shape[-1]))
+        self._values = value_states.new_zeros((rows, heads, self.capacity, value_states.shape[-1]))
         self.is_initialized = True
         self._views()
+
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[rows, heads, capacity, d] keys and values, contiguous: the first `length` positions filled."""
+        return self._keys, self._values
 
     def _views(self) -> None:
         self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
