@@ -127,3 +127,4 @@ def test_compiled_layers_and_amx_keep_sdpa(monkeypatch, without_amx):
     monkeypatch.setattr(decode_attention_module, "sdpa_has_amx", lambda: False)
     model.model.layers[0].compile()  # lazily: nothing is compiled until it runs
     assert not applies(model)
+    assert not applies(torch.nn.Linear(4, 4, dtype=torch.bfloat16))  # not a transformers model

@@ -66,8 +66,8 @@ def applies(lm) -> bool:
     """Whether the causal LM's decode steps would use this attention: on a CPU without AMX, in bf16 or fp16
     (its weights, or autocast's), with SDPA, and no layer compiled (switching the implementation would
     recompile it)."""
-    weight = next(lm.parameters(), None)
-    if weight is None or weight.device.type != "cpu" or lm.config._attn_implementation not in REPLACES:
+    weight, config = next(lm.parameters(), None), getattr(lm, "config", None)
+    if weight is None or weight.device.type != "cpu" or getattr(config, "_attn_implementation", None) not in REPLACES:
         return False
     low = (torch.bfloat16, torch.float16)
     autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in low
