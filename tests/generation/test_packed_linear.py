@@ -66,3 +66,21 @@ def test_contexts_nest_the_inner_one_packs_nothing(monkeypatch):
                     x, layer.weight, layer.bias))
         assert vars(layer)["forward"] is outer  # the inner contexts leave the outer packing in place
     assert len(packed) == 1 and "forward" not in vars(layer)
+
+
+@needs_bf16
+def test_under_autocast_fp32_layers_run_on_packed_bf16_copies_with_autocast_s_results():
+    """bf16-mixed training's rollouts: the same logits as autocast's own casts, the fp32 weights untouched."""
+    model = tiny_llama(vocab_size=300)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([[5, 9, 17, 4], [3, 3, 8, 1]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(ids).logits
+        with packed_linears(model):
+            assert all("forward" in vars(m) for m in model.modules() if isinstance(m, torch.nn.Linear))
+            packed = model(ids).logits
+    assert packed.dtype == plain.dtype == torch.bfloat16 and torch.equal(packed, plain)
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert all(torch.equal(v, weights[k]) and v.dtype == torch.float32 for k, v in model.state_dict().items())
+    with torch.no_grad(), packed_linears(model):  # fp32 without autocast: left alone
+        assert not any("forward" in vars(m) for m in model.modules())
