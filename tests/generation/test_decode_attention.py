@@ -66,6 +66,8 @@ def test_a_prefill_a_few_rows_or_no_cache_are_sdpa_itself(any_rows, monkeypatch)
     q, k, v, mask, cache = decode_step(torch.float32)
     sdpa = sdpa_attention_forward(MODULE, q, k, v, mask)[0]
     assert torch.equal(decode_attention(MODULE, q, k, v, mask)[0], sdpa)
+    with pytest.raises(ValueError, match="softcap"):  # Gemma 2's soft-capping: SDPA refuses it, and so here
+        decode_attention(MODULE, q, k, v, mask, dpokit_kv_cache=cache, softcap=50.0)
     monkeypatch.setattr(decode_attention_module, "MIN_ROWS", 5)  # 4 rows: SDPA's kernel is as fast
     assert torch.equal(decode_attention(MODULE, q, k, v, mask, dpokit_kv_cache=cache)[0], sdpa)
 

@@ -42,8 +42,9 @@ def decode_attention(module, query, key, value, attention_mask, dropout: float =
     `module.layer_idx` holds `key` and `value` as its first positions) → ([rows, 1, heads, d], None);
     anything else (a prefill, a few rows, no such cache) goes to SDPA."""
     rows, heads, length, dim = query.shape
-    if length != 1 or rows < MIN_ROWS or dpokit_kv_cache is None or kwargs.get("position_bias") is not None \
-            or (dropout and module.training):
+    # a position bias, logit soft-capping or attention sinks are not computed here: SDPA's path has (or refuses) them
+    special = any(kwargs.get(name) is not None for name in ("position_bias", "softcap", "s_aux", "sinks"))
+    if length != 1 or rows < MIN_ROWS or dpokit_kv_cache is None or special or (dropout and module.training):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     # the products run over the cache's whole contiguous buffers: its filled positions are a strided view, which
