@@ -65,8 +65,9 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, temperature: float, 
     here without changing the distribution drawn from:
       - a prompt repeated in the batch is prefilled once and its KV cache copied to its rows;
       - the KV cache is allocated once and written in place (`kv_cache.py`), where `DynamicCache` copies it
-        whole at every step; bf16 linear layers on a CPU run on weights packed once (`packed_linear.py`),
-        and a decode step's attention there skips SDPA's flash kernel (`decode_attention.py`);
+        whole at every step; bf16 linear layers on a CPU (fp32 ones under bf16 autocast) run on weights packed
+        once (`packed_linear.py`), and a decode step's attention there skips SDPA's flash kernel where that
+        pays (`decode_attention.py`);
       - a row leaves the batch, and its cache, as soon as it samples a stop token, the batch's last running
         row moved into its place, each sequence still drawing its own uniforms (kept longer, it changes the
         batch's matrix shapes, and with them fp32 products in their last bits: one draw in 340 of make

@@ -49,7 +49,7 @@ def packed_weight(module: torch.nn.Linear) -> torch.Tensor:
 
 def _packed_forward(module: torch.nn.Linear, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     bias = module.bias.detach().to(torch.bfloat16) if module.bias is not None else None
-    if module.weight.dtype != torch.bfloat16:  # under autocast: its casts, the weight's done once when packed
+    if module.weight.dtype != torch.bfloat16:  # an fp32 layer packed under autocast: its input cast as autocast would
         x = x.to(torch.bfloat16)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
