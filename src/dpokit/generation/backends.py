@@ -32,6 +32,7 @@ from dpokit.fields import did_you_mean
 from dpokit.generation.decode_attention import decode_attention_for
 from dpokit.generation.kv_cache import drop_finished, preallocated_cache
 from dpokit.generation.packed_linear import packed_linears
+from dpokit.logps import causal_lm
 
 
 @dataclass
@@ -195,9 +196,8 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch
 
 def language_model(model):
     """The transformers causal LM that generates: the model, or the one inside a `CompletionLogProbs`
-    wrapper (which has `lm_forward`) or a PEFT model."""
-    lm = model.model if hasattr(model, "lm_forward") else model
-    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    wrapper (which has `lm_forward`), either unwrapped from PEFT by `logps.causal_lm`."""
+    return causal_lm(model.model if hasattr(model, "lm_forward") else model)
 
 
 def block_sums(blocks: torch.Tensor) -> torch.Tensor:
